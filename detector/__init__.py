@@ -1,0 +1,18 @@
+"""Pure analysis: frame in -> cells, tracks, counts out. No I/O beyond loading a model, no threads.
+
+Never imports ``stream`` or ``training`` (and so never TensorFlow).
+"""
+
+from detector.core import CELL_TYPES, UNIDENTIFIED, Detections, Frame, box_iou
+from detector.errors import HematoVisionError, InputError, ModelError
+
+__all__ = [
+    "CELL_TYPES",
+    "UNIDENTIFIED",
+    "Detections",
+    "Frame",
+    "HematoVisionError",
+    "InputError",
+    "ModelError",
+    "box_iou",
+]

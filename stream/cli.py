@@ -1,0 +1,148 @@
+"""The ``hematovision`` command line.
+
+Every sub-command's options are declared here (the user-facing contract from DESIGN.md); the work
+is done by a ``main(args) -> int`` function in the module that owns it, imported only when that
+command runs, so ``hematovision detect`` never imports TensorFlow or Gradio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from detector.errors import HematoVisionError
+
+log = logging.getLogger("hematovision")
+
+# command -> "module:function"
+_HANDLERS: dict[str, str] = {
+    "serve": "stream.app:main",
+    "run": "stream.run:main",
+    "detect": "stream.detect:main",
+    "synth": "training.synth:main",
+    "train": "training.train:main",
+    "evaluate": "training.evaluate:main",
+    "bench": "stream.bench:main",
+}
+
+
+def _size(text: str) -> tuple[int, int]:
+    """Parse ``WxH`` into (width, height)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WxH such as 640x480, got {text!r}") from None
+    if w < 32 or h < 32 or w > 8192 or h > 8192:
+        raise argparse.ArgumentTypeError(f"size must be between 32x32 and 8192x8192, got {text}")
+    return w, h
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {v}")
+    return v
+
+
+def _auth(text: str) -> tuple[str, str]:
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise argparse.ArgumentTypeError("expected USER:PASS")
+    return user, password
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hematovision",
+        description="Segment, classify, track and count white blood cells in smear images and video.",
+    )
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    model_help = "model .tflite (its .json card beside it); default: the shipped model"
+
+    s = sub.add_parser("serve", help="live view in the browser (Gradio page, MJPEG, /stats.json)")
+    s.add_argument("source", nargs="?", default="demo", help="camera index, file, folder, URL, "
+                   "'picamera' or 'demo' (default)")
+    s.add_argument("--model", type=str, default=None, help=model_help)
+    s.add_argument("--host", type=str, default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    s.add_argument("--auth", type=_auth, default=None, help="require a login USER:PASS")
+
+    r = sub.add_parser("run", help="headless count of a video, folder of images or 'demo'")
+    r.add_argument("source", help="video file, image folder or glob, URL, camera index or 'demo'")
+    r.add_argument("--model", type=str, default=None, help=model_help)
+    r.add_argument("--report", type=str, default=None, help="write the final report JSON here")
+    r.add_argument("--events", type=str, default=None, help="append one JSON line per counted cell")
+    r.add_argument("--record", type=str, default=None, help="write the annotated video (MP4)")
+    r.add_argument("--target", type=_positive_int, default=100, help="cells to count (default 100)")
+    r.add_argument("--max-frames", type=_positive_int, default=None, help="stop after N frames")
+
+    d = sub.add_parser("detect", help="find and name white cells in still images")
+    d.add_argument("images", nargs="+", help="image files, folders or globs")
+    d.add_argument("--model", type=str, default=None, help=model_help)
+    d.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
+    d.add_argument("--save-dir", type=str, default=None, help="write an annotated PNG per image")
+
+    y = sub.add_parser("synth", help="render a synthetic smear video with per-cell ground truth")
+    y.add_argument("out_dir", help="folder for video.mp4 and truth.json")
+    y.add_argument("--seconds", type=_positive_float, default=60.0, help="length (default 60)")
+    y.add_argument("--fps", type=_positive_float, default=30.0, help="frame rate (default 30)")
+    y.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    y.add_argument("--size", type=_size, default=(640, 480), help="frame size WxH (default 640x480)")
+
+    t = sub.add_parser("train", help="train a MobileNetV2 cell classifier and export int8 TFLite")
+    t.add_argument("data", nargs="+", help="folder-per-class trees and/or Pascal VOC folders "
+                   "with wbc_types.csv")
+    t.add_argument("--out", type=str, default="models/hematovision.tflite", help="output .tflite")
+    t.add_argument("--input-size", type=int, default=128, choices=[96, 128, 160, 192, 224],
+                   help="model input side in pixels (default 128)")
+    t.add_argument("--weights", type=str, default="imagenet",
+                   help="imagenet (download via Keras), none, or a local .weights.h5 file")
+
+    e = sub.add_parser("evaluate", help="measure detection, classification or counting figures")
+    e.add_argument("data", help="Pascal VOC folder, folder-per-class tree, or synth folder(s)")
+    e.add_argument("--model", type=str, default=None, help=model_help)
+    e.add_argument("--out", type=str, default=None, help="write the report (JSON, PNG) here")
+
+    b = sub.add_parser("bench", help="per-stage timings and end-to-end frames per second")
+    b.add_argument("--threads", type=_positive_int, default=1, help="inference threads (default 1)")
+    b.add_argument("--json", action="store_true", help="print the figures as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    module_name, func_name = _HANDLERS[args.command].split(":")
+    try:
+        handler = getattr(importlib.import_module(module_name), func_name)
+        return int(handler(args) or 0)
+    except HematoVisionError as exc:
+        print(f"hematovision {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hematovision {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Shared fixtures: where the real smear images live, and the shipped model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+#: ../shared/data beside the checkout (as in CI), or HEMATOVISION_DATA.
+DATA = Path(os.environ.get("HEMATOVISION_DATA", REPO.parent / "shared" / "data"))
+BCCD = DATA / "bccd-trainval"
+SHARED_WEIGHTS = DATA.parent / "models" / "mobilenet_v2_1.0_imagenet_no_top.weights.h5"
+
+
+@pytest.fixture(scope="session")
+def bccd_dir() -> Path:
+    """The real BCCD train/val images (Pascal VOC layout with wbc_types.csv)."""
+    if not (BCCD / "JPEGImages").is_dir():
+        pytest.skip(f"real smear images not found at {BCCD} (set HEMATOVISION_DATA)")
+    return BCCD
+
+
+@pytest.fixture(scope="session")
+def shipped_model() -> Path:
+    """The default model shipped in models/."""
+    path = REPO / "models" / "hematovision.tflite"
+    assert path.is_file(), f"shipped model missing: {path}"
+    return path
