@@ -1,0 +1,199 @@
+"""Glues segmenter, tracker, classifier and tally into one call per frame. No I/O, one thread.
+
+Per frame: segment -> track (global shift, matching) -> classify only the tracks that are due
+(confirmed, fully in view, sharp, label not locked yet), all of them in ONE batched invoke ->
+vote and lock labels -> count newly decided cells. Drawing happens only in ``render``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from detector.core import UNIDENTIFIED, Detections, Frame
+from detector.focus import SharpGate, cell_sharpness, frame_sharpness
+from detector.tally import Tally
+from detector.track import Track, Tracker, finalize_track
+
+log = logging.getLogger(__name__)
+
+STAGES = ("segment", "track", "classify", "tally")
+
+
+class SegmenterLike(Protocol):
+    def find(self, image: np.ndarray | Frame) -> Detections: ...
+
+
+class ClassifierLike(Protocol):
+    labels: tuple[str, ...]
+
+    def classify_boxes(self, frame_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray: ...
+
+    def label_of(self, scores_row: np.ndarray) -> tuple[str, float]: ...
+
+
+@dataclass
+class FrameResult:
+    """What one frame produced.
+
+    Attributes:
+        frame: the input frame.
+        detections: cells in this frame with ``track_id``; ``class_id``/``score`` set for tracks
+            whose label is locked (-1 / 0 otherwise); ``data["label"]`` holds the label name
+            ('' while undecided), ``data["judged"]`` whether the cell is fully in view.
+        counted: counting events (dicts) of the cells counted in this frame.
+        summary: the tally summary (counts, total, target, differential, ci95, target_reached).
+        timings: seconds spent per stage (segment, track, classify, tally).
+        classified: how many crops the classifier saw in this frame.
+    """
+
+    frame: Frame
+    detections: Detections
+    counted: list[dict[str, Any]]
+    summary: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    classified: int = 0
+
+
+class Analyzer:
+    """Frame in -> cells, tracks, counts out (see module docstring)."""
+
+    def __init__(
+        self,
+        segmenter: SegmenterLike,
+        classifier: ClassifierLike,
+        tracker: Tracker | None = None,
+        tally: Tally | None = None,
+        *,
+        target: int = 100,
+        frame_gate: SharpGate | None = None,
+        cell_gate: SharpGate | None = None,
+        naive: bool = False,
+    ) -> None:
+        """``naive=True`` classifies every cell in every frame (the design we avoid; for bench)."""
+        self.segmenter = segmenter
+        self.classifier = classifier
+        self.tracker = tracker or Tracker()
+        self.labels: tuple[str, ...] = tuple(classifier.labels)
+        self.tally = tally or Tally(self.labels, target=target)
+        self.frame_gate = frame_gate or SharpGate(ratio=0.6)
+        self.cell_gate = cell_gate or SharpGate(ratio=0.6)
+        self.naive = naive
+        self._label_of: Callable[[np.ndarray], tuple[str, float]] = classifier.label_of
+        self._last_index: int | None = None
+        self.frames = 0
+
+    def reset(self) -> None:
+        """Start a new slide: tracks, counts and focus statistics forgotten."""
+        self.tracker.reset()
+        self.tally.reset()
+        self.frame_gate.reset()
+        self.cell_gate.reset()
+        self._last_index = None
+        self.frames = 0
+
+    def process(self, frame: Frame | np.ndarray) -> FrameResult:
+        """Analyse one frame (BGR image or Frame)."""
+        if not isinstance(frame, Frame):
+            frame = Frame(bgr=frame, index=0 if self._last_index is None else self._last_index + 1)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        dets = self.segmenter.find(frame)
+        t1 = time.perf_counter()
+        period = 1 if self._last_index is None else max(1, frame.index - self._last_index)
+        self._last_index = frame.index
+        dets = self.tracker.update(dets, frame, period=period)
+        t2 = time.perf_counter()
+        timings["segment"], timings["track"] = t1 - t0, t2 - t1
+
+        n_cls = self._classify(frame, dets)
+        t3 = time.perf_counter()
+        timings["classify"] = t3 - t2
+
+        finished = [t for t in self.tracker.removed if not t.counted] + self.tracker.leaving()
+        for t in finished:
+            finalize_track(t, self._label_of, self.labels)
+        counted = self.tally.update(finished)
+        counted += self.tally.update(t for t in self.tracker.tracks if t.label is not None)
+        self._annotate(dets)
+        summary = self.tally.summary()
+        timings["tally"] = time.perf_counter() - t3
+        self.frames += 1
+        return FrameResult(frame=frame, detections=dets, counted=counted, summary=summary,
+                           timings=timings, classified=n_cls)
+
+    def finish(self) -> list[dict[str, Any]]:
+        """End of stream: decide and count the tracks still alive -> their events."""
+        tracks = self.tracker.flush()
+        for t in tracks:
+            finalize_track(t, self._label_of, self.labels)
+        return self.tally.update(tracks)
+
+    def _classify(self, frame: Frame, dets: Detections) -> int:
+        if self.naive:
+            if len(dets) == 0:
+                return 0
+            probs = self.classifier.classify_boxes(frame.bgr, dets.xyxy)
+            for t in self.tracker.tracks:
+                if t.seen_now and t.label is None and t.confirmed and t.full_now:
+                    t.add_vote(probs[t.det_index])
+                    if len(t.votes) >= self.tracker.options.votes_needed:
+                        t.decide(self._label_of, self.labels)
+            return len(dets)
+        grey = self.tracker.small_grey
+        frame_ok = True
+        if grey is not None:
+            frame_ok = self.frame_gate.check(frame_sharpness(grey))
+        due: list[Track] = self.tracker.due_for_vote()
+        if not due or not frame_ok:
+            return 0
+        sharp: list[Track] = []
+        for t in due:
+            s = cell_sharpness(frame.bgr, t.box)
+            t.sightings.append((frame.index, s))
+            if self.cell_gate.check(s):
+                sharp.append(t)
+        if not sharp:
+            return 0
+        boxes = np.stack([t.box for t in sharp]).astype(np.float32)
+        probs = self.classifier.classify_boxes(frame.bgr, boxes)
+        need = self.tracker.options.votes_needed
+        for t, row in zip(sharp, probs, strict=True):
+            t.add_vote(row)
+            if len(t.votes) >= need:
+                t.decide(self._label_of, self.labels)
+        return len(sharp)
+
+    def _annotate(self, dets: Detections) -> None:
+        """Copy locked labels of the tracks onto this frame's detections (for drawing, JSON)."""
+        n = len(dets)
+        names = np.full(n, "", dtype=object)
+        judged = np.zeros(n, bool)
+        for t in self.tracker.tracks:
+            if not t.seen_now or t.det_index < 0:
+                continue
+            i = t.det_index
+            judged[i] = t.full_now
+            if t.label is not None:
+                dets.class_id[i] = t.class_id
+                dets.score[i] = t.score
+                names[i] = t.label
+        dets.data["label"] = names
+        dets.data["judged"] = judged
+
+    def render(self, result: FrameResult, fps: float | None = None) -> np.ndarray:
+        """Annotated BGR copy of the frame: cell boxes with labels and ids, and the count panel."""
+        from detector import draw
+
+        img = draw.draw_cells(result.frame.bgr, result.detections, self.labels)
+        return draw.draw_panel(img, result.summary, fps)
+
+
+def label_names(labels: Sequence[str]) -> tuple[str, ...]:
+    """Labels of a model plus ``unidentified`` (the order the tally and reports use)."""
+    return tuple(labels) + (() if UNIDENTIFIED in labels else (UNIDENTIFIED,))

@@ -1,0 +1,424 @@
+"""Tracks white cells across frames of a moving microscope stage, so each cell is counted once.
+
+The stage moves as a whole: every cell in a frame shifts by about the same vector. The tracker
+estimates that global shift once per frame (phase correlation on a tiny grey copy of the frame,
+checked against the cells themselves when its response is weak), moves every track by it, and
+only then matches tracks to detections by IoU and centre distance. So a fast pan does not start
+new tracks, and on a still stage two close neighbours are not merged (the prediction is where they
+are, not somewhere between them).
+
+Track life: tentative (new) -> confirmed (seen in ``confirm_hits`` of the last ``confirm_window``
+updates) -> lost (unseen, kept and moved with the stage for up to ``max_lost`` frames, or
+``max_lost_outside`` once the stage has carried it out of view; found again in that gap it keeps
+its id) -> deleted. A tentative track unseen for more than
+``tentative_max_misses`` frames is dropped as noise.
+
+Voting (what the analyzer does with tracks): a track is *due* for the classifier when it is
+confirmed, seen in this frame, fully in view (not cut by the border) and sharp; scores of
+``votes_needed`` such sightings are averaged and the label is then decided and locked. A track
+that leaves the view (or is deleted) before it has all its votes is decided from the votes it
+has; a confirmed track that was fully in view but never sharp is counted ``unidentified``; a track
+never fully in view is not judged at all (it was only ever seen cut by the border).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from detector.core import UNIDENTIFIED, Detections, Frame, box_iou
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrackerOptions:
+    """Tracker settings (frames are source frames; sizes in full-resolution pixels)."""
+
+    confirm_hits: int = 3
+    """Sightings among the last ``confirm_window`` updates that confirm a track."""
+    confirm_window: int = 5
+    """Number of recent updates looked at for confirmation."""
+    max_lost: int = 30
+    """Frames a confirmed track is kept while unseen where it should be visible (about 1 s)."""
+    max_lost_outside: int = 150
+    """Frames a confirmed track is kept once the stage has moved it out of view (about 5 s):
+    it cannot be confused with a visible cell, and a pan back finds it again."""
+    tentative_max_misses: int = 2
+    """Frames a tentative track may be unseen before it is dropped as noise."""
+    min_iou: float = 0.1
+    """A detection overlapping a predicted box at least this much may match it..."""
+    max_center_dist: float = 0.6
+    """...or one whose centre is within this fraction of the track's box size of the prediction."""
+    edge_margin: float = 2.0
+    """A box closer than this to the frame border is not fully in view."""
+    shift_size: tuple[int, int] = (160, 120)
+    """Size of the grey copy used for phase correlation (width, height)."""
+    min_response: float = 0.08
+    """Phase correlation response below which the shift is taken from the cells instead."""
+    votes_needed: int = 3
+    """Sharp, fully visible sightings averaged before a label is decided and locked."""
+    max_sightings: int = 8
+    """How many recent sightings (frame index, sharpness) a track remembers."""
+
+
+@dataclass(eq=False)
+class Track:
+    """One physical cell followed over frames."""
+
+    id: int
+    box: np.ndarray
+    first_frame: int
+    last_frame: int
+    hits: int = 1
+    misses: int = 0
+    age: int = 1
+    confirmed: bool = False
+    seen_now: bool = True
+    full_now: bool = False
+    ever_full: bool = False
+    det_index: int = -1
+    recent: deque[bool] = field(default_factory=lambda: deque(maxlen=5))
+    sightings: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=8))
+    votes: list[np.ndarray] = field(default_factory=list)
+    label: str | None = None
+    class_id: int = -1
+    score: float = 0.0
+    counted: bool = False
+    deleted: bool = False
+    out_of_view: bool = False
+    misses_in_view: int = 0
+    size: np.ndarray | None = None
+    last_box: np.ndarray | None = None
+
+    @property
+    def state(self) -> str:
+        """tentative, confirmed, lost or deleted."""
+        if self.deleted:
+            return "deleted"
+        if not self.confirmed:
+            return "tentative"
+        return "confirmed" if self.misses == 0 else "lost"
+
+    @property
+    def decided(self) -> bool:
+        return self.label is not None
+
+    def add_vote(self, probs: np.ndarray) -> None:
+        """Add one sighting's class probabilities (ignored once the label is locked)."""
+        if self.label is None:
+            self.votes.append(np.asarray(probs, dtype=np.float32).reshape(-1))
+
+    def decide(self, label_of: Callable[[np.ndarray], tuple[str, float]],
+               labels: Sequence[str]) -> bool:
+        """Lock the label from the mean of the votes (True when decided now)."""
+        if self.label is not None:
+            return False
+        if self.votes:
+            mean = np.mean(np.stack(self.votes), axis=0)
+            label, score = label_of(mean)
+            self.label, self.score = str(label), float(score)
+            self.class_id = list(labels).index(self.label) if self.label in labels else -1
+            return True
+        return False
+
+
+def finalize_track(track: Track, label_of: Callable[[np.ndarray], tuple[str, float]],
+                   labels: Sequence[str]) -> None:
+    """Decide a track that is leaving for good (deleted, or the stream ended).
+
+    With votes: decided from them. Confirmed and once fully in view but never sharp:
+    ``unidentified``. Never confirmed or never fully in view: left undecided (not counted).
+    """
+    if track.label is not None or not track.confirmed:
+        return
+    if track.votes:
+        track.decide(label_of, labels)
+    elif track.ever_full:
+        track.label, track.score, track.class_id = UNIDENTIFIED, 0.0, -1
+
+
+class Tracker:
+    """Shift-compensated IoU tracker; ``update`` once per processed frame."""
+
+    def __init__(self, options: TrackerOptions | None = None) -> None:
+        self.options = options or TrackerOptions()
+        self.tracks: list[Track] = []
+        self.removed: list[Track] = []
+        self.small_grey: np.ndarray | None = None
+        self.shift: tuple[float, float] = (0.0, 0.0)
+        self.shift_source: str = "none"
+        self.response: float = 0.0
+        self.frame_index: int = -1
+        self.frame_size: tuple[int, int] | None = None
+        self._next_id = 1
+        self._prev: np.ndarray | None = None
+        self._window: np.ndarray | None = None
+
+    def reset(self) -> None:
+        """Forget all tracks and the previous frame; ids start again at 1."""
+        self.__init__(self.options)  # type: ignore[misc]
+
+    # ----------------------------------------------------------------- global shift
+    def small_grey_of(self, bgr: np.ndarray) -> np.ndarray:
+        """Tiny grey copy of a frame (resized first: the conversion then touches few pixels)."""
+        w, h = self.options.shift_size
+        small = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_AREA)
+        return cv2.cvtColor(small, cv2.COLOR_BGR2GRAY) if small.ndim == 3 else small
+
+    def _phase_shift(self, grey: np.ndarray) -> tuple[float, float, float] | None:
+        cur = grey.astype(np.float32)
+        prev, self._prev = self._prev, cur
+        if prev is None or prev.shape != cur.shape:
+            return None
+        if self._window is None or self._window.shape != cur.shape:
+            self._window = cv2.createHanningWindow((cur.shape[1], cur.shape[0]), cv2.CV_32F)
+        (dx, dy), response = cv2.phaseCorrelate(prev, cur, self._window)
+        fw, fh = self.frame_size or (cur.shape[1], cur.shape[0])
+        return dx * fw / cur.shape[1], dy * fh / cur.shape[0], float(response)
+
+    @staticmethod
+    def _consensus(pred: np.ndarray, centers: np.ndarray, radius: np.ndarray,
+                   max_shift: float) -> tuple[np.ndarray, int]:
+        """Displacement most detection/track pairs agree on -> (median shift, inliers)."""
+        if len(pred) == 0 or len(centers) == 0:
+            return np.zeros(2, np.float32), 0
+        d = (centers[None, :, :] - pred[:, None, :]).reshape(-1, 2)
+        d = d[np.abs(d).max(axis=1) <= max_shift]
+        if len(d) == 0:
+            return np.zeros(2, np.float32), 0
+        r = float(np.median(radius))
+        close = np.linalg.norm(d[:, None, :] - d[None, :, :], axis=2) <= r
+        support = close.sum(axis=1)
+        best = int(np.argmax(support))
+        inl = d[close[best]]
+        return np.median(inl, axis=0).astype(np.float32), int(support[best])
+
+    def _estimate_shift(self, grey: np.ndarray | None, dets: Detections,
+                        period: int) -> np.ndarray:
+        o = self.options
+        phase = self._phase_shift(grey) if grey is not None else None
+        active = [t for t in self.tracks if t.misses <= period]
+        pred = np.array([(t.box[:2] + t.box[2:]) / 2 for t in active], np.float32).reshape(-1, 2)
+        sides = np.array([np.sqrt(max(1.0, float(np.prod(t.box[2:] - t.box[:2]))))
+                          for t in active], np.float32)
+        radius = 0.35 * sides if len(sides) else np.array([10.0], np.float32)
+        centers = dets.centers
+        if phase is not None and phase[2] >= o.min_response:
+            shift = np.array(phase[:2], np.float32)
+            self.shift_source, self.response = "phase", phase[2]
+            # refine with the cells that agree with the phase shift (sub-pixel drift, blur)
+            if len(pred) and len(centers):
+                d = (centers[None] - (pred + shift)[:, None]).reshape(-1, 2)
+                ok = np.linalg.norm(d, axis=1) <= float(np.median(radius))
+                if ok.sum() >= 2:
+                    shift = shift + np.median(d[ok], axis=0)
+            return shift
+        self.response = phase[2] if phase is not None else 0.0
+        fw, fh = self.frame_size or (640, 480)
+        cell_shift, support = self._consensus(pred, centers, radius, 0.5 * max(fw, fh))
+        if support >= 2 or (support == 1 and len(active) == 1 and len(centers) == 1):
+            self.shift_source = "cells"
+            return cell_shift
+        self.shift_source = "previous"
+        return np.array(self.shift, np.float32)
+
+    # ----------------------------------------------------------------- update
+    def update(self, detections: Detections, frame: Frame | np.ndarray | None = None,
+               period: int = 1) -> Detections:
+        """Match ``detections`` to tracks -> the same detections with ``track_id`` set.
+
+        ``frame`` (a Frame, a BGR image or an already small grey image) drives the global shift
+        estimate; ``period`` is how many source frames passed since the previous update (norfair
+        style: 2 when one frame was skipped). Tracks deleted by this update are in ``removed``.
+        """
+        o = self.options
+        period = max(1, int(period))
+        bgr = frame.bgr if isinstance(frame, Frame) else frame
+        if isinstance(frame, Frame):
+            self.frame_index = frame.index
+        else:
+            self.frame_index += period
+        grey = None
+        if bgr is not None:
+            if bgr.ndim == 3:
+                self.frame_size = (bgr.shape[1], bgr.shape[0])
+                grey = self.small_grey_of(bgr)
+            else:
+                grey = bgr
+                if self.frame_size is None:
+                    self.frame_size = (bgr.shape[1], bgr.shape[0])
+        self.small_grey = grey
+        self.removed = []
+
+        shift = self._estimate_shift(grey, detections, period)
+        self.shift = (float(shift[0]), float(shift[1]))
+        for t in self.tracks:
+            t.box = t.box + np.array([shift[0], shift[1], shift[0], shift[1]], np.float32)
+
+        matches = self._match(detections)
+        n = len(detections)
+        track_id = np.full(n, -1, np.int64)
+        full = self._fully_in_view(detections)
+        matched_tracks: set[int] = set()
+        for ti, di in matches:
+            t = self.tracks[ti]
+            matched_tracks.add(ti)
+            t.full_now = bool(full[di])
+            t.box = self._unclipped(detections.xyxy[di], t, bool(t.full_now))
+            t.last_box = detections.xyxy[di].copy()
+            t.hits += 1
+            t.misses = t.misses_in_view = 0
+            t.last_frame = self.frame_index
+            t.seen_now, t.det_index = True, di
+            t.ever_full |= t.full_now
+            t.recent.append(True)
+            track_id[di] = t.id
+        for ti, t in enumerate(self.tracks):
+            t.age += period
+            if ti not in matched_tracks:
+                t.misses += period
+                t.seen_now, t.det_index, t.full_now = False, -1, False
+                t.recent.append(False)
+            if not t.confirmed and sum(t.recent) >= o.confirm_hits:
+                t.confirmed = True
+        keep: list[Track] = []
+        for t in self.tracks:
+            t.out_of_view = t.misses > 0 and self._outside(t.box)
+            if t.misses > 0 and not t.out_of_view:
+                t.misses_in_view += period
+            if not t.confirmed:
+                gone = t.misses > o.tentative_max_misses
+            else:
+                gone = t.misses_in_view > o.max_lost or t.misses > o.max_lost_outside
+            if gone:
+                t.deleted = True
+                self.removed.append(t)
+            else:
+                keep.append(t)
+        self.tracks = keep
+        for di in np.flatnonzero(track_id < 0):
+            t = Track(id=self._next_id, box=detections.xyxy[di].copy(),
+                      first_frame=self.frame_index, last_frame=self.frame_index,
+                      det_index=int(di), recent=deque([True], maxlen=o.confirm_window),
+                      sightings=deque(maxlen=o.max_sightings))
+            t.full_now = t.ever_full = bool(full[di])
+            t.last_box = t.box.copy()
+            if t.full_now:
+                t.size = t.box[2:] - t.box[:2]
+            t.confirmed = o.confirm_hits <= 1
+            self._next_id += 1
+            self.tracks.append(t)
+            track_id[di] = t.id
+        out = detections[np.arange(n)]
+        out.track_id = track_id
+        return out
+
+    def _unclipped(self, box: np.ndarray, t: Track, full: bool) -> np.ndarray:
+        """The track's box from a detection: a box cut by the border is grown back to the size
+        the cell had when last fully in view, so predictions keep the whole cell."""
+        box = box.astype(np.float32).copy()
+        if full or self.frame_size is None:
+            if full:
+                t.size = box[2:] - box[:2]
+            return box
+        if t.size is None:
+            return box
+        w, h = self.frame_size
+        m = self.options.edge_margin
+        bw, bh = float(t.size[0]), float(t.size[1])
+        if box[0] <= m and box[2] < w - m:
+            box[0] = min(box[0], box[2] - bw)
+        elif box[2] >= w - m and box[0] > m:
+            box[2] = max(box[2], box[0] + bw)
+        if box[1] <= m and box[3] < h - m:
+            box[1] = min(box[1], box[3] - bh)
+        elif box[3] >= h - m and box[1] > m:
+            box[3] = max(box[3], box[1] + bh)
+        return box
+
+    def _clip(self, boxes: np.ndarray) -> np.ndarray:
+        """Boxes cut at the frame border, as the segmenter reports cells there."""
+        if self.frame_size is None:
+            return boxes
+        w, h = self.frame_size
+        out = boxes.copy()
+        out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, w)
+        out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, h)
+        return out
+
+    def _outside(self, box: np.ndarray) -> bool:
+        """True when less than 30 % of the box lies inside the frame."""
+        if self.frame_size is None:
+            return False
+        w, h = self.frame_size
+        x1, y1, x2, y2 = (float(v) for v in box)
+        area = max(x2 - x1, 1.0) * max(y2 - y1, 1.0)
+        iw = max(0.0, min(x2, w) - max(x1, 0.0))
+        ih = max(0.0, min(y2, h) - max(y1, 0.0))
+        return iw * ih < 0.3 * area
+
+    def leaving(self) -> list[Track]:
+        """Confirmed tracks the stage has just moved out of view, not decided yet: decide them
+        now from what they have (they keep their id and locked label if they come back)."""
+        return [t for t in self.tracks if t.out_of_view and t.confirmed and t.label is None]
+
+    def _fully_in_view(self, dets: Detections) -> np.ndarray:
+        full = ~dets.touches_edge
+        if self.frame_size is not None and len(dets):
+            w, h = self.frame_size
+            m = self.options.edge_margin
+            b = dets.xyxy
+            full &= (b[:, 0] >= m) & (b[:, 1] >= m) & (b[:, 2] <= w - m) & (b[:, 3] <= h - m)
+        return full
+
+    def _match(self, dets: Detections) -> list[tuple[int, int]]:
+        """Greedy assignment on a gated cost (1 - IoU + normalised centre distance)."""
+        o = self.options
+        if not self.tracks or len(dets) == 0:
+            return []
+        boxes = self._clip(np.stack([t.box for t in self.tracks]).astype(np.float32))
+        iou = box_iou(boxes, dets.xyxy)
+        pc = (boxes[:, :2] + boxes[:, 2:]) / 2
+        side = np.sqrt(np.clip(np.prod(boxes[:, 2:] - boxes[:, :2], axis=1), 1.0, None))
+        dist = np.linalg.norm(pc[:, None, :] - dets.centers[None, :, :], axis=2) / side[:, None]
+        cost = (1.0 - iou) + dist
+        # prefer tracks seen recently and confirmed ones when costs tie
+        penalty = np.array([0.05 * min(t.misses, 10) - (0.05 if t.confirmed else 0.0)
+                            for t in self.tracks], np.float32)
+        cost = cost + penalty[:, None]
+        allowed = (iou >= o.min_iou) | (dist <= o.max_center_dist)
+        ti, di = np.nonzero(allowed)
+        order = np.argsort(cost[ti, di], kind="stable")
+        used_t: set[int] = set()
+        used_d: set[int] = set()
+        out: list[tuple[int, int]] = []
+        for k in order:
+            a, b = int(ti[k]), int(di[k])
+            if a in used_t or b in used_d:
+                continue
+            used_t.add(a)
+            used_d.add(b)
+            out.append((a, b))
+        return out
+
+    # ----------------------------------------------------------------- voting helpers
+    def due_for_vote(self) -> list[Track]:
+        """Tracks the classifier should look at in this frame (before any focus check)."""
+        n = self.options.votes_needed
+        return [t for t in self.tracks
+                if t.seen_now and t.confirmed and t.full_now and t.label is None
+                and len(t.votes) < n]
+
+    def flush(self) -> list[Track]:
+        """End of stream: delete every track (they are returned, and also put in ``removed``)."""
+        for t in self.tracks:
+            t.deleted = True
+        self.removed = self.tracks
+        self.tracks = []
+        return self.removed
