@@ -1,0 +1,744 @@
+"""Frame sources: cameras, the Pi camera, video files, image folders, stream URLs and the demo.
+
+``open_source(spec, realtime=...)`` turns a user's SOURCE argument into a :class:`Source`, a
+context manager and iterator of :class:`detector.core.Frame`.
+
+Two ways of delivering frames:
+
+* Live (cameras, URLs, the Pi camera, and files or folders replayed with ``realtime=True``): a
+  capture thread reads the device at its own pace into a one-slot buffer. A slow consumer always
+  gets the newest frame; frames it never took are dropped and counted in ``Source.dropped``, so
+  lag never grows. ``Frame.index`` counts every frame read, so gaps are visible downstream. A
+  camera or stream that fails or stalls is reopened with exponential backoff.
+* Analysis (files and folders with ``realtime=False``): frames are read in the consumer's thread,
+  as fast as it asks, and none is dropped.
+
+Devices are opened by small factories (``device_factory`` arguments, or :func:`make_device`), so
+tests can inject a fake ``cv2.VideoCapture``-like object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from detector.core import Frame
+from detector.errors import InputError
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".webm", ".wmv"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+URL_RE = re.compile(r"^(rtsp|rtsps|http|https)://", re.IGNORECASE)
+
+#: Defaults for network streams (milliseconds).
+OPEN_TIMEOUT_MS = 10_000
+READ_TIMEOUT_MS = 5_000
+#: Demo video parameters (the cache folder name includes DEMO_VERSION; bump it when they change).
+DEMO_VERSION = "1"
+DEMO_SECONDS = 60.0
+DEMO_FPS = 30.0
+DEMO_SIZE = (640, 480)
+
+
+class Device(Protocol):
+    """The part of ``cv2.VideoCapture`` a source uses."""
+
+    def read(self) -> tuple[bool, np.ndarray | None]: ...
+
+    def release(self) -> None: ...
+
+    def isOpened(self) -> bool: ...  # noqa: N802 (cv2 spelling)
+
+    def get(self, prop: int) -> float: ...
+
+
+DeviceFactory = Callable[[], Device]
+
+
+# --------------------------------------------------------------------------------------------
+# Base class
+
+
+class Source:
+    """An iterator of frames with a name, a nominal fps and a drop counter.
+
+    Attributes:
+        name: What the user asked for, for display and reports.
+        fps: Nominal frames per second of the source (0.0 when unknown, e.g. image folders).
+        is_live: True for cameras and streams (frames arrive whether or not anyone reads them).
+        dropped: Frames read from the device that the consumer never received.
+        state: "running", "reconnecting", "stopped" or "error: ...".
+        monotonic_clock: True when ``Frame.t`` is ``time.monotonic()`` at capture (False: the
+            presentation time within a file).
+    """
+
+    name: str = ""
+    fps: float = 0.0
+    is_live: bool = False
+    monotonic_clock: bool = True
+
+    def __init__(self) -> None:
+        self.dropped = 0
+        self.state = "running"
+
+    def read(self, timeout: float | None = None) -> Frame | None:
+        """Next frame, or None at the end of the source (or when ``timeout`` expires)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop reading and release the device."""
+        self.state = "stopped"
+
+    def __iter__(self) -> Iterator[Frame]:
+        while True:
+            frame = self.read()
+            if frame is None:
+                return
+            yield frame
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, state={self.state!r})"
+
+
+# --------------------------------------------------------------------------------------------
+# Live sources: a capture thread and a one-slot buffer
+
+
+class LiveSource(Source):
+    """Frames read by a capture thread into a one-slot buffer (latest-frame semantics).
+
+    Args:
+        name: Display name.
+        factory: Opens the device; called again (after a backoff delay) when it fails.
+        fps: Nominal fps (0: ask the device).
+        is_live: True for cameras/streams. Files replayed in real time set False.
+        pace: Deliver frames no faster than ``pace`` per second (file replay); None: as the
+            device gives them (cameras block in read() themselves).
+        reconnect: Reopen the device when a read fails (cameras, streams). When False, a
+            failed read is the end of the source (or a restart, if ``loop``).
+        loop: Restart from the beginning at the end (the demo on the live page).
+        backoff: (first, max) reopen delay in seconds, doubled after each failure. A stalled
+            stream is caught by the device's own read timeout (``make_url``), then reopened.
+        first_device: An already opened device (open_source checks it opens before starting).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        factory: DeviceFactory,
+        *,
+        fps: float = 0.0,
+        is_live: bool = True,
+        pace: float | None = None,
+        reconnect: bool = True,
+        loop: bool = False,
+        backoff: tuple[float, float] = (0.1, 5.0),
+        first_device: Device | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.is_live = is_live
+        self._factory = factory
+        self._pace = pace
+        self._reconnect = reconnect
+        self._loop = loop
+        self._backoff = backoff
+        self._cond = threading.Condition()
+        self._slot: Frame | None = None
+        self._ended = False
+        self._stop = threading.Event()
+        self.reconnects = 0
+        self.frames_read = 0
+        self._device: Device | None = first_device
+        if self._device is None:
+            self._device = factory()
+        self.fps = fps or _device_fps(self._device) or 0.0
+        self._thread = threading.Thread(target=self._run, name=f"capture:{name}", daemon=True)
+        self._thread.start()
+
+    # -- capture thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        delay = self._backoff[0]
+        next_t = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                dev = self._device
+                if dev is None:
+                    dev = self._reopen(delay)
+                    if dev is None:
+                        delay = min(delay * 2, self._backoff[1])
+                        continue
+                ok, img = _safe_read(dev)
+                if self._stop.is_set():
+                    break
+                if not ok or img is None:
+                    _safe_release(dev)
+                    self._device = None
+                    if self._reconnect:
+                        self._set_state("reconnecting")
+                        log.warning("%s: read failed; reopening in %.2f s", self.name, delay)
+                        continue
+                    if self._loop:
+                        continue  # reopen at once: restart the file
+                    break  # end of file
+                delay = self._backoff[0]
+                frame = self._make_frame(img)
+                if frame is None:
+                    continue
+                if self._pace:
+                    next_t += 1.0 / self._pace
+                    wait = next_t - time.monotonic()
+                    if wait > 0:
+                        self._stop.wait(wait)
+                    else:
+                        next_t = time.monotonic()  # fell behind: don't try to catch up
+                    frame = Frame(frame.bgr, frame.index, time.monotonic())
+                self._put(frame)
+                if self.state != "running":
+                    self._set_state("running")
+        except Exception as exc:  # noqa: BLE001 - the thread must report, not die silently
+            log.exception("%s: capture thread failed", self.name)
+            self._set_state(f"error: {exc}")
+        finally:
+            if self._device is not None:
+                _safe_release(self._device)
+                self._device = None
+            with self._cond:
+                self._ended = True
+                if not self.state.startswith("error"):
+                    self.state = "stopped"
+                self._cond.notify_all()
+
+    def _reopen(self, delay: float) -> Device | None:
+        if self._stop.wait(delay):
+            return None
+        self.reconnects += 1
+        try:
+            dev = self._factory()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("%s: reopen failed (%s)", self.name, exc)
+            self._set_state("reconnecting")
+            return None
+        if not _is_opened(dev):
+            _safe_release(dev)
+            self._set_state("reconnecting")
+            return None
+        self._device = dev
+        return dev
+
+    def _make_frame(self, img: np.ndarray) -> Frame | None:
+        img = _as_bgr(img)
+        if img is None:
+            return None
+        frame = Frame(img, self.frames_read, time.monotonic())
+        self.frames_read += 1
+        return frame
+
+    def _put(self, frame: Frame) -> None:
+        with self._cond:
+            if self._slot is not None:
+                self.dropped += 1
+            self._slot = frame
+            self._cond.notify_all()
+
+    def _set_state(self, state: str) -> None:
+        with self._cond:
+            self.state = state
+            self._cond.notify_all()
+
+    # -- consumer side -------------------------------------------------------------------------
+    def read(self, timeout: float | None = None) -> Frame | None:
+        """The newest frame not yet taken; blocks until one arrives, the source ends or timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._slot is None:
+                if self._ended:
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._cond.wait(remaining if remaining is not None else 0.5)
+            frame, self._slot = self._slot, None
+            return frame
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10.0)
+            if self._thread.is_alive():
+                log.warning("%s: capture thread did not stop within 10 s", self.name)
+        self.state = "stopped"
+
+
+# --------------------------------------------------------------------------------------------
+# Analysis sources: read in the consumer's thread, nothing dropped
+
+
+class FileSource(Source):
+    """A video file read frame by frame in the consumer's thread (no drops).
+
+    ``Frame.t`` is the presentation time (index / fps), so analysis is independent of speed.
+    """
+
+    is_live = False
+    monotonic_clock = False
+
+    def __init__(self, path: Path, factory: DeviceFactory | None = None) -> None:
+        super().__init__()
+        self.name = str(path)
+        self._cap = (factory or (lambda: _open_video_file(path)))()
+        self.fps = _device_fps(self._cap) or 30.0
+        self._index = 0
+
+    def read(self, timeout: float | None = None) -> Frame | None:
+        if self._cap is None:
+            return None
+        ok, img = _safe_read(self._cap)
+        img = _as_bgr(img) if ok else None
+        if img is None:
+            self.state = "stopped"
+            self.close()
+            return None
+        frame = Frame(img, self._index, self._index / self.fps)
+        self._index += 1
+        return frame
+
+    def close(self) -> None:
+        if self._cap is not None:
+            _safe_release(self._cap)
+            self._cap = None
+        self.state = "stopped"
+
+
+class ImageFolderSource(Source):
+    """Images from a folder or glob, sorted by name; unreadable files are skipped with a warning."""
+
+    is_live = False
+    monotonic_clock = False
+
+    def __init__(self, name: str, paths: list[Path]) -> None:
+        super().__init__()
+        self.name = name
+        self.paths = paths
+        self.fps = 0.0
+        self.skipped = 0
+        self._i = 0
+
+    def read(self, timeout: float | None = None) -> Frame | None:
+        while self._i < len(self.paths):
+            path = self.paths[self._i]
+            index = self._i
+            self._i += 1
+            img = _read_image(path)
+            if img is None:
+                self.skipped += 1
+                log.warning("skipping unreadable image %s", path)
+                continue
+            return Frame(img, index, float(index))
+        self.state = "stopped"
+        return None
+
+
+class _FolderDevice:
+    """An image list as a cv2-like device, for real-time replay through LiveSource."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self._paths = list(paths)
+        self._i = 0
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        while self._i < len(self._paths):
+            img = _read_image(self._paths[self._i])
+            self._i += 1
+            if img is not None:
+                return True, img
+        return False, None
+
+    def isOpened(self) -> bool:  # noqa: N802
+        return True
+
+    def get(self, prop: int) -> float:
+        return 0.0
+
+    def release(self) -> None:
+        self._i = len(self._paths)
+
+
+# --------------------------------------------------------------------------------------------
+# Device factories (override in tests)
+
+
+def make_camera(index: int, width: int | None, height: int | None, fps: float | None) -> Device:
+    """Open V4L2 camera ``index`` with the requested size and fps (one-frame driver buffer)."""
+    cap = cv2.VideoCapture(index, cv2.CAP_V4L2)
+    if width:
+        cap.set(cv2.CAP_PROP_FRAME_WIDTH, width)
+    if height:
+        cap.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
+    if fps:
+        cap.set(cv2.CAP_PROP_FPS, fps)
+    cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+    return cap
+
+
+def make_url(
+    url: str, open_timeout_ms: int = OPEN_TIMEOUT_MS, read_timeout_ms: int = READ_TIMEOUT_MS
+) -> Device:
+    """Open a network stream with bounded open and read timeouts (FFmpeg backend)."""
+    params = [
+        cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(open_timeout_ms),
+        cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(read_timeout_ms),
+    ]
+    return cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
+
+
+class PiCameraDevice:
+    """The Raspberry Pi camera through picamera2, as a cv2-like device.
+
+    Analysis gets the ``lores`` stream when one smaller than ``main`` is configured (cheaper to
+    segment and to encode), otherwise ``main``. picamera2's "RGB888" is BGR byte order in memory,
+    which is what OpenCV wants.
+    """
+
+    def __init__(self, width: int | None, height: int | None, fps: float | None) -> None:
+        try:
+            from picamera2 import Picamera2  # type: ignore[import-not-found]
+        except ImportError:
+            raise InputError(
+                "source 'picamera' needs picamera2: install hematovision[pi] on a Raspberry Pi "
+                "(pip install 'hematovision[pi]', or apt install python3-picamera2)"
+            ) from None
+        size = (int(width or 640), int(height or 480))
+        self._cam = Picamera2()
+        controls = {"FrameRate": float(fps)} if fps else {}
+        config = self._cam.create_video_configuration(
+            main={"size": size, "format": "RGB888"}, controls=controls, buffer_count=2
+        )
+        self._cam.configure(config)
+        self._cam.start()
+        self._fps = float(fps or 30.0)
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        try:
+            return True, self._cam.capture_array("main")
+        except Exception as exc:  # noqa: BLE001
+            log.warning("picamera read failed: %s", exc)
+            return False, None
+
+    def isOpened(self) -> bool:  # noqa: N802
+        return True
+
+    def get(self, prop: int) -> float:
+        return self._fps if prop == cv2.CAP_PROP_FPS else 0.0
+
+    def release(self) -> None:
+        with contextlib.suppress(Exception):
+            self._cam.stop()
+            self._cam.close()
+
+
+def _open_video_file(path: Path) -> Device:
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        cap.release()
+        raise InputError(f"{path}: not a readable video file")
+    return cap
+
+
+# --------------------------------------------------------------------------------------------
+# The demo video
+
+
+def demo_cache_dir() -> Path:
+    """Where the demo video is cached (~/.cache/hematovision/demo-<version>/)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "hematovision" / f"demo-{DEMO_VERSION}"
+
+
+def demo_video_path() -> Path:
+    """The simulator's demo video, rendered on first use (needs training.synth) and cached."""
+    folder = demo_cache_dir()
+    video = folder / "video.mp4"
+    if video.is_file() and video.stat().st_size > 0:
+        return video
+    try:
+        from training import synth
+    except ImportError as exc:
+        raise InputError(f"the demo needs the smear simulator (training.synth): {exc}") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    log.info("rendering the demo video into %s (first use)", folder)
+    synth.render_video(tmp, seconds=DEMO_SECONDS, fps=DEMO_FPS, seed=0, size=DEMO_SIZE)
+    for item in tmp.iterdir():
+        os.replace(item, folder / item.name)
+    tmp.rmdir()
+    if not video.is_file():
+        raise InputError(f"the simulator did not write {video}")
+    return video
+
+
+# --------------------------------------------------------------------------------------------
+# open_source
+
+
+def open_source(
+    spec: str | int,
+    *,
+    realtime: bool,
+    width: int | None = None,
+    height: int | None = None,
+    fps: float | None = None,
+    device_factory: DeviceFactory | None = None,
+    open_timeout_ms: int = OPEN_TIMEOUT_MS,
+    read_timeout_ms: int = READ_TIMEOUT_MS,
+    loop: bool | None = None,
+) -> Source:
+    """Open SOURCE (see DESIGN.md): camera index, 'picamera', file, folder/glob, URL or 'demo'.
+
+    Args:
+        spec: What the user typed (an int or digit string is a camera index).
+        realtime: Replay files and folders at their own pace with latest-frame semantics (the
+            live page). False: deliver every frame as fast as the consumer reads (analysis).
+        width, height, fps: Requested camera mode (cameras and the Pi camera).
+        device_factory: Opens the device instead of the default (tests inject fakes).
+        open_timeout_ms, read_timeout_ms: Network stream timeouts.
+        loop: Restart files at the end (default: only the demo in real time).
+
+    Raises:
+        InputError: the source does not exist, is empty, or cannot be opened.
+    """
+    if isinstance(spec, bool):
+        raise InputError(f"invalid source {spec!r}")
+    text = str(spec).strip()
+    if not text:
+        raise InputError("empty source: give a camera index, file, folder, URL, picamera or demo")
+
+    # Camera index
+    if isinstance(spec, int) or text.isdigit():
+        index = int(text)
+        factory = device_factory or (lambda: make_camera(index, width, height, fps))
+        return _open_live(f"camera {index}", factory, fps or 0.0,
+                          f"camera {index} could not be opened (is it connected? "
+                          f"ls /dev/video*)")
+
+    if text.lower() == "picamera":
+        factory = device_factory or (lambda: PiCameraDevice(width, height, fps))
+        return _open_live("picamera", factory, fps or 30.0, "the Pi camera could not be opened")
+
+    if URL_RE.match(text):
+        factory = device_factory or (lambda: make_url(text, open_timeout_ms, read_timeout_ms))
+        return _open_live(
+            _redact(text), factory, fps or 0.0,
+            f"stream {_redact(text)} could not be opened (no answer within "
+            f"{open_timeout_ms / 1000:g} s, or not a video stream)",
+        )
+
+    if text.lower() == "demo":
+        path = demo_video_path()
+        return _open_file(path, realtime=realtime, loop=realtime if loop is None else loop,
+                          name="demo", device_factory=device_factory)
+
+    # Files, folders and globs
+    path = Path(text).expanduser()
+    if any(ch in text for ch in "*?["):
+        paths = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file()
+                       and Path(p).suffix.lower() in IMAGE_EXTENSIONS)
+        if not paths:
+            raise InputError(f"{text}: no images match this pattern")
+        return _open_images(text, paths, realtime=realtime, fps=fps)
+    if path.is_dir():
+        paths = sorted(p for p in path.iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not paths:
+            raise InputError(f"{path}: folder holds no images "
+                             f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        return _open_images(str(path), paths, realtime=realtime, fps=fps)
+    if not path.exists():
+        raise InputError(f"{path}: no such file, folder, camera or URL")
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return _open_images(str(path), [path], realtime=realtime, fps=fps)
+    return _open_file(path, realtime=realtime, loop=bool(loop), name=str(path),
+                      device_factory=device_factory)
+
+
+def _open_live(name: str, factory: DeviceFactory, fps: float, fail_message: str) -> LiveSource:
+    try:
+        first = factory()
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"{fail_message}: {exc}") from None
+    if not _is_opened(first):
+        _safe_release(first)
+        raise InputError(fail_message)
+    return LiveSource(name, factory, fps=fps, is_live=True, reconnect=True, first_device=first)
+
+
+def _open_file(path: Path, *, realtime: bool, loop: bool, name: str,
+               device_factory: DeviceFactory | None) -> Source:
+    factory = device_factory or (lambda: _open_video_file(path))
+    first = factory()
+    if not _is_opened(first):
+        raise InputError(f"{path}: not a readable video file")
+    probe_fps = _device_fps(first)
+    if realtime:
+        src: Source = LiveSource(name, factory, fps=probe_fps or 30.0, is_live=False,
+                                 pace=probe_fps or 30.0, reconnect=False, loop=loop,
+                                 first_device=first)
+    else:
+        src = FileSource(path, factory=lambda: first)
+        src.name = name
+    if src.fps <= 0:
+        src.fps = 30.0
+    # A file whose first frame can't be decoded is corrupt: say so now, not as an empty run.
+    return _check_first_frame(src, path)
+
+
+def _check_first_frame(src: Source, path: Path) -> Source:
+    if isinstance(src, FileSource):
+        frame = src.read()
+        if frame is None:
+            raise InputError(f"{path}: no decodable video frames (corrupt or not a video)")
+        return _PrefetchedSource(src, frame)
+    return src
+
+
+class _PrefetchedSource(Source):
+    """A FileSource whose first frame was read to validate the file."""
+
+    is_live = False
+    monotonic_clock = False
+
+    def __init__(self, inner: FileSource, first: Frame) -> None:
+        super().__init__()
+        self._inner = inner
+        self._first: Frame | None = first
+        self.name = inner.name
+        self.fps = inner.fps
+
+    @property
+    def state(self) -> str:  # type: ignore[override]
+        return self._inner.state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        if hasattr(self, "_inner"):
+            self._inner.state = value
+
+    def read(self, timeout: float | None = None) -> Frame | None:
+        if self._first is not None:
+            frame, self._first = self._first, None
+            return frame
+        return self._inner.read(timeout)
+
+    def close(self) -> None:
+        self._first = None
+        self._inner.close()
+
+
+def _open_images(name: str, paths: list[Path], *, realtime: bool, fps: float | None) -> Source:
+    if realtime:
+        rate = fps or 2.0
+        return LiveSource(name, lambda: _FolderDevice(paths), fps=rate, is_live=False,
+                          pace=rate, reconnect=False, loop=False)
+    return ImageFolderSource(name, paths)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _redact(url: str) -> str:
+    """The URL without a password (rtsp://user:pass@host -> rtsp://user:***@host)."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
+def _device_fps(dev: Any) -> float:
+    try:
+        value = float(dev.get(cv2.CAP_PROP_FPS))
+    except Exception:  # noqa: BLE001
+        return 0.0
+    return value if 0.5 <= value <= 1000 else 0.0
+
+
+def _is_opened(dev: Any) -> bool:
+    try:
+        return bool(dev.isOpened())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _safe_read(dev: Any) -> tuple[bool, np.ndarray | None]:
+    try:
+        ok, img = dev.read()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("device read raised %s", exc)
+        return False, None
+    return bool(ok), img
+
+
+def _safe_release(dev: Any) -> None:
+    with contextlib.suppress(Exception):
+        dev.release()
+
+
+def _as_bgr(img: np.ndarray | None) -> np.ndarray | None:
+    """Whatever a device returned, as an (H, W, 3) uint8 BGR array (None if unusable)."""
+    if img is None or not isinstance(img, np.ndarray) or img.size == 0:
+        return None
+    if img.dtype != np.uint8:
+        if img.dtype == np.uint16:
+            img = (img >> 8).astype(np.uint8)
+        else:
+            img = np.clip(img, 0, 255).astype(np.uint8)
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    if img.ndim == 3 and img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+    if img.ndim == 3 and img.shape[2] == 3:
+        return np.ascontiguousarray(img)
+    if img.ndim == 3 and img.shape[2] == 1:
+        return cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2BGR)
+    return None
+
+
+def _read_image(path: Path) -> np.ndarray | None:
+    """Read an image file as BGR (stream.images.read_image when available: 16-bit, RGBA...)."""
+    try:
+        from stream.images import read_image  # RUNTIME's robust reader
+    except ImportError:
+        read_image = None
+    if read_image is not None:
+        try:
+            return _as_bgr(np.asarray(read_image(path)))
+        except Exception as exc:  # noqa: BLE001 - an unreadable image is skipped, not fatal
+            log.warning("%s: %s", path, exc)
+            return None
+    data = np.fromfile(str(path), dtype=np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    return _as_bgr(img)
