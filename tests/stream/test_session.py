@@ -1,0 +1,310 @@
+"""Session: one JPEG per analyzed frame whatever the viewers, reset, pause, bounded memory, events."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from detector.core import Detections, Frame
+from stream.session import Session, SessionSettings, wilson_interval
+from stream.sources import LiveSource, Source
+
+
+@dataclass
+class FakeResult:
+    frame: Frame
+    detections: Detections
+    counted: list[dict[str, Any]]
+    summary: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class FakeClassifier:
+    labels = ("neutrophil", "lymphocyte")
+
+    def __init__(self, min_score: float) -> None:
+        self.min_score = min_score
+
+
+class FakeAnalyzer:
+    """Counts one 'neutrophil' every ``every`` frames; the frame's first pixel is its number."""
+
+    def __init__(self, settings: SessionSettings, every: int = 2) -> None:
+        self.settings = settings
+        self.classifier = FakeClassifier(settings.min_score or 0.5)
+        self.every = every
+        self.counts = {"neutrophil": 0, "lymphocyte": 0, "unidentified": 0}
+        self.target = settings.target
+        self.processed = 0
+        self.renders = 0
+        self.resets = 0
+
+    def reset(self) -> None:
+        self.counts = dict.fromkeys(self.counts, 0)
+        self.resets += 1
+
+    def set_target(self, n: int) -> None:
+        self.target = n
+
+    def process(self, frame: Frame) -> FakeResult:
+        self.processed += 1
+        counted = []
+        if frame.index % self.every == 0:
+            self.counts["neutrophil"] += 1
+            counted.append({"track_id": frame.index, "label": "neutrophil", "score": 0.9,
+                            "first_frame": frame.index, "last_frame": frame.index,
+                            "box": [2.0, 2.0, 20.0, 20.0]})
+        total = sum(self.counts.values())
+        summary = {"counts": dict(self.counts), "total": total, "target": self.target,
+                   "differential": {k: 100 * v / total if total else 0.0
+                                    for k, v in self.counts.items()}}
+        return FakeResult(frame, Detections.empty(), counted, summary, {"segment": 0.001})
+
+    def render(self, result: FakeResult) -> np.ndarray:
+        self.renders += 1
+        return result.frame.bgr.copy()
+
+
+class ListSource(Source):
+    """N synthetic frames, read in the consumer's thread (analysis mode)."""
+
+    monotonic_clock = True
+
+    def __init__(self, n: int, size: tuple[int, int] = (64, 48)) -> None:
+        super().__init__()
+        self.name, self.fps, self.n, self.i, self.size = "list", 30.0, n, 0, size
+
+    def read(self, timeout: float | None = None) -> Frame | None:
+        if self.i >= self.n:
+            self.state = "stopped"
+            return None
+        img = np.zeros((self.size[1], self.size[0], 3), np.uint8)
+        img[:, :, 1] = self.i % 256
+        f = Frame(img, self.i, time.monotonic())
+        self.i += 1
+        return f
+
+
+def _session(tmp_path: Path, n: int = 50, **kw: Any) -> tuple[Session, list[FakeAnalyzer]]:
+    made: list[FakeAnalyzer] = []
+
+    def factory(settings: SessionSettings) -> FakeAnalyzer:
+        a = FakeAnalyzer(settings)
+        made.append(a)
+        return a
+
+    opener = kw.pop("opener", lambda spec, realtime: ListSource(n))
+    s = Session("fake", factory, out_dir=tmp_path / "session", source_opener=opener,
+                realtime=False, **kw)
+    return s, made
+
+
+def _wait_stopped(s: Session, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while s.state != "stopped" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert s.state == "stopped"
+
+
+def test_one_jpeg_per_analyzed_frame_whatever_the_viewers(tmp_path: Path) -> None:
+    s, made = _session(tmp_path, n=60)
+    got: dict[int, list[int]] = {i: [] for i in range(10)}
+    stop = threading.Event()
+
+    def viewer(i: int) -> None:
+        last = -1
+        while not stop.is_set():
+            pub = s.wait_jpeg(last, timeout=0.2)
+            if pub is not None:
+                last = pub.frame_id
+                got[i].append(id(pub.jpeg))
+
+    threads = [threading.Thread(target=viewer, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    calls = []
+    s.add_listener(calls.append)
+    s.start()
+    _wait_stopped(s)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert made[0].processed == 60
+    assert s.encodes == 60  # encoded once per frame, not once per viewer
+    assert calls == list(range(60))
+    # viewers share the same bytes objects (no per-viewer copy or re-encode)
+    shared = set(got[0]) & set(got[9])
+    assert shared
+    img = cv2.imdecode(np.frombuffer(s.latest().jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert img.shape == (48, 64, 3) and abs(int(img[10, 10, 1]) - 59) <= 3
+    s.close()
+
+
+def test_counts_events_and_exports(tmp_path: Path) -> None:
+    s, _ = _session(tmp_path, n=20)
+    s.start()
+    _wait_stopped(s)
+    st = s.stats()
+    assert st["counts"]["neutrophil"] == 10 and st["total"] == 10
+    assert st["state"] == "stopped" and st["frames"] == 20
+    assert st["ci95"]["neutrophil"][1] == pytest.approx(100.0)
+    cells = s.recent_cells()
+    assert len(cells) == 10 and cells[0].track_id == 18  # newest first
+    assert cells[0].jpeg[:2] == b"\xff\xd8"
+    paths = s.export(tmp_path / "out")
+    rep = json.loads(paths["json"].read_text())
+    assert rep["counts"]["neutrophil"] == 10 and rep["differential"]["neutrophil"] == 100.0
+    csv_lines = paths["csv"].read_text().splitlines()
+    assert csv_lines[0] == "label,count,percent,ci95_low,ci95_high"
+    assert csv_lines[1].startswith("neutrophil,10,100.0,")
+    events = [json.loads(line) for line in paths["events"].read_text().splitlines()]
+    counted = [e for e in events if e["event"] == "counted"]
+    assert [e["track_id"] for e in counted] == list(range(0, 20, 2))
+    assert events[0]["event"] == "start"
+    s.close()
+
+
+def test_reset_pause_target_min_score(tmp_path: Path) -> None:
+    frames_in = threading.Semaphore(0)
+
+    class GatedSource(ListSource):
+        def read(self, timeout: float | None = None) -> Frame | None:
+            if not frames_in.acquire(timeout=timeout or 5):
+                return None
+            return super().read(timeout)
+
+    s, made = _session(tmp_path, opener=lambda spec, realtime: GatedSource(1000))
+    s.start()
+
+    def feed(n: int) -> None:
+        before = made[0].processed
+        for _ in range(n):
+            frames_in.release()
+        deadline = time.monotonic() + 5
+        while made[0].processed < before + n and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    feed(10)
+    assert s.stats()["counts"]["neutrophil"] == 5
+    s.reset()
+    assert made[0].resets == 1 and s.stats()["total"] == 0 and s.recent_cells() == []
+    feed(4)
+    assert s.stats()["total"] == 2
+
+    s.pause()
+    assert s.state == "paused"
+    processed = made[0].processed
+    for _ in range(6):
+        frames_in.release()
+    time.sleep(0.2)
+    assert made[0].processed == processed  # nothing analyzed while paused
+    s.resume()
+    feed(2)
+    assert made[0].processed == processed + 2
+
+    s.set_target(200)
+    feed(1)
+    assert s.stats()["target"] == 200
+    s.set_min_score(0.8)
+    assert made[0].classifier.min_score == 0.8 and s.stats()["min_score"] == 0.8
+    s.switch_model("other.tflite")
+    assert len(made) == 2 and made[1].settings.model == "other.tflite"
+    with pytest.raises(Exception, match="between 0 and 1"):
+        s.set_min_score(2)
+    kinds = [e["event"] for e in s.events()]
+    assert {"reset", "pause", "resume", "target", "min_score", "model"} <= set(kinds)
+    s.close()
+    assert s.state == "stopped"
+
+
+def test_memory_is_bounded(tmp_path: Path) -> None:
+    s, _ = _session(tmp_path, n=3000, max_events=50, max_cells=8, window=30)
+    s.start()
+    _wait_stopped(s, timeout=60)
+    assert s.frames == 3000
+    assert len(s.events()) == 50
+    assert len(s.recent_cells()) == 8
+    assert len(s._latency) == 30 and len(s._jpeg_times) == 30
+    assert all(len(v) <= 30 for v in s._stage.values())
+    # the file keeps every event
+    lines = (tmp_path / "session" / "events.jsonl").read_text().splitlines()
+    assert sum('"counted"' in line for line in lines) == 1500
+    s.close()
+
+
+def test_recording_writes_the_annotated_video(tmp_path: Path) -> None:
+    s, _ = _session(tmp_path, n=30)
+    path = s.set_recording(True)
+    s.start()
+    _wait_stopped(s)
+    assert path is not None and path.exists()
+    cap = cv2.VideoCapture(str(path))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 30
+    cap.release()
+    assert s.export(tmp_path / "out")["video"] == path
+    s.close()
+
+
+def test_live_source_latency_and_drops(tmp_path: Path) -> None:
+    class Cam:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def isOpened(self) -> bool:  # noqa: N802
+            return True
+
+        def read(self) -> tuple[bool, np.ndarray]:
+            time.sleep(0.002)
+            self.n += 1
+            return True, np.zeros((48, 64, 3), np.uint8)
+
+        def get(self, prop: int) -> float:
+            return 0.0
+
+        def release(self) -> None:
+            pass
+
+    class SlowAnalyzer(FakeAnalyzer):
+        def process(self, frame: Frame) -> FakeResult:
+            time.sleep(0.02)
+            return super().process(frame)
+
+    s = Session("cam", lambda st: SlowAnalyzer(st), out_dir=tmp_path / "s",
+                source_opener=lambda spec, realtime: LiveSource("cam", Cam))
+    s.start()
+    assert s.wait_jpeg(-1, timeout=5) is not None
+    time.sleep(0.5)
+    st = s.stats()
+    s.close()
+    assert st["dropped"] > 0  # the camera is faster than the analyzer: old frames dropped
+    assert st["latency_ms"] is not None and st["latency_ms"] < 200  # never a growing lag
+    assert st["state"] == "running"
+
+
+def test_source_error_becomes_state(tmp_path: Path) -> None:
+    from detector.errors import InputError
+
+    def bad(spec: Any, realtime: bool) -> Source:
+        raise InputError("camera 9 could not be opened")
+
+    s, _ = _session(tmp_path, opener=bad)
+    s.start()
+    deadline = time.monotonic() + 5
+    while not s.state.startswith("error") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert s.state == "error: camera 9 could not be opened"
+    s.close()
+
+
+def test_wilson_interval() -> None:
+    assert wilson_interval(0, 0) == (0.0, 0.0)
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(40.38, abs=0.05) and hi == pytest.approx(59.62, abs=0.05)
