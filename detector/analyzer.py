@@ -191,7 +191,7 @@ class Analyzer:
         from detector import draw
 
         img = draw.draw_cells(result.frame.bgr, result.detections, self.labels)
-        return draw.draw_panel(img, result.summary, fps)
+        return draw.draw_panel(img, result.summary, fps, inplace=True)
 
 
 def label_names(labels: Sequence[str]) -> tuple[str, ...]:

@@ -166,9 +166,12 @@ class Tracker:
 
     # ----------------------------------------------------------------- global shift
     def small_grey_of(self, bgr: np.ndarray) -> np.ndarray:
-        """Tiny grey copy of a frame (resized first: the conversion then touches few pixels)."""
+        """Tiny grey copy of a frame (resized first: the conversion then touches few pixels).
+
+        Bilinear, not area, resampling: 7x cheaper, and the aliasing it lets through is noise to
+        phase correlation, which is dominated by the red cells' low frequencies."""
         w, h = self.options.shift_size
-        small = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_AREA)
+        small = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_LINEAR)
         return cv2.cvtColor(small, cv2.COLOR_BGR2GRAY) if small.ndim == 3 else small
 
     def _phase_shift(self, grey: np.ndarray) -> tuple[float, float, float] | None:

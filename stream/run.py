@@ -1,0 +1,262 @@
+"""``hematovision run SOURCE``: count the white cells of a video, image folder or the demo.
+
+Analysis mode: every frame is analysed (none dropped). Each counted cell is appended to the
+``--events`` JSON Lines file and flushed at once, so a crash loses nothing already counted. The
+``--report`` JSON is written at the end, also after an error in the middle of the input (a
+corrupt or truncated file) or Ctrl-C, with what was counted so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import cv2
+import numpy as np
+
+from detector.analyzer import STAGES, Analyzer, FrameResult
+from detector.core import UNIDENTIFIED, Frame
+from detector.errors import HematoVisionError, InputError
+
+log = logging.getLogger(__name__)
+
+
+class RunStats:
+    """What the run did, for the report: frames, wall time, per-stage time."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.classified = 0
+        self.stage_s: dict[str, float] = dict.fromkeys((*STAGES, "decode", "draw"), 0.0)
+        self.t0 = time.perf_counter()
+        self.wall = 0.0
+
+    def add(self, result: FrameResult) -> None:
+        self.frames += 1
+        self.classified += result.classified
+        for k, v in result.timings.items():
+            self.stage_s[k] = self.stage_s.get(k, 0.0) + v
+
+
+def _expected_frames(spec: str) -> int | None:
+    """Frame count a video file's header announces (None when unknown or not a file)."""
+    path = Path(spec)
+    if not path.is_file():
+        return None
+    cap = cv2.VideoCapture(str(path))
+    try:
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+    finally:
+        cap.release()
+    return n if n > 0 else None
+
+
+def build_report(analyzer: Analyzer | None, stats: RunStats, *, source: str, model: str,
+                 source_fps: float | None, error: str | None, interrupted: bool) -> dict[str, Any]:
+    """The ``--report`` dict (see DESIGN.md), with what was counted so far."""
+    summary: dict[str, Any] = analyzer.tally.summary() if analyzer else {
+        "counts": {}, "total": 0, "target": 0, "differential": {}, "ci95": {},
+        "target_reached": False}
+    wall = stats.wall or (time.perf_counter() - stats.t0)
+    n = max(stats.frames, 1)
+    return {
+        "source": source,
+        "model": model,
+        "frames": stats.frames,
+        "seconds": round(wall, 3),
+        "fps": round(stats.frames / wall, 2) if wall > 0 else 0.0,
+        "video_seconds": round(stats.frames / source_fps, 3) if source_fps else None,
+        "source_fps": source_fps,
+        "counts": summary["counts"],
+        "total": summary["total"],
+        "differential": {k: round(v, 2) for k, v in summary["differential"].items()},
+        "ci95": {k: [round(a, 2), round(b, 2)] for k, (a, b) in summary["ci95"].items()},
+        "ci_method": "Wilson score interval, 95 %, percent of total",
+        "target": summary["target"],
+        "target_reached": summary["target_reached"],
+        "unidentified": summary["counts"].get(UNIDENTIFIED, 0),
+        "classified_crops": stats.classified,
+        "ms_per_frame": {k: round(1000 * v / n, 3) for k, v in stats.stage_s.items()},
+        "error": error,
+        "interrupted": interrupted,
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """One screen: counts, differential with 95 % CI, speed."""
+    lines = [f"source: {report['source']}   model: {report['model']}",
+             f"frames: {report['frames']}   {report['seconds']:.1f} s   "
+             f"{report['fps']:.1f} frames/s",
+             "",
+             f"{'cell type':<14}{'count':>7}{'percent':>10}   95% CI (Wilson)"]
+    for label, n in report["counts"].items():
+        pct = report["differential"].get(label, 0.0)
+        lo, hi = report["ci95"].get(label, [0.0, 100.0])
+        lines.append(f"{label:<14}{n:>7}{pct:>9.1f}%   {lo:5.1f} - {hi:5.1f} %")
+    status = "reached" if report["target_reached"] else "not reached"
+    lines.append(f"{'total':<14}{report['total']:>7}   target {report['target']} {status}")
+    if report.get("error"):
+        lines.append(f"stopped early: {report['error']}")
+    if report.get("interrupted"):
+        lines.append("interrupted: counts so far")
+    return "\n".join(lines)
+
+
+def _frames(source: Any, max_frames: int | None, stats: RunStats) -> Iterator[Frame]:
+    """Frames of the source, timing the decode."""
+    it = iter(source)
+    while max_frames is None or stats.frames < max_frames:
+        t = time.perf_counter()
+        try:
+            frame = next(it)
+        except StopIteration:
+            return
+        stats.stage_s["decode"] += time.perf_counter() - t
+        yield frame
+
+
+class _Outputs:
+    """Events file (appended, flushed per cell) and the annotated recording."""
+
+    def __init__(self, events: str | None, record: str | None) -> None:
+        self.events_fh: IO[str] | None = None
+        self.record_path = record
+        self.writer: cv2.VideoWriter | None = None
+        if events:
+            try:
+                Path(events).parent.mkdir(parents=True, exist_ok=True)
+                self.events_fh = open(events, "a", encoding="utf-8")  # noqa: SIM115
+            except OSError as exc:
+                raise InputError(f"{events}: cannot write events ({exc.strerror})") from None
+
+    def event(self, event: dict[str, Any]) -> None:
+        if self.events_fh is not None:
+            self.events_fh.write(json.dumps(event) + "\n")
+            self.events_fh.flush()
+
+    def frame(self, bgr: np.ndarray, fps: float) -> None:
+        if self.record_path is None:
+            return
+        if self.writer is None:
+            Path(self.record_path).parent.mkdir(parents=True, exist_ok=True)
+            h, w = bgr.shape[:2]
+            self.writer = cv2.VideoWriter(self.record_path, cv2.VideoWriter.fourcc(*"mp4v"),
+                                          fps or 30.0, (w, h))
+            if not self.writer.isOpened():
+                self.writer = None
+                path, self.record_path = self.record_path, None
+                raise InputError(f"{path}: cannot write an MP4 video there")
+        self.writer.write(bgr)
+
+    def close(self) -> None:
+        if self.events_fh is not None:
+            self.events_fh.close()
+            self.events_fh = None
+        if self.writer is not None:
+            self.writer.release()
+            self.writer = None
+
+
+def write_report(path: str | None, report: dict[str, Any]) -> None:
+    if not path:
+        return
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(path).with_suffix(Path(path).suffix + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write the report ({exc.strerror})") from None
+
+
+def make_analyzer(model: str | None, target: int, threads: int = 1) -> Analyzer:
+    """The default pipeline: classical segmenter + TFLite classifier + tracker + tally."""
+    from detector.classify import CellClassifier
+    from detector.segment import Segmenter
+
+    return Analyzer(Segmenter(), CellClassifier(model, num_threads=threads), target=target)
+
+
+def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str, Any]:
+    """Count ``args.source``; returns the report (also written to ``--report``).
+
+    Raises HematoVisionError (after the report and events are written) when the input is
+    unusable or breaks off, and KeyboardInterrupt after writing them on Ctrl-C.
+    """
+    from stream.sources import open_source
+
+    stats = RunStats()
+    source_name, source_fps = str(args.source), None
+    model_name = str(args.model) if args.model else "default"
+    error: str | None = None
+    interrupted = False
+    outputs: _Outputs | None = None
+    pending: BaseException | None = None
+    try:
+        if analyzer is None:
+            analyzer = make_analyzer(args.model, args.target)
+        model_path = getattr(analyzer.classifier, "model_path", None)
+        model_name = str(model_path) if model_path else model_name
+        outputs = _Outputs(args.events, args.record)
+        expected = _expected_frames(str(args.source))
+        with open_source(args.source, realtime=False) as src:
+            source_name, source_fps = src.name, float(src.fps or 0.0) or None
+            total = expected if args.max_frames is None else min(expected or args.max_frames,
+                                                                  args.max_frames)
+            from tqdm import tqdm
+
+            with tqdm(total=total, unit="frame", file=sys.stderr, disable=None, leave=False,
+                      desc="counting") as bar:
+                for frame in _frames(src, args.max_frames, stats):
+                    result = analyzer.process(frame)
+                    stats.add(result)
+                    for ev in result.counted:
+                        outputs.event(ev)
+                    if outputs.record_path:
+                        t = time.perf_counter()
+                        outputs.frame(analyzer.render(result, fps=None), source_fps or 30.0)
+                        stats.stage_s["draw"] += time.perf_counter() - t
+                    bar.update(1)
+        short = expected is not None and args.max_frames is None and stats.frames < expected - 1
+        if short:
+            error = (f"{args.source}: video ended after {stats.frames} of {expected} frames "
+                     "(truncated or corrupt); counts so far were kept")
+    except KeyboardInterrupt as exc:
+        interrupted, pending = True, exc
+    except HematoVisionError as exc:
+        error, pending = str(exc), exc
+    except cv2.error as exc:
+        error = f"{args.source}: cannot decode ({str(exc).strip().splitlines()[-1]})"
+    finally:
+        stats.wall = time.perf_counter() - stats.t0
+        if analyzer is not None and outputs is not None:
+            for ev in analyzer.finish():
+                outputs.event(ev)
+        if outputs is not None:
+            outputs.close()
+        report = build_report(analyzer, stats, source=source_name, model=model_name,
+                              source_fps=source_fps, error=error, interrupted=interrupted)
+        write_report(args.report, report)
+    if isinstance(pending, KeyboardInterrupt):
+        print(format_summary(report), file=sys.stdout)
+        raise pending
+    if error is not None:
+        if stats.frames:
+            print(format_summary(report), file=sys.stdout)
+        raise pending if pending is not None else InputError(error)
+    return report
+
+
+def main(args: argparse.Namespace) -> int:
+    """CLI handler of ``hematovision run``."""
+    report = run(args)
+    print(format_summary(report))
+    return 0
