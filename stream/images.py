@@ -1,0 +1,159 @@
+"""Still-image input: expand files, folders and globs, and read any common image as BGR uint8.
+
+``read_image`` turns what microscope software and users actually save into the one format the
+analysis takes (H x W x 3 uint8 BGR):
+
+- grayscale -> 3 equal channels; gray+alpha, RGBA/BGRA and palette images with transparency ->
+  composited on white (a slide's background is bright, so white is what transparency hides);
+- 16-bit (and 10/12/14-bit data stored in 16 bits, common with scientific cameras) -> 8-bit,
+  scaled by the smallest of 10, 12, 14, 16 bits that holds the image's largest value;
+- floating-point images -> [0, 1] (or [0, 255] when the values exceed 1) scaled to 8-bit.
+
+Limits, each an :class:`InputError` naming the file: not decodable ("not a readable image"),
+smaller than ``MIN_SIDE`` pixels on a side ("too small"), larger than ``MAX_PIXELS`` ("too large").
+Huge images are refused rather than silently downscaled: the segmenter's cell sizes are in pixels
+at the microscope's usual magnification, so shrinking a whole-slide scan would not give a
+trustworthy answer. EXIF orientation is not applied (microscope cameras don't rotate).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from detector.errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: File extensions taken from folders (files named explicitly are tried whatever their name).
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".pbm", ".pgm",
+     ".ppm", ".pnm", ".jp2", ".sr", ".ras"}
+)
+#: Smallest accepted image side in pixels (a white cell needs room around it).
+MIN_SIDE = 32
+#: Largest accepted image in pixels (40 megapixels).
+MAX_PIXELS = 40_000_000
+
+_GLOB_CHARS = set("*?[")
+
+
+def expand_image_arg(arg: str) -> list[Path]:
+    """One command-line argument -> image paths: a file as is, a folder's images (sorted, not
+    recursive), or a glob's matches (sorted). Raises InputError when nothing is found."""
+    path = Path(arg).expanduser()
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not found:
+            raise InputError(f"{arg}: folder holds no images "
+                             f"({', '.join(sorted(IMAGE_EXTENSIONS)[:6])}, ...)")
+        return found
+    if path.is_file():
+        return [path]
+    if _GLOB_CHARS & set(arg):
+        matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True))
+        found = [p for p in matches if p.is_file()]
+        for d in (p for p in matches if p.is_dir()):
+            found.extend(sorted(p for p in d.iterdir()
+                                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+        if not found:
+            raise InputError(f"{arg}: no files match")
+        return found
+    if path.exists():
+        raise InputError(f"{arg}: not a file or folder")
+    raise InputError(f"{arg}: no such file or folder")
+
+
+def iter_image_paths(args: list[str]) -> list[Path]:
+    """Expand every argument (files, folders, globs) into one list of paths, in order, without
+    duplicates. Raises InputError for the first argument that names nothing."""
+    seen: set[Path] = set()
+    out: list[Path] = []
+    for arg in args:
+        for p in expand_image_arg(arg):
+            key = p.resolve()
+            if key not in seen:
+                seen.add(key)
+                out.append(p)
+    return out
+
+
+def _to_uint8(img: np.ndarray, path: Path) -> np.ndarray:
+    """Any depth -> uint8, keeping channels."""
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype == np.uint16:
+        peak = int(img.max()) if img.size else 0
+        bits = next((b for b in (10, 12, 14) if peak < (1 << b)), 16)
+        log.debug("%s: %d-bit data in 16-bit image scaled to 8-bit", path, bits)
+        return cv2.convertScaleAbs(img, alpha=255.0 / ((1 << bits) - 1))
+    if img.dtype in (np.float32, np.float64, np.float16):
+        f = np.nan_to_num(img.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        scale = 255.0 if f.size and float(f.max()) <= 1.0 else 1.0
+        return np.clip(np.round(f * scale), 0, 255).astype(np.uint8)
+    if img.dtype in (np.int8, np.int16, np.int32):
+        return np.clip(img, 0, 255).astype(np.uint8)
+    raise InputError(f"{path}: unsupported pixel type {img.dtype}")
+
+
+def _composite_on_white(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Blend uint8 colour (H, W, C) over white with uint8 alpha (H, W)."""
+    a = alpha.astype(np.uint16)[..., None]
+    out = (colour.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+def normalize_image(img: np.ndarray, path: str | Path = "<image>") -> np.ndarray:
+    """Decoded image of any layout (gray, gray+alpha, BGR, BGRA; 8/16-bit or float) -> BGR uint8."""
+    path = Path(path)
+    img = _to_uint8(img, path)
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    if img.ndim != 3:
+        raise InputError(f"{path}: unsupported image layout {img.shape}")
+    channels = img.shape[2]
+    if channels == 1:
+        return cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2BGR)
+    if channels == 2:  # gray + alpha
+        gray = _composite_on_white(img[:, :, :1], img[:, :, 1])[:, :, 0]
+        return cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+    if channels == 3:
+        return np.ascontiguousarray(img)
+    if channels == 4:
+        return _composite_on_white(img[:, :, :3], img[:, :, 3])
+    raise InputError(f"{path}: unsupported number of channels ({channels})")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file -> H x W x 3 uint8 BGR, or raise InputError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not an image")
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+    img = None
+    if data.size:
+        try:
+            img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        except cv2.error:
+            img = None
+    if img is None or img.size == 0:
+        raise InputError(f"{path}: not a readable image")
+    h, w = img.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise InputError(f"{path}: image too small ({w}x{h}; at least {MIN_SIDE}x{MIN_SIDE} "
+                         "pixels)")
+    if h * w > MAX_PIXELS:
+        raise InputError(f"{path}: image too large ({w}x{h} = {h * w / 1e6:.0f} megapixels; at "
+                         f"most {MAX_PIXELS / 1e6:.0f}): crop or downscale it to the "
+                         "microscope's usual field of view first")
+    return normalize_image(img, path)
