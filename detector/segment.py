@@ -42,8 +42,9 @@ Deliberate handling of the things that are not white cells:
   channels alike and scores ~0 on the nucleus channel); groups larger than ``max_cell_diameter``
   red-cell diameters (stain smears, thick clumped areas) are rejected too.
 - **Cells cut by the frame edge** are returned with ``touches_edge=True`` when their visible
-  nucleus passes the same size rule (a sliver of a cell at the border is not a cell one could
-  name); the tracker judges a cell once it is fully in view, still images still get it.
+  nucleus passes the same size rules and the cell reaches ``min_edge_depth`` red-cell diameters
+  into the frame (a sliver at the border is not a cell one could name); the tracker judges a
+  cell once it is fully in view, still images still get it.
 - **Blank, dark or unstained frames** (no glass background, nothing blue-shifted) give no cells.
 
 ``score`` is a segmentation confidence in [0, 1] from the nucleus contrast and how plausible its
@@ -92,7 +93,13 @@ class SegmenterOptions:
         merge_distance: nucleus fragments closer than this are lobes of one cell.
         min_nucleus_area: smallest nucleus (visible part, for edge cells) in red-cell disc areas;
             rejects platelets, debris and slivers of cells at the frame edge.
+        min_nucleus_mass: least nuclear stain: the core's stain above ``nucleus_level`` summed
+            over its area, in red-cell areas x ``nucleus_level``. Separates dense nuclei from
+            pale granular giant platelets and platelet clumps of similar area.
         max_cell_diameter: largest nucleus group extent; bigger stained areas are smears or clumps.
+        min_edge_depth: a cell cut by the frame border is reported only when it reaches at least
+            this far into the frame (about a third of a white cell); thinner slivers are left
+            for the frames in which the cell is in view.
         max_cytoplasm: how far the cell body may reach beyond the nucleus.
         background_percentile: percentile of each channel taken as the illuminant (the glass).
     """
@@ -104,8 +111,10 @@ class SegmenterOptions:
     nucleus_level: float = 0.4
     cell_level: float = 0.15
     merge_distance: float = 0.25
-    min_nucleus_area: float = 0.18
+    min_nucleus_area: float = 0.15
+    min_nucleus_mass: float = 0.22
     max_cell_diameter: float = 3.5
+    min_edge_depth: float = 0.6
     max_cytoplasm: float = 0.5
     background_percentile: float = 97.0
 
@@ -272,12 +281,19 @@ class Segmenter:
         rm = max(1, int(round(opt.merge_distance * d / 2)))
         grown = cv2.dilate(core, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * rm + 1,) * 2))
         n, labels, stats, _ = cv2.connectedComponentsWithStats(grown, connectivity=8)
-        core_area = np.bincount(labels[core > 0], minlength=n).astype(np.float64)
+        on_core = labels[core > 0]
+        core_area = np.bincount(on_core, minlength=n).astype(np.float64)
+        core_sum = np.bincount(on_core, weights=f[core > 0], minlength=n)
         rbc_area = np.pi / 4 * d * d
+        # Nuclear stain "mass": stain above the core level summed over the core, in red-cell
+        # areas x level. Dense lymphocyte nuclei and large lobed nuclei score high, granular pale
+        # platelets (no DNA) low even when a giant platelet reaches a small nucleus's area.
+        mass = (core_sum - opt.nucleus_level * core_area) / (opt.nucleus_level * rbc_area)
         keep = [
             i
             for i in range(1, n)
             if core_area[i] >= opt.min_nucleus_area * rbc_area
+            and mass[i] >= opt.min_nucleus_mass
             and max(stats[i, 2], stats[i, 3]) - 2 * rm <= opt.max_cell_diameter * d
         ]
         if not keep:
@@ -289,7 +305,7 @@ class Segmenter:
         gray = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
         boxes, scores, areas, edges, sharp, nuc, con = [], [], [], [], [], [], []
         for i in keep:
-            x, y, bw, bh = stats[i, :4]
+            x, y, bw, bh = (int(v) for v in stats[i, :4])
             x1, y1 = max(0, x - reach), max(0, y - reach)
             x2, y2 = min(ws, x + bw + reach), min(hs, y + bh + reach)
             own = (labels[y1:y2, x1:x2] == i) & (core[y1:y2, x1:x2] > 0)
@@ -306,17 +322,22 @@ class Segmenter:
                 ids = np.unique(blab[own])
                 region = np.isin(blab, ids[ids > 0])
             ys, xs = np.nonzero(region)
-            bx1, bx2 = xs.min() + x1, xs.max() + x1 + 1
-            by1, by2 = ys.min() + y1, ys.max() + y1 + 1
-            touches = bx1 <= 0 or by1 <= 0 or bx2 >= ws or by2 >= hs
+            bx1, bx2 = int(xs.min()) + x1, int(xs.max()) + x1 + 1
+            by1, by2 = int(ys.min()) + y1, int(ys.max()) + y1 + 1
+            depth = []
+            if bx1 <= 0 or bx2 >= ws:
+                depth.append(bx2 - bx1)
+            if by1 <= 0 or by2 >= hs:
+                depth.append(by2 - by1)
+            touches = bool(depth)
+            if touches and min(depth) < opt.min_edge_depth * d:
+                continue  # a sliver of a cell at the border: not nameable, not reported
             boxes.append([bx1 * sxy[0], by1 * sxy[1], bx2 * sxy[0], by2 * sxy[1]])
             areas.append(float(region.sum()) * sxy[0] * sxy[1])
             edges.append(touches)
-            contrast = float(np.mean(f[y1:y2, x1:x2][own])) / opt.nucleus_level
             nuc.append(core_area[i] * sxy[0] * sxy[1])
-            con.append(contrast)
-            size_ok = min(1.0, core_area[i] / (2.0 * opt.min_nucleus_area * rbc_area))
-            scores.append(float(np.clip((1.0 - np.exp(-(contrast - 1.0) * 3.0)) * size_ok, 0, 1)))
+            con.append(mass[i])
+            scores.append(float(1.0 - 0.5 ** (mass[i] / opt.min_nucleus_mass)))
             patch = gray[by1:by2, bx1:bx2]
             sharp.append(float(cv2.Laplacian(patch, cv2.CV_32F).var()) if patch.size > 4 else 0.0)
         return Detections(
@@ -327,6 +348,6 @@ class Segmenter:
             data={
                 "sharpness": np.asarray(sharp, dtype=np.float32),
                 "nucleus_area": np.asarray(nuc, dtype=np.float32),
-                "contrast": np.asarray(con, dtype=np.float32),
+                "nucleus_mass": np.asarray(con, dtype=np.float32),
             },
         )
