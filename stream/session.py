@@ -188,18 +188,31 @@ class Session:
 
     # ---------------------------------------------------------------- controls
     def start(self) -> None:
-        """Open the source and start the worker thread (no-op when already running)."""
+        """Open the source and start the worker thread (resume when already running).
+
+        Raises:
+            HematoVisionError: the source cannot be opened (also shown as ``state``).
+        """
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 self._paused.clear()
                 return
             if self._analyzer is None:
                 self._analyzer = self._build_analyzer()
+            self._error = None
+            try:
+                source = self._opener(self.source_spec, realtime=self.realtime)
+            except Exception as exc:
+                self._error = str(exc) if isinstance(exc, HematoVisionError) else (
+                    f"{type(exc).__name__}: {exc}")
+                log.error("source %s: %s", self.source_spec, self._error)
+                raise
+            self._source = source
             self._stop.clear()
             self._paused.clear()
-            self._error = None
             self._ended = False
-            self._thread = threading.Thread(target=self._run, name="session", daemon=True)
+            self._thread = threading.Thread(target=self._run, args=(source,), name="session",
+                                            daemon=True)
             self._thread.start()
             self._log_event({"event": "start", "source": str(self.source_spec)})
 
@@ -477,18 +490,7 @@ class Session:
         value = getattr(clf, "min_score", None)
         return float(value) if value is not None else self.settings.min_score
 
-    def _run(self) -> None:
-        try:
-            source = self._opener(self.source_spec, realtime=self.realtime)
-        except HematoVisionError as exc:
-            self._error = str(exc)
-            log.error("source %s: %s", self.source_spec, exc)
-            return
-        except Exception as exc:  # noqa: BLE001
-            self._error = f"{type(exc).__name__}: {exc}"
-            log.exception("source %s failed to open", self.source_spec)
-            return
-        self._source = source
+    def _run(self, source: Source) -> None:
         if self.started_at is None:
             self.started_at = time.monotonic()
         with self._cond:

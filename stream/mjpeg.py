@@ -1,0 +1,104 @@
+"""``GET /video.mjpg`` and ``GET /stats.json``: the live view and the figures, for any viewer.
+
+The MJPEG generator sends the session's latest JPEG as it is (encoded once per analyzed frame by
+the session's worker, never per viewer). It sleeps on an asyncio.Event that the worker sets via
+``loop.call_soon_threadsafe`` when a new frame is published, so an idle viewer costs no polling
+and no thread. A slow viewer simply skips frames (it always gets the newest). When the client
+goes away, Starlette cancels the generator; its ``finally`` removes the listener, leaving nothing
+behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from stream.session import Session
+
+log = logging.getLogger(__name__)
+
+BOUNDARY = "frame"
+MEDIA_TYPE = f"multipart/x-mixed-replace; boundary={BOUNDARY}"
+
+
+def mjpeg_part(jpeg: bytes) -> bytes:
+    """One multipart part: boundary, headers, the JPEG."""
+    head = (f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\n"
+            f"Content-Length: {len(jpeg)}\r\n\r\n").encode("ascii")
+    return head + jpeg + b"\r\n"
+
+
+async def mjpeg_frames(
+    session: Session,
+    request: Request | None = None,
+    *,
+    max_frames: int | None = None,
+    idle_check: float = 1.0,
+) -> AsyncIterator[bytes]:
+    """Yield multipart parts of each new published JPEG until the client disconnects.
+
+    Args:
+        session: Where the JPEGs come from.
+        request: Checked for a disconnect while no new frame arrives (source paused/ended).
+        max_frames: Stop after this many frames (a snapshot, tests); None = forever.
+        idle_check: Seconds between disconnect checks while idle.
+    """
+    loop = asyncio.get_running_loop()
+    event = asyncio.Event()
+
+    def notify(_frame_id: int) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the viewer is gone
+            loop.call_soon_threadsafe(event.set)
+
+    session.add_listener(notify)
+    session.viewers += 1
+    sent = 0
+    last = -1
+    try:
+        while True:
+            event.clear()
+            pub = session.latest()
+            if pub.frame_id > last and pub.jpeg:
+                last = pub.frame_id
+                yield mjpeg_part(pub.jpeg)
+                sent += 1
+                if max_frames is not None and sent >= max_frames:
+                    return
+                continue
+            try:
+                await asyncio.wait_for(event.wait(), timeout=idle_check)
+            except TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    return
+    finally:
+        session.remove_listener(notify)
+        session.viewers -= 1
+
+
+def make_router(get_session: Any, dependencies: list[Any] | None = None) -> APIRouter:
+    """Routes ``/video.mjpg`` and ``/stats.json``; ``get_session()`` returns the current Session."""
+    router = APIRouter(dependencies=[Depends(d) for d in (dependencies or [])])
+
+    @router.get("/video.mjpg")
+    async def video(request: Request, frames: int | None = None) -> StreamingResponse:
+        """The live annotated view (multipart/x-mixed-replace JPEG); ``?frames=N`` stops after N."""
+        n = None if frames is None or frames <= 0 else int(frames)
+        return StreamingResponse(
+            mjpeg_frames(get_session(), request, max_frames=n),
+            media_type=MEDIA_TYPE,
+            headers={"Cache-Control": "no-cache, no-store, must-revalidate", "Pragma": "no-cache",
+                     "X-Accel-Buffering": "no"},
+        )
+
+    @router.get("/stats.json")
+    async def stats() -> JSONResponse:
+        """counts, total, differential, ci95, fps, dropped, source, state, latency_ms, ..."""
+        return JSONResponse(get_session().stats(), headers={"Cache-Control": "no-cache"})
+
+    return router
