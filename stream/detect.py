@@ -1,0 +1,204 @@
+"""``hematovision detect IMAGE... [--model M] [--json] [--save-dir D]``: name white cells in stills.
+
+Each image is segmented, then all its cells are classified in one batch. ``--json`` prints one
+JSON object per image per line (the DESIGN.md contract)::
+
+    {"image": PATH, "width": W, "height": H,
+     "cells": [{"box": [x1, y1, x2, y2], "label": "neutrophil", "score": 0.97,
+                "scores": {"neutrophil": 0.97, ...}}]}
+
+Boxes are integer pixels of the original image; scores are rounded to 4 decimals; cells are listed
+top to bottom, then left to right; ``label`` is ``unidentified`` when the top score is below the
+model card's ``min_score``. Without ``--json`` a readable table per image is printed.
+
+A bad input (missing, empty folder, not an image, too small ...) prints one line on stderr,
+``hematovision detect: PATH: problem``, and the other images are still processed; the exit code is
+then 1. A missing or broken model is one line and exit code 2. Never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from detector.classify import CellClassifier
+from detector.core import UNIDENTIFIED, Detections
+from detector.draw import draw_cells
+from detector.errors import HematoVisionError, InputError
+from detector.segment import Segmenter
+from stream.images import expand_image_arg, read_image
+
+log = logging.getLogger(__name__)
+
+PROG = "hematovision detect"
+
+
+def _err(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Hide the TFLite runtime's native "INFO: Created ... XNNPACK delegate" line (written to
+    file descriptor 2 by C++, deaf to TF_CPP_MIN_LOG_LEVEL), so stderr holds only our messages.
+    CLI only: it briefly redirects the process's fd 2, which a library must not do."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+def analyse(image_bgr: np.ndarray, segmenter: Segmenter, classifier: CellClassifier
+            ) -> tuple[Detections, np.ndarray]:
+    """Segment and classify one BGR image -> (cells sorted top-left first, with ``class_id``
+    (-1 = unidentified) and ``score`` set; (N, C) probabilities)."""
+    dets = segmenter.find(image_bgr)
+    if len(dets):
+        order = np.lexsort((dets.xyxy[:, 0], dets.xyxy[:, 1]))
+        dets = dets[order]
+    scores = classifier.classify_boxes(image_bgr, dets.xyxy)
+    class_id, top = classifier.decide(scores)
+    dets.class_id = class_id
+    dets.score = top
+    return dets, scores
+
+
+def image_record(path: Path | str, image_bgr: np.ndarray, dets: Detections, scores: np.ndarray,
+                 labels: tuple[str, ...]) -> dict[str, Any]:
+    """The JSON object of one image (DESIGN.md ``detect --json``)."""
+    h, w = image_bgr.shape[:2]
+    cells = []
+    for i in range(len(dets)):
+        x1, y1, x2, y2 = (int(round(float(v))) for v in dets.xyxy[i])
+        cid = int(dets.class_id[i])
+        cells.append({
+            "box": [max(x1, 0), max(y1, 0), min(x2, w), min(y2, h)],
+            "label": labels[cid] if cid >= 0 else UNIDENTIFIED,
+            "score": round(float(dets.score[i]), 4),
+            "scores": {lab: round(float(p), 4) for lab, p in zip(labels, scores[i], strict=True)},
+        })
+    return {"image": str(path), "width": int(w), "height": int(h), "cells": cells}
+
+
+def format_table(record: dict[str, Any]) -> str:
+    """A readable block for one image."""
+    cells = record["cells"]
+    n = len(cells)
+    lines = [f"{record['image']}  ({record['width']}x{record['height']}): "
+             f"{n} white cell{'s' if n != 1 else ''}"]
+    if cells:
+        lines.append(f"  {'#':>3}  {'box x1,y1,x2,y2':<22} {'label':<14} {'score':>5}")
+        for i, c in enumerate(cells, 1):
+            box = ",".join(str(v) for v in c["box"])
+            lines.append(f"  {i:>3}  {box:<22} {c['label']:<14} {c['score']:>5.2f}")
+    return "\n".join(lines)
+
+
+def _save_name(path: Path, used: set[str]) -> str:
+    name = f"{path.stem}.png"
+    k = 1
+    while name in used:
+        name = f"{path.stem}_{k}.png"
+        k += 1
+    used.add(name)
+    return name
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``detect``; returns 0, 1 (some input failed) or 2 (model or output folder unusable)."""
+    try:
+        with _native_stderr_silenced():
+            classifier = CellClassifier(args.model)
+    except HematoVisionError as exc:
+        _err(f"error: {exc}")
+        return 2
+    save_dir: Path | None = None
+    if getattr(args, "save_dir", None):
+        save_dir = Path(args.save_dir).expanduser()
+        try:
+            save_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            _err(f"error: {save_dir}: cannot create output folder ({exc.strerror or exc})")
+            return 2
+    segmenter = Segmenter()
+    labels = classifier.labels
+    draw_labels = (*labels, UNIDENTIFIED)
+    as_json = bool(getattr(args, "json", False))
+
+    failed = 0
+    done = 0
+    totals: Counter[str] = Counter()
+    used_names: set[str] = set()
+    seen: set[Path] = set()
+    for arg in args.images:
+        try:
+            paths = expand_image_arg(arg)
+        except InputError as exc:
+            _err(str(exc))
+            failed += 1
+            continue
+        for path in paths:
+            key = path.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                image = read_image(path)
+                dets, scores = analyse(image, segmenter, classifier)
+            except HematoVisionError as exc:
+                _err(str(exc))
+                failed += 1
+                continue
+            except Exception as exc:  # never a traceback for one bad image; keep going
+                log.debug("detect failed on %s", path, exc_info=True)
+                _err(f"{path}: analysis failed ({type(exc).__name__}: {exc})")
+                failed += 1
+                continue
+            record = image_record(path, image, dets, scores, labels)
+            done += 1
+            totals.update(c["label"] for c in record["cells"])
+            if as_json:
+                print(json.dumps(record), flush=True)
+            else:
+                print(format_table(record), flush=True)
+            if save_dir is not None:
+                shown = Detections(
+                    xyxy=dets.xyxy, score=dets.score,
+                    class_id=np.where(dets.class_id < 0, len(labels), dets.class_id),
+                )
+                out = save_dir / _save_name(path, used_names)
+                ok, buf = cv2.imencode(".png", draw_cells(image, shown, draw_labels))
+                try:
+                    if not ok:
+                        raise OSError("PNG encoding failed")
+                    out.write_bytes(buf.tobytes())
+                except OSError as exc:
+                    _err(f"{out}: cannot write ({exc.strerror or exc})")
+                    failed += 1
+    if not as_json and done > 1:
+        parts = ", ".join(f"{lab} {totals[lab]}" for lab in draw_labels if totals[lab])
+        cells = sum(totals.values())
+        print(f"\n{done} images, {cells} white cells" + (f": {parts}" if parts else ""))
+    return 1 if failed else 0
