@@ -252,7 +252,11 @@ LIVE_IMG = ("<div class='hv-live'><img id='hv-video' src='/video.mjpg' "
 
 
 class ImageAnalyzer:
-    """Segmenter + classifier for still images (the "Image" tab); built on first use."""
+    """Segmenter + classifier for still images (the "Image" tab); built on first use.
+
+    Reuses ``hematovision detect``'s code (stream.images.read_image, stream.detect.analyse),
+    so the page and the CLI give the same cells for the same photo.
+    """
 
     def __init__(self, model: str | None) -> None:
         self.model = model
@@ -265,44 +269,19 @@ class ImageAnalyzer:
         from detector import draw
         from detector.classify import CellClassifier
         from detector.segment import Segmenter
+        from stream.detect import analyse, image_record
+        from stream.images import read_image
 
-        bgr = _read_image_file(path)
+        bgr = read_image(path)
         with self._lock:
             if self._seg is None:
                 self._seg, self._clf = Segmenter(), CellClassifier(self.model)
-            dets = self._seg.find(bgr)
-            rows: list[list[Any]] = []
-            if len(dets):
-                probs = self._clf.classify_boxes(bgr, dets.xyxy)
-                names = []
-                for i, p in enumerate(probs):
-                    label, score = self._clf.label_of(p)
-                    names.append(label)
-                    dets.score[i] = score
-                    dets.class_id[i] = (self._clf.labels.index(label)
-                                        if label in self._clf.labels else -1)
-                    rows.append([i + 1, label, round(float(score), 3),
-                                 *[int(round(float(v))) for v in dets.xyxy[i]]])
-                dets.data["label"] = np.array(names, dtype=object)
-            out = draw.draw_cells(bgr, dets, self._clf.labels, show_track_ids=False)
+            dets, scores = analyse(bgr, self._seg, self._clf)
+        rec = image_record(Path(path).name, bgr, dets, scores, self._clf.labels)
+        rows = [[i + 1, c["label"], c["score"], *c["box"]] for i, c in enumerate(rec["cells"])]
+        dets.data["label"] = np.array([c["label"] for c in rec["cells"]], dtype=object)
+        out = draw.draw_cells(bgr, dets, self._clf.labels, show_track_ids=False)
         return cv2.cvtColor(out, cv2.COLOR_BGR2RGB), rows
-
-
-def _read_image_file(path: str | Path) -> np.ndarray:
-    try:
-        from stream.images import read_image  # RUNTIME's robust reader (16-bit, RGBA, ...)
-    except ImportError:
-        read_image = None
-    if read_image is not None:
-        img = np.asarray(read_image(path))
-    else:
-        data = np.fromfile(str(path), dtype=np.uint8)
-        img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-        if img is None:
-            raise InputError(f"{Path(path).name}: not a readable image")
-    if img.ndim == 2:
-        img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-    return img
 
 
 # ------------------------------------------------------------------------------ sources

@@ -307,18 +307,28 @@ class FileSource(Source):
     is_live = False
     monotonic_clock = False
 
-    def __init__(self, path: Path, factory: DeviceFactory | None = None) -> None:
+    def __init__(self, path: Path, factory: DeviceFactory | None = None, *,
+                 first_device: Device | None = None, loop: bool = False) -> None:
         super().__init__()
         self.name = str(path)
-        self._cap = (factory or (lambda: _open_video_file(path)))()
+        self._factory = factory or (lambda: _open_video_file(path))
+        self._cap: Device | None = first_device if first_device is not None else self._factory()
         self.fps = _device_fps(self._cap) or 30.0
         self._index = 0
+        self._loop = loop
+        self.loops = 0
 
     def read(self, timeout: float | None = None) -> Frame | None:
         if self._cap is None:
             return None
         ok, img = _safe_read(self._cap)
         img = _as_bgr(img) if ok else None
+        if img is None and self._loop and self._index > 0:
+            _safe_release(self._cap)
+            self._cap = self._factory()  # start again (index and time keep counting)
+            self.loops += 1
+            ok, img = _safe_read(self._cap)
+            img = _as_bgr(img) if ok else None
         if img is None:
             self.state = "stopped"
             self.close()
@@ -611,7 +621,7 @@ def _open_file(path: Path, *, realtime: bool, loop: bool, name: str,
                                  pace=probe_fps or 30.0, reconnect=False, loop=loop,
                                  first_device=first)
     else:
-        src = FileSource(path, factory=lambda: first)
+        src = FileSource(path, factory=factory, first_device=first, loop=loop)
         src.name = name
     if src.fps <= 0:
         src.fps = 30.0

@@ -154,7 +154,7 @@ def test_file_replay_in_realtime_mode_is_paced(tmp_path: Path) -> None:
 
 def test_folder_source_sorted_and_glob(tmp_path: Path) -> None:
     for name, value in [("b.png", 2), ("a.png", 1), ("c.jpg", 3)]:
-        cv2.imwrite(str(tmp_path / name), np.full((10, 12, 3), value * 40, np.uint8))
+        cv2.imwrite(str(tmp_path / name), np.full((40, 48, 3), value * 40, np.uint8))
     (tmp_path / "notes.txt").write_text("not an image")
     with open_source(str(tmp_path), realtime=False) as src:
         frames = list(src)
@@ -165,11 +165,11 @@ def test_folder_source_sorted_and_glob(tmp_path: Path) -> None:
 
 
 def test_grayscale_and_corrupt_images_in_a_folder(tmp_path: Path) -> None:
-    cv2.imwrite(str(tmp_path / "a.png"), np.full((10, 12), 90, np.uint8))  # grayscale
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((40, 48), 90, np.uint8))  # grayscale
     (tmp_path / "b.jpg").write_bytes(b"not a jpeg at all")
     with open_source(str(tmp_path), realtime=False) as src:
         frames = list(src)
-    assert len(frames) == 1 and frames[0].bgr.shape == (10, 12, 3)
+    assert len(frames) == 1 and frames[0].bgr.shape == (40, 48, 3)
 
 
 def test_missing_path_empty_folder_corrupt_file(tmp_path: Path) -> None:

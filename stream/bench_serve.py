@@ -1,0 +1,288 @@
+"""Serving figures: fps delivered to viewers, capture-to-JPEG latency, cost of extra viewers,
+memory over a long run. ``python -m stream.bench_serve [--viewers 1,2,10] [--seconds 10]
+[--browser] [--long-frames N] [--json]``.
+
+What it measures (on the machine it runs on; other CPU load makes every figure pessimistic):
+
+* ``viewers``: the demo is analysed as fast as possible (analysis mode, nothing dropped) while
+  0, 1, 2 and 10 MJPEG clients (in a separate process) pull ``/video.mjpg``; we report the
+  analysis fps for each. One JPEG is encoded per analysed frame whatever the number of viewers,
+  so the extra viewers should cost only their socket writes.
+* ``live``: the demo replayed in real time (30 fps, as the live page plays it) with one MJPEG
+  client: frames per second received by the client, the session's median capture-to-JPEG
+  latency, and dropped frames.
+* ``browser`` (``--browser``): headless Debian chromium opens ``/video.mjpg``; a script samples
+  the ``<img>`` on every animation frame and counts how often its pixels change: the fps a
+  person actually sees.
+* ``long`` (``--long-frames N``): the session runs over the demo (looping, analysis speed) for N
+  frames (54000 = 30 min at 30 fps) and RSS is sampled every ``N/20`` frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+_MP = mp.get_context("spawn")
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _viewer(port: int, seconds: float, out: Any, idx: int) -> None:
+    """One MJPEG client: count frames received in ``seconds`` (raw socket, minimal CPU)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET /video.mjpg HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    marker = b"--frame\r\n"
+    frames, tail, t_end = 0, b"", None
+    t0 = time.monotonic()
+    while True:
+        data = sock.recv(1 << 16)
+        if not data:
+            break
+        buf = tail + data
+        frames += buf.count(marker)
+        tail = buf[-(len(marker) - 1):]
+        now = time.monotonic()
+        if now - t0 >= seconds:
+            t_end = now
+            break
+    sock.close()
+    out[idx] = frames / max(1e-6, (t_end or time.monotonic()) - t0)
+
+
+def _viewers_process(port: int, n: int, seconds: float, out: Any) -> None:
+    threads = [threading.Thread(target=_viewer, args=(port, seconds, out, i)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+class _Server:
+    def __init__(self, app: Any, port: int) -> None:
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> _Server:
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def _session(realtime: bool, model: str | None, loop: bool = True) -> Any:
+    from stream.app import default_analyzer_factory
+    from stream.session import Session, SessionSettings
+    from stream.sources import open_source
+
+    def opener(spec: str, realtime: bool) -> Any:
+        return open_source(spec, realtime=realtime, loop=loop)
+
+    return Session("demo", default_analyzer_factory, settings=SessionSettings(model=model),
+                   realtime=realtime, out_dir=tempfile.mkdtemp(prefix="hv-bench-"),
+                   source_opener=opener, max_events=200)
+
+
+def bench_viewers(counts: list[int], seconds: float, model: str | None) -> dict[str, Any]:
+    """Analysis fps (analysis mode, flat out) with N MJPEG viewers attached."""
+    from stream.app import create_app
+
+    results: dict[str, Any] = {}
+    for n in counts:
+        session = _session(realtime=False, model=model)
+        port = _free_port()
+        with _Server(create_app(session, page=False), port):
+            session.start()
+            session.wait_jpeg(-1, timeout=10)
+            time.sleep(1.0)  # warm up
+            out = _MP.Array("d", max(n, 1))
+            proc = _MP.Process(target=_viewers_process, args=(port, n, seconds, out)) if n else None
+            if proc:
+                proc.start()
+                time.sleep(0.5)  # let them connect
+            f0, t0 = session.frames, time.monotonic()
+            time.sleep(seconds - 1.0)
+            fps = (session.frames - f0) / (time.monotonic() - t0)
+            if proc:
+                proc.join(timeout=seconds + 10)
+            session.close()
+        per_viewer = [round(out[i], 1) for i in range(n)] if n else []
+        results[str(n)] = {"analysis_fps": round(fps, 1), "encodes": session.encodes,
+                           "frames": session.frames,
+                           "viewer_fps_min": min(per_viewer) if per_viewer else None,
+                           "viewer_fps_median": (statistics.median(per_viewer)
+                                                 if per_viewer else None)}
+        log.info("%d viewers: %s", n, results[str(n)])
+    return results
+
+
+def bench_live(seconds: float, model: str | None, browser: bool) -> dict[str, Any]:
+    """Real-time demo (30 fps) -> one MJPEG client and optionally chromium: fps and latency."""
+    from stream.app import create_app
+
+    session = _session(realtime=True, model=model)
+    port = _free_port()
+    res: dict[str, Any] = {}
+    with _Server(create_app(session, page=False), port):
+        session.start()
+        session.wait_jpeg(-1, timeout=10)
+        time.sleep(1.0)
+        out = _MP.Array("d", 1)
+        proc = _MP.Process(target=_viewers_process, args=(port, 1, seconds, out))
+        d0 = session._source.dropped if session._source else 0
+        proc.start()
+        lat: list[float] = []
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end:
+            time.sleep(0.5)
+            if session.latency_median_ms is not None:
+                lat.append(session.latency_median_ms)
+        proc.join(timeout=seconds + 10)
+        res["client_fps"] = round(out[0], 1)
+        res["analysis_fps"] = round(session.fps, 1)
+        res["latency_median_ms"] = round(statistics.median(lat), 1) if lat else None
+        res["dropped_during"] = (session._source.dropped if session._source else 0) - d0
+        res["source_fps"] = session._source.fps if session._source else None
+        res["stages_ms"] = session.stage_medians_ms()
+        if browser:
+            res["browser"] = browser_fps(f"http://127.0.0.1:{port}/video.mjpg", seconds)
+            res["latency_median_ms_with_browser"] = round(session.latency_median_ms or 0, 1)
+        session.close()
+    return res
+
+
+BROWSER_JS = """
+async (seconds) => {
+  const img = document.querySelector('img');
+  const c = document.createElement('canvas');
+  c.width = 64; c.height = 48;
+  const ctx = c.getContext('2d', {willReadFrequently: true});
+  let last = null, changes = 0, samples = 0;
+  const t0 = performance.now();
+  while (performance.now() - t0 < seconds * 1000) {
+    await new Promise(r => requestAnimationFrame(r));
+    if (!img.naturalWidth) continue;
+    ctx.drawImage(img, 0, 0, 64, 48);
+    const d = ctx.getImageData(0, 0, 64, 48).data;
+    let h = 0;
+    for (let i = 0; i < d.length; i += 7) h = (h * 31 + d[i]) | 0;
+    samples++;
+    if (last !== null && h !== last) changes++;
+    last = h;
+  }
+  return {changes, samples, seconds: (performance.now() - t0) / 1000,
+          width: img.naturalWidth, height: img.naturalHeight};
+}
+"""
+
+
+def browser_fps(url: str, seconds: float) -> dict[str, Any]:
+    """Frames a headless chromium shows per second (pixel changes of the <img>, per rAF)."""
+    if not Path(CHROMIUM).exists():
+        return {"skipped": f"{CHROMIUM} not found"}
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.set_content(f"<html><body style='margin:0'><img src='{url}'></body></html>")
+        page.wait_for_function("document.querySelector('img').naturalWidth > 0",
+                               timeout=20000)
+        r = page.evaluate(BROWSER_JS, seconds)
+        browser.close()
+    r["fps_seen"] = round(r["changes"] / r["seconds"], 1)
+    r["raf_per_s"] = round(r["samples"] / r["seconds"], 1)
+    return r
+
+
+def bench_long(frames: int, model: str | None) -> dict[str, Any]:
+    """Run the looping demo for ``frames`` analysed frames, sampling RSS (MB)."""
+    import psutil
+
+    proc = psutil.Process()
+    session = _session(realtime=False, model=model, loop=True)
+    session.start()
+    step = max(1, frames // 20)
+    curve: list[tuple[int, float, float]] = []
+    t0 = time.monotonic()
+    next_mark = 0
+    while session.frames < frames:
+        if session.frames >= next_mark:
+            curve.append((session.frames, round(time.monotonic() - t0, 1),
+                          round(proc.memory_info().rss / 2**20, 1)))
+            next_mark += step
+        time.sleep(0.2)
+        if session.state != "running":
+            break
+    curve.append((session.frames, round(time.monotonic() - t0, 1),
+                  round(proc.memory_info().rss / 2**20, 1)))
+    stats = session.stats()
+    session.close()
+    rss = [c[2] for c in curve]
+    half = rss[len(rss) // 2:]
+    return {"frames": session.frames, "seconds": curve[-1][1], "total_counted": stats["total"],
+            "rss_mb_curve": curve, "rss_first_mb": rss[0], "rss_last_mb": rss[-1],
+            "rss_second_half_growth_mb": round(half[-1] - half[0], 1) if half else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m stream.bench_serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--viewers", type=str, default="0,1,2,10",
+                    help="viewer counts to compare (default 0,1,2,10)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="seconds per measurement")
+    ap.add_argument("--browser", action="store_true", help="also measure in headless chromium")
+    ap.add_argument("--long-frames", type=int, default=0,
+                    help="memory run over N frames (54000 = 30 min at 30 fps)")
+    ap.add_argument("--model", type=str, default=None, help="model .tflite (default: shipped)")
+    ap.add_argument("--skip", type=str, default="", help="comma list of viewers,live to skip")
+    ap.add_argument("--json", action="store_true", help="print JSON only")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.json else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    skip = set(filter(None, args.skip.split(",")))
+    report: dict[str, Any] = {"cpus": os.cpu_count(),
+                              "load_avg_1min": round(os.getloadavg()[0], 2)}
+    if "viewers" not in skip:
+        counts = [int(v) for v in args.viewers.split(",") if v.strip()]
+        report["viewers"] = bench_viewers(counts, args.seconds, args.model)
+    if "live" not in skip:
+        report["live"] = bench_live(args.seconds, args.model, args.browser)
+    if args.long_frames:
+        report["long"] = bench_long(args.long_frames, args.model)
+    report["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
+    text = json.dumps(report, indent=None if args.json else 2)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
