@@ -1,0 +1,129 @@
+"""The live page in a real browser: `hematovision serve` on the demo, opened by headless chromium.
+
+Needs Debian's chromium (/usr/bin/chromium) and the playwright package (the [dev] extra); never
+runs `playwright install`. The first run renders the demo video (~1 min, cached).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+REPO = Path(__file__).resolve().parents[2]
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.browser
+
+FRAME_SIGNATURE_JS = """
+() => {
+  const img = document.querySelector('#hv-video');
+  if (!img || !img.naturalWidth) return null;
+  const c = document.createElement('canvas');
+  c.width = 64; c.height = 48;
+  const ctx = c.getContext('2d');
+  ctx.drawImage(img, 0, 0, 64, 48);
+  const d = ctx.getImageData(0, 0, 64, 48).data;
+  let h = 0;
+  for (let i = 0; i < d.length; i += 3) h = (h * 31 + d[i]) | 0;
+  return [img.naturalWidth, img.naturalHeight, h];
+}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _total(page) -> int:  # noqa: ANN001
+    text = page.evaluate("(document.querySelector('#hv-total') || {}).textContent || ''")
+    return int(text) if text.strip().isdigit() else -1
+
+
+def _wait(pred, timeout: float, step: float = 0.25):  # noqa: ANN001, ANN202
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(step)
+    return pred()
+
+
+@pytest.fixture
+def served(tmp_path: Path):  # noqa: ANN201
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)")
+    pytest.importorskip("playwright.sync_api", reason="playwright not installed ([dev] extra)")
+    if not (REPO / "models" / "hematovision.tflite").is_file() and \
+            not os.environ.get("HEMATOVISION_MODEL"):
+        pytest.skip("no model: models/hematovision.tflite missing and HEMATOVISION_MODEL unset")
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream.cli", "serve", "demo", "--port", str(port)],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                return True
+            try:
+                return httpx.get(f"{base}/stats.json", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        # the first run renders and caches the demo video
+        assert _wait(up, 240, 0.5), "server did not come up"
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_live_page_shows_video_counts_and_reset(served: str, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(served, timeout=60_000)
+            page.wait_for_selector("#hv-video", timeout=60_000)
+
+            # the <img> receives frames, and they change (the demo pans over the slide)
+            first = _wait(lambda: page.evaluate(FRAME_SIGNATURE_JS), 20)
+            assert first is not None, "no frame reached the <img>"
+            assert first[0] == 640 and first[1] == 480
+            seen = {first[2]}
+            _wait(lambda: seen.add(page.evaluate(FRAME_SIGNATURE_JS)[2]) or len(seen) >= 5, 10,
+                  step=0.1)
+            assert len(seen) >= 5, "the video did not change"
+
+            # counts grow
+            assert _wait(lambda: _total(page) >= 1, 90), "no cell counted on the page"
+            page.screenshot(path=str(tmp_path / "live.png"), full_page=True)
+
+            # reset returns them to zero
+            page.click("#hv-reset")
+            assert _wait(lambda: _total(page) == 0, 10), f"total after reset: {_total(page)}"
+            page.screenshot(path=str(tmp_path / "after-reset.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "live.png").stat().st_size > 10_000
