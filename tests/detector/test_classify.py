@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -256,3 +257,17 @@ def test_default_model_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert card_path_for(tmp_path / "x.tflite") == tmp_path / "x.json"
     msg = _error(None)
     assert str(tmp_path / "x.tflite") in msg and "not found" in msg
+
+
+@train
+@pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter.*")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_falls_back_to_tensorflow_lite(tiny_models: Path,  # noqa: F811
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tensorflow")
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)  # import -> ImportError
+    monkeypatch.setitem(sys.modules, "tflite_runtime.interpreter", None)
+    clf = CellClassifier(tiny_models / "int8.tflite")
+    assert clf.runtime == "tensorflow"
+    scores = clf.classify_crops(solid_crops([RED_BGR, BLUE_BGR]))
+    assert [clf.label_of(r)[0] for r in scores] == ["eosinophil", "lymphocyte"]
