@@ -285,6 +285,8 @@ class CellClassifier:
         if min_score is not None and not 0.0 <= float(min_score) <= 1.0:
             raise ValueError(f"min_score must be in [0, 1], got {min_score}")
         self.min_score: float = float(self.card.min_score if min_score is None else min_score)
+        if int(num_threads) < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self.num_threads = int(num_threads)
         self.pad_batches = bool(pad_batches)
         self.size = self.card.input_size
