@@ -4,10 +4,11 @@ memory over a long run. ``python -m stream.bench_serve [--viewers 1,2,10] [--sec
 
 What it measures (on the machine it runs on; other CPU load makes every figure pessimistic):
 
-* ``viewers``: the demo is analysed as fast as possible (analysis mode, nothing dropped) while
-  0, 1, 2 and 10 MJPEG clients (in a separate process) pull ``/video.mjpg``; we report the
-  analysis fps for each. One JPEG is encoded per analysed frame whatever the number of viewers,
-  so the extra viewers should cost only their socket writes.
+* ``viewers``: the first ``--frames`` demo frames are analysed as fast as possible (analysis
+  mode, nothing dropped) while 0, 1, 2 and 10 MJPEG clients (in a separate process) pull
+  ``/video.mjpg``; per viewer count: the analysis fps and the server's CPU ms per frame
+  (median of ``--rounds``). One JPEG is encoded per analysed frame whatever the number of
+  viewers, so extra viewers should cost only their socket writes.
 * ``live``: the demo replayed in real time (30 fps, as the live page plays it) with one MJPEG
   client: frames per second received by the client, the session's median capture-to-JPEG
   latency, and dropped frames.
@@ -111,36 +112,57 @@ def _session(realtime: bool, model: str | None, loop: bool = True) -> Any:
                    source_opener=opener, max_events=200)
 
 
-def bench_viewers(counts: list[int], seconds: float, model: str | None) -> dict[str, Any]:
-    """Analysis fps (analysis mode, flat out) with N MJPEG viewers attached."""
+def bench_viewers(counts: list[int], frames: int, model: str | None,
+                  rounds: int = 2) -> dict[str, Any]:
+    """Analyse the same first ``frames`` demo frames flat out with N MJPEG viewers attached.
+
+    Reports per N the median over ``rounds`` of the wall-clock analysis fps (sensitive to other
+    load on the machine) and of the server process's CPU milliseconds per frame (what the
+    viewers really cost; the clients themselves run in another process).
+    """
+    import psutil
+
     from stream.app import create_app
 
+    me = psutil.Process()
+    raw: dict[int, list[tuple[float, float, float | None]]] = {n: [] for n in counts}
+    for _ in range(rounds):
+        for n in counts:
+            session = _session(realtime=False, model=model, loop=False)
+            port = _free_port()
+            with _Server(create_app(session, page=False), port):
+                out = _MP.Array("d", max(n, 1))
+                proc = None
+                if n:
+                    proc = _MP.Process(target=_viewers_process, args=(port, n, 600.0, out))
+                    proc.start()
+                    deadline = time.monotonic() + 30
+                    while session.viewers < n and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                c0 = sum(me.cpu_times()[:2])
+                t0 = time.monotonic()
+                session.start()
+                while session.frames < frames and session.state == "running":
+                    time.sleep(0.01)
+                wall = time.monotonic() - t0
+                cpu = sum(me.cpu_times()[:2]) - c0
+                done = session.frames
+                session.close()
+                if proc is not None:
+                    proc.terminate()
+                    proc.join(timeout=5)
+            raw[n].append((done / wall, 1000 * cpu / max(done, 1), None))
+            log.info("%d viewers: %.1f fps, %.1f CPU ms/frame", n, done / wall,
+                     1000 * cpu / max(done, 1))
     results: dict[str, Any] = {}
-    for n in counts:
-        session = _session(realtime=False, model=model)
-        port = _free_port()
-        with _Server(create_app(session, page=False), port):
-            session.start()
-            session.wait_jpeg(-1, timeout=10)
-            time.sleep(1.0)  # warm up
-            out = _MP.Array("d", max(n, 1))
-            proc = _MP.Process(target=_viewers_process, args=(port, n, seconds, out)) if n else None
-            if proc:
-                proc.start()
-                time.sleep(0.5)  # let them connect
-            f0, t0 = session.frames, time.monotonic()
-            time.sleep(seconds - 1.0)
-            fps = (session.frames - f0) / (time.monotonic() - t0)
-            if proc:
-                proc.join(timeout=seconds + 10)
-            session.close()
-        per_viewer = [round(out[i], 1) for i in range(n)] if n else []
-        results[str(n)] = {"analysis_fps": round(fps, 1), "encodes": session.encodes,
-                           "frames": session.frames,
-                           "viewer_fps_min": min(per_viewer) if per_viewer else None,
-                           "viewer_fps_median": (statistics.median(per_viewer)
-                                                 if per_viewer else None)}
-        log.info("%d viewers: %s", n, results[str(n)])
+    for n, rows in raw.items():
+        results[str(n)] = {
+            "analysis_fps_median": round(statistics.median(r[0] for r in rows), 1),
+            "analysis_fps_runs": [round(r[0], 1) for r in rows],
+            "server_cpu_ms_per_frame_median": round(statistics.median(r[1] for r in rows), 2),
+            "server_cpu_ms_per_frame_runs": [round(r[1], 2) for r in rows],
+            "frames": frames,
+        }
     return results
 
 
@@ -213,6 +235,7 @@ def browser_fps(url: str, seconds: float) -> dict[str, Any]:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page()
+        page.goto(url.rsplit("/", 1)[0] + "/healthz")  # same origin: the canvas can be read
         page.set_content(f"<html><body style='margin:0'><img src='{url}'></body></html>")
         page.wait_for_function("document.querySelector('img').naturalWidth > 0",
                                timeout=20000)
@@ -258,7 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--viewers", type=str, default="0,1,2,10",
                     help="viewer counts to compare (default 0,1,2,10)")
-    ap.add_argument("--seconds", type=float, default=10.0, help="seconds per measurement")
+    ap.add_argument("--seconds", type=float, default=10.0, help="seconds of live measurement")
+    ap.add_argument("--frames", type=int, default=450,
+                    help="demo frames analysed per viewer measurement (default 450)")
+    ap.add_argument("--rounds", type=int, default=2, help="repeats of the viewer comparison")
     ap.add_argument("--browser", action="store_true", help="also measure in headless chromium")
     ap.add_argument("--long-frames", type=int, default=0,
                     help="memory run over N frames (54000 = 30 min at 30 fps)")
@@ -273,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                               "load_avg_1min": round(os.getloadavg()[0], 2)}
     if "viewers" not in skip:
         counts = [int(v) for v in args.viewers.split(",") if v.strip()]
-        report["viewers"] = bench_viewers(counts, args.seconds, args.model)
+        report["viewers"] = bench_viewers(counts, args.frames, args.model, args.rounds)
     if "live" not in skip:
         report["live"] = bench_live(args.seconds, args.model, args.browser)
     if args.long_frames:
