@@ -71,6 +71,10 @@ _RBC_DIR0 = np.array([0.64, 0.67, 0.37], dtype=np.float32)
 _RBC_DIR0 /= np.linalg.norm(_RBC_DIR0)
 #: "Absorbs more red light, less blue light" in BGR OD space.
 _BLUE_SHIFT = np.array([-1.0, 0.0, 1.0], dtype=np.float32)
+#: Prior angle of the nuclear stain from the blue shift, in the plane orthogonal to the red-cell
+#: direction (Romanowsky nuclei are violet, not pure blue), and how far a frame may move it.
+_NUCLEUS_ANGLE = float(np.radians(-35.0))
+_ANGLE_CONE = float(np.radians(50.0))
 
 
 @dataclass(frozen=True)
@@ -108,8 +112,8 @@ class SegmenterOptions:
     rbc_diameter: float = 100.0
     estimate_rbc: bool = True
     min_red_cell_fraction: float = 0.05
-    nucleus_level: float = 0.4
-    cell_level: float = 0.15
+    nucleus_level: float = 0.55
+    cell_level: float = 0.2
     merge_distance: float = 0.25
     min_nucleus_area: float = 0.15
     min_nucleus_mass: float = 0.22
@@ -117,6 +121,7 @@ class SegmenterOptions:
     min_edge_depth: float = 0.6
     max_cytoplasm: float = 0.5
     background_percentile: float = 97.0
+    body_any_hue: bool = True
 
     def __post_init__(self) -> None:
         if self.working_width < 32:
@@ -168,6 +173,8 @@ class Segmenter:
         #: Red-cell optical density (stain strength) of the last frame, and the illuminant (BGR).
         self.last_stain_density: float = 0.0
         self.last_background: tuple[float, float, float] = (0.0, 0.0, 0.0)
+        #: Angle (degrees) of the nuclear-stain direction used for the last frame.
+        self.last_nucleus_angle: float = float(np.degrees(_NUCLEUS_ANGLE))
 
     # -- public -------------------------------------------------------------------------------
     def find(self, image: np.ndarray | Frame) -> Detections:
@@ -189,12 +196,14 @@ class Segmenter:
         dens = od.sum(axis=2)
         u, m = self._rbc_direction(od, dens)
         self.last_stain_density = m
-        n0 = _BLUE_SHIFT - float(_BLUE_SHIFT @ u) * u
-        n0 /= float(np.linalg.norm(n0))
-        f = cv2.transform(od, (n0 / m).reshape(1, 3).astype(np.float32))
+        theta, basis = self._nucleus_direction(od, u, m)
+        # ab: OD off the red-cell direction (2 channels), in units of red-cell density.
+        ab = cv2.transform(od, basis / m)
+        f = cv2.transform(ab, np.array([[np.cos(theta), np.sin(theta)]], np.float32))
+        off = cv2.magnitude(ab[..., 0], ab[..., 1]) if self.options.body_any_hue else f
 
         d_small = self._rbc_diameter(od, u, m, f, scale)
-        return self._cells(f, small, d_small, (sx, sy))
+        return self._cells(f, off, small, d_small, (sx, sy))
 
     # -- steps --------------------------------------------------------------------------------
     def _optical_density(self, small: np.ndarray) -> np.ndarray | None:
@@ -235,6 +244,31 @@ class Segmenter:
         m = float(np.median(v[inside] @ u))
         return u, max(m, 0.1)
 
+    def _nucleus_direction(
+        self, od: np.ndarray, u: np.ndarray, m: float
+    ) -> tuple[float, np.ndarray]:
+        """Unit OD direction of nuclear stain, orthogonal to the red-cell direction ``u``.
+
+        In the plane orthogonal to ``u`` the prior is "absorbs more red, less blue" turned by
+        ``_NUCLEUS_ANGLE``; where the frame has enough strongly blue-shifted pixels (nuclei,
+        platelets) within ``_ANGLE_CONE`` of the prior, their median angle is used instead, so
+        a stain with redder or bluer nuclei keeps its full contrast.
+        """
+        n0 = _BLUE_SHIFT - float(_BLUE_SHIFT @ u) * u
+        n0 /= float(np.linalg.norm(n0))
+        n1 = np.cross(u, n0).astype(np.float32)
+        basis = np.stack([n0, n1]).astype(np.float32)
+        ab = cv2.transform(od[::2, ::2], basis).reshape(-1, 2)
+        strong = ab[np.einsum("ij,ij->i", ab, ab) > (self.options.nucleus_level * m) ** 2]
+        theta = _NUCLEUS_ANGLE
+        if len(strong) >= 20:
+            ang = np.arctan2(strong[:, 1], strong[:, 0])
+            near = np.abs(ang - _NUCLEUS_ANGLE) < _ANGLE_CONE
+            if near.sum() >= 20:
+                theta = float(np.median(ang[near]))
+        self.last_nucleus_angle = float(np.degrees(theta))
+        return theta, basis
+
     def _rbc_diameter(
         self, od: np.ndarray, u: np.ndarray, m: float, f: np.ndarray, scale: float
     ) -> float:
@@ -270,7 +304,12 @@ class Segmenter:
         return d
 
     def _cells(
-        self, f: np.ndarray, small: np.ndarray, d: float, sxy: tuple[float, float]
+        self,
+        f: np.ndarray,
+        off: np.ndarray,
+        small: np.ndarray,
+        d: float,
+        sxy: tuple[float, float],
     ) -> Detections:
         """Group nucleus cores into cells, take their cell bodies and box them."""
         opt = self.options
@@ -298,7 +337,8 @@ class Segmenter:
         ]
         if not keep:
             return Detections.empty()
-        body = (f > opt.cell_level).astype(np.uint8)
+        # Cytoplasm is faint but wide: average before thresholding (thin red-cell rims drop out).
+        body = (cv2.blur(off, (5, 5)) > opt.cell_level).astype(np.uint8)
         body = cv2.morphologyEx(body, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
         body |= core
         reach = max(1, int(round(opt.max_cytoplasm * d)))

@@ -148,6 +148,135 @@ def evaluate_detection(
     }
 
 
+#: Named image perturbations for robustness figures: white balance, exposure, gamma, stain
+#: strength and hue, magnification, focus, sensor noise and compression.
+PERTURBATIONS: tuple[str, ...] = (
+    "wb_warm",
+    "wb_cool",
+    "dark",
+    "bright",
+    "gamma_0.7",
+    "gamma_1.4",
+    "stain_pale",
+    "stain_dark",
+    "hue_-10",
+    "hue_+10",
+    "scale_0.6",
+    "scale_0.8",
+    "scale_1.25",
+    "scale_1.5",
+    "blur_1.5",
+    "blur_3",
+    "noise_8",
+    "noise_15",
+    "jpeg_30",
+)
+
+
+def perturb(
+    image: np.ndarray, boxes: np.ndarray, kind: str, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Apply one named perturbation -> (image, boxes, ignore boxes).
+
+    Magnification changes keep the frame size: zooming out (<1) shrinks the picture onto an empty
+    glass canvas of the frame's own background colour; zooming in (>1) crops the centre. GT boxes
+    follow; a box less than half visible after cropping becomes an ignore box (a detection there
+    is neither a hit nor a false alarm).
+    """
+    rng = np.random.default_rng(seed)
+    img = image.astype(np.float32)
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    ignore = np.empty((0, 4), dtype=np.float32)
+    h, w = image.shape[:2]
+    name, _, arg = kind.partition("_")
+    if kind == "wb_warm":
+        img *= np.array([0.8, 0.95, 1.15], np.float32)
+    elif kind == "wb_cool":
+        img *= np.array([1.15, 1.0, 0.8], np.float32)
+    elif kind == "dark":
+        img *= 0.6
+    elif kind == "bright":
+        img = img * 1.25 + 10
+    elif name == "gamma":
+        img = 255.0 * (img / 255.0) ** float(arg)
+    elif name == "stain":
+        bg = np.percentile(img.reshape(-1, 3), 97, axis=0) + 1.0
+        od = -np.log(np.clip((img + 1.0) / bg, 1e-3, 1.0))
+        img = bg * np.exp(-od * (0.6 if arg == "pale" else 1.5)) - 1.0
+    elif name == "hue":
+        hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
+        hsv[..., 0] = ((hsv[..., 0].astype(np.int32) + int(arg)) % 180).astype(np.uint8)
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR).astype(np.float32)
+    elif name == "scale":
+        s = float(arg)
+        if s < 1.0:
+            sw, sh = int(round(w * s)), int(round(h * s))
+            bg = np.percentile(img.reshape(-1, 3), 97, axis=0)
+            canvas = np.empty_like(img)
+            canvas[:] = bg
+            canvas += rng.normal(0, 2.0, canvas.shape).astype(np.float32)
+            ox, oy = (w - sw) // 2, (h - sh) // 2
+            canvas[oy : oy + sh, ox : ox + sw] = cv2.resize(img, (sw, sh), cv2.INTER_AREA)
+            img = canvas
+            boxes = boxes * s + np.array([ox, oy, ox, oy], np.float32)
+        else:
+            cw, ch = w / s, h / s
+            ox, oy = (w - cw) / 2, (h - ch) / 2
+            m = np.array([[s, 0, -ox * s], [0, s, -oy * s]], np.float32)
+            img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR)
+            b = (boxes - np.array([ox, oy, ox, oy], np.float32)) * s
+            clipped = np.clip(b, 0, [w, h, w, h]).astype(np.float32)
+            area = np.prod(np.clip(b[:, 2:] - b[:, :2], 1e-6, None), axis=1)
+            vis = np.prod(np.clip(clipped[:, 2:] - clipped[:, :2], 0, None), axis=1) / area
+            boxes, ignore = clipped[vis >= 0.5], clipped[(vis > 0) & (vis < 0.5)]
+    elif name == "blur":
+        img = cv2.GaussianBlur(img, (0, 0), float(arg))
+    elif name == "noise":
+        img = img + rng.normal(0, float(arg), img.shape).astype(np.float32)
+    elif name == "jpeg":
+        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(arg)])
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR).astype(np.float32)
+    elif kind != "none":
+        raise ValueError(f"unknown perturbation {kind!r}; known: {', '.join(PERTURBATIONS)}")
+    out = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    return out, boxes, ignore
+
+
+def evaluate_robustness(
+    records: Sequence[VocRecord], segmenter, kinds: Sequence[str] = PERTURBATIONS
+) -> dict[str, dict]:
+    """Recall and precision of ``segmenter`` on perturbed copies of the records, per kind."""
+    images = []
+    for rec in records:
+        img = cv2.imread(str(rec.image), cv2.IMREAD_COLOR)
+        if img is None:
+            raise InputError(f"{rec.image}: cannot read image")
+        images.append((rec, img))
+    out: dict[str, dict] = {}
+    for kind in kinds:
+        tp = fp = fn = 0
+        bad: list[str] = []
+        for k, (rec, img) in enumerate(images):
+            pimg, gt, ign = perturb(img, rec.wbc, kind, seed=k)
+            det = segmenter.find(pimg)
+            pairs, up, ug = match_centres(det.xyxy, gt)
+            if len(ign) and up:
+                _, still, _ = match_centres(det.xyxy[up], ign)
+                up = [up[i] for i in still]
+            tp, fp, fn = tp + len(pairs), fp + len(up), fn + len(ug)
+            if up or ug:
+                bad.append(rec.name)
+        out[kind] = {
+            "tp": tp,
+            "fp": fp,
+            "fn": fn,
+            "recall": tp / (tp + fn) if tp + fn else 1.0,
+            "precision": tp / (tp + fp) if tp + fp else 1.0,
+            "failures": bad,
+        }
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m training.detection_eval FOLDER [--json]``: print the detection figures."""
     from detector.segment import Segmenter
@@ -156,10 +285,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("folder", type=Path, help="Pascal VOC folder (JPEGImages/, Annotations/)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--threads", type=int, default=1, help="OpenCV threads while timing")
+    p.add_argument(
+        "--robustness", action="store_true", help="also report figures on perturbed copies"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        res = evaluate_detection(read_voc(args.folder), Segmenter(), threads=args.threads)
+        records = read_voc(args.folder)
+        res = evaluate_detection(records, Segmenter(), threads=args.threads)
+        if args.robustness:
+            res["robustness"] = evaluate_robustness(records, Segmenter())
     except HematoVisionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -175,6 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for fail in res["failures"]:
         print(f"  {Path(fail['image']).name}: missed {fail['missed']} false {fail['false']}")
+    for kind, r in res.get("robustness", {}).items():
+        print(
+            f"{kind:12s} recall {r['recall']:.4f}  precision {r['precision']:.4f}  "
+            f"(fn {r['fn']}, fp {r['fp']})"
+        )
     return 0
 
 
