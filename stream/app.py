@@ -399,7 +399,7 @@ def build_page(session: Session, *, models: dict[str, str], image_model: str | N
         with gr.Tab("Browser webcam"):
             gr.Markdown("A microscope camera plugged into *this* computer: frames stream from the "
                         "browser and are analysed by a separate counter.")
-            cam_state = gr.State(None)
+            cam_state = gr.State(None, time_to_live=900)
             with gr.Row():
                 cam_in = gr.Image(sources=["webcam"], streaming=True, type="numpy",
                                   label="webcam")
@@ -424,8 +424,8 @@ def build_page(session: Session, *, models: dict[str, str], image_model: str | N
             except HematoVisionError as exc:
                 raise gr.Error(str(exc)) from None
             was = session.state
-            session.switch_source(spec)
-            if was in ("stopped",) or was.startswith("error"):
+            _do(lambda: session.switch_source(spec), "")
+            if was == "stopped" or was.startswith("error"):
                 _do(session.start, "")
             return f"source: {spec if k != 'upload' else Path(str(spec)).name}"
 

@@ -485,8 +485,14 @@ def _open_video_file(path: Path) -> Device:
 
 def demo_cache_dir() -> Path:
     """Where the demo video is cached (~/.cache/hematovision/demo-<version>/)."""
+    try:
+        from importlib.metadata import version
+
+        pkg = version("hematovision")
+    except Exception:  # noqa: BLE001 - not installed: running from a checkout
+        pkg = "dev"
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "hematovision" / f"demo-{DEMO_VERSION}"
+    return base / "hematovision" / f"demo-{pkg}.{DEMO_VERSION}"
 
 
 def demo_video_path() -> Path:
@@ -502,8 +508,9 @@ def demo_video_path() -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    log.info("rendering the demo video into %s (first use)", folder)
-    synth.render_video(tmp, seconds=DEMO_SECONDS, fps=DEMO_FPS, seed=0, size=DEMO_SIZE)
+    log.warning("rendering the demo video into %s (first use only, about a minute)", folder)
+    synth.render_video(tmp, seconds=DEMO_SECONDS, fps=DEMO_FPS, seed=0, size=DEMO_SIZE,
+                       progress=False)
     for item in tmp.iterdir():
         os.replace(item, folder / item.name)
     tmp.rmdir()
