@@ -205,7 +205,7 @@ class Session:
             except Exception as exc:
                 self._error = str(exc) if isinstance(exc, HematoVisionError) else (
                     f"{type(exc).__name__}: {exc}")
-                log.error("source %s: %s", self.source_spec, self._error)
+                log.info("source %s: %s", self.source_spec, self._error)
                 raise
             self._source = source
             self._stop.clear()

@@ -404,7 +404,8 @@ class _FolderDevice:
 
 def make_camera(index: int, width: int | None, height: int | None, fps: float | None) -> Device:
     """Open V4L2 camera ``index`` with the requested size and fps (one-frame driver buffer)."""
-    cap = cv2.VideoCapture(index, cv2.CAP_V4L2)
+    with _quiet_opencv():  # a missing camera is our one-line error, not OpenCV's warnings
+        cap = cv2.VideoCapture(index, cv2.CAP_V4L2)
     if width:
         cap.set(cv2.CAP_PROP_FRAME_WIDTH, width)
     if height:
@@ -423,7 +424,23 @@ def make_url(
         cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(open_timeout_ms),
         cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(read_timeout_ms),
     ]
-    return cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
+    with _quiet_opencv():
+        return cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
+
+
+@contextlib.contextmanager
+def _quiet_opencv() -> Iterator[None]:
+    """OpenCV's own log at ERROR level only, while opening a device (restored afterwards)."""
+    try:
+        level = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    except AttributeError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(level)
 
 
 class PiCameraDevice:
