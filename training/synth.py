@@ -128,8 +128,8 @@ _OD = {
     "eos_gran": _od((145, 125, 212)),
     "baso_gran": _od((158, 62, 112)),
     "baso_cyto": _od((200, 175, 195)),
-    "lymph_cyto": _od((205, 188, 172)),
-    "mono_cyto": _od((196, 184, 182)),
+    "lymph_cyto": _od((204, 180, 160)),
+    "mono_cyto": _od((190, 172, 172)),
     "platelet": _od((200, 165, 180)),
     "platelet_gran": _od((185, 125, 155)),
 }
@@ -148,7 +148,7 @@ class SynthSettings:
     """Slide area in frame areas (the camera sees 1/slide_area of it at a time)."""
     rbc_px: float | None = None
     """Red-cell diameter in frame pixels; None: 100 px at 640x480, scaled with the frame size."""
-    rbc_cover: float = 0.95
+    rbc_cover: float = 1.1
     """Red-cell area per slide area before overlaps (BCCD frames: about half the area is red)."""
     crenated_fraction: float = 0.06
     """Share of red cells drawn crenated (echinocytes)."""
@@ -218,13 +218,13 @@ class SynthSettings:
             "hema_strength": float(rng.uniform(0.8, 1.2)),
             "eosin_strength": float(rng.uniform(0.85, 1.15)),
             "stain_hue": float(rng.uniform(-0.15, 0.15)),
-            "white_balance": tuple(float(v) for v in rng.uniform(0.96, 1.04, 3)),
+            "white_balance": tuple(float(v) for v in rng.uniform(0.97, 1.03, 3)),
             "exposure": float(rng.uniform(1.0, 1.08)),
             "vignette": float(rng.uniform(0.05, 0.25)),
             "illum_gradient": float(rng.uniform(-0.06, 0.06)),
             "noise_sigma": float(rng.uniform(1.2, 3.0)),
-            "focus_base": float(rng.uniform(0.3, 1.0)),
-            "focus_drift": float(rng.uniform(0.2, 1.5)),
+            "focus_base": float(rng.uniform(0.7, 1.5)),
+            "focus_drift": float(rng.uniform(0.3, 1.5)),
             "pan_speed": float(rng.uniform(0.1, 0.3)),
             "fast_pan_prob": float(rng.uniform(0.08, 0.25)),
             "revisit_prob": float(rng.uniform(0.2, 0.4)),
@@ -435,6 +435,8 @@ def _paint_rbc(p: _Painter, rng: np.random.Generator, cx: float, cy: float, r: f
                crenated: bool) -> None:
     win = p.window(cx, cy, r * 1.25 + 3)
     x1, y1, x2, y2 = win
+    if x2 - x1 < 2 or y2 - y1 < 2:  # off the slide
+        return
     ecc = rng.uniform(0.0, 0.1)
     harm = _wobble(rng, 0.05, 4)
     if crenated:
@@ -461,6 +463,8 @@ def _paint_rbc(p: _Painter, rng: np.random.Generator, cx: float, cy: float, r: f
 def _paint_platelet(p: _Painter, rng: np.random.Generator, cx: float, cy: float, r: float) -> None:
     win = p.window(cx, cy, r * 1.4 + 3)
     x1, y1, x2, y2 = win
+    if x2 - x1 < 2 or y2 - y1 < 2:  # off the slide
+        return
     rho, mask = _shape_rho(y2 - y1, x2 - x1, cx - x1, cy - y1, r * rng.uniform(0.8, 1.2),
                            r * rng.uniform(0.7, 1.0), float(rng.uniform(0, math.pi)),
                            _wobble(rng, 0.25, 5))
@@ -473,22 +477,31 @@ def _paint_platelet(p: _Painter, rng: np.random.Generator, cx: float, cy: float,
 
 
 def _lobe_chain(rng: np.random.Generator, n: int, r: float, cx: float, cy: float,
-                lobe: tuple[float, float], spread: float) -> list[_Lobe]:
-    """Centres and sizes of ``n`` nuclear lobes along a curved arc (C/S shaped chain)."""
-    arc_r = r * rng.uniform(0.4, 0.6)
-    start = rng.uniform(0, 2 * math.pi)
-    step = spread / max(n - 1, 1) * rng.uniform(0.85, 1.15)
-    ox, oy = cx + rng.normal(0, 0.05 * r), cy + rng.normal(0, 0.05 * r)
-    # centre of the arc placed so the chain is roughly centred in the cell
-    mid = start + step * (n - 1) / 2
-    acx, acy = ox - arc_r * math.cos(mid) * 0.6, oy - arc_r * math.sin(mid) * 0.6
+                lobe: tuple[float, float], spacing: float) -> list[_Lobe]:
+    """``n`` nuclear lobes as a curving chain (C, S or clustered shapes), centred in the cell,
+    consecutive lobes ``spacing`` lobe-radii apart so the constrictions between them show."""
+    ax = r * rng.uniform(*lobe)
+    d = ax * spacing
+    turn = rng.uniform(0.4, 1.3) * rng.choice([-1.0, 1.0])
+    a = rng.uniform(0, 2 * math.pi)
+    pts = [(0.0, 0.0)]
+    for _ in range(n - 1):
+        a += turn + rng.normal(0, 0.35)
+        if rng.random() < 0.25:
+            turn = -turn  # S-shaped chains
+        x, y = pts[-1]
+        pts.append((x + d * math.cos(a), y + d * math.sin(a)))
+    arr = np.array(pts)
+    arr -= arr.mean(axis=0)
+    reach = float(np.max(np.hypot(arr[:, 0], arr[:, 1]))) + ax
+    if reach > 0.88 * r:  # keep the nucleus inside the cell
+        arr *= max(0.88 * r - ax, 0.1 * r) / max(reach - ax, 1e-6)
+    arr += np.array([cx, cy]) + rng.normal(0, 0.04 * r, 2)
     lobes = []
-    for i in range(n):
-        a = start + i * step + rng.normal(0, 0.08)
-        lx, ly = acx + arc_r * math.cos(a), acy + arc_r * math.sin(a)
-        ax = r * rng.uniform(*lobe)
-        ay = ax * rng.uniform(0.65, 0.9)
-        lobes.append((lx, ly, ax, ay, math.degrees(a + math.pi / 2 + rng.normal(0, 0.3))))
+    for lx, ly in arr:
+        a1 = ax * rng.uniform(0.8, 1.15)
+        lobes.append((float(lx), float(ly), a1, a1 * rng.uniform(0.7, 0.95),
+                      float(rng.uniform(0, 180))))
     return lobes
 
 
@@ -519,22 +532,22 @@ def _paint_wbc(p: _Painter, rng: np.random.Generator, label: str, cx: float, cy:
     tex = 1.0 + 0.22 * _smooth_noise(rng, h, w, max(r * 0.03, 1.0))
     if label == "neutrophil":
         n = int(rng.choice([3, 4, 5], p=[0.45, 0.4, 0.15]))
-        lobes = _lobe_chain(rng, n, r, lx, ly, (0.27, 0.35), rng.uniform(1.9, 2.9))
+        lobes = _lobe_chain(rng, n, r, lx, ly, (0.23, 0.29), rng.uniform(1.5, 1.9))
         _draw_lobes(nuc, lobes, max(0.09 * r, 2.0))
         _dots(gran, rng, int(3.0 * r * r / 25), lx, ly, 0.92 * r, (0.006 * r + 0.5, 0.01 * r + 0.7))
         cyto_od, gran_od, nuc_od, gran_amt = c["neut_cyto"], c["neut_gran"], c["nucleus"], 0.45
     elif label == "eosinophil":
         n = int(rng.choice([2, 3], p=[0.8, 0.2]))
-        lobes = _lobe_chain(rng, n, r, lx, ly, (0.27, 0.34), rng.uniform(1.6, 2.4))
+        lobes = _lobe_chain(rng, n, r, lx, ly, (0.25, 0.32), rng.uniform(1.7, 2.2))
         _draw_lobes(nuc, lobes, max(0.09 * r, 2.5))
         gr = (0.025 * r + 0.8, 0.037 * r + 1.0)
         _dots(gran, rng, int(1.1 * r * r / (gr[1] ** 2)), lx, ly, 0.92 * r, gr)
         cyto_od, gran_od, nuc_od, gran_amt = c["eos_cyto"], c["eos_gran"], c["nucleus"], 1.0
     elif label == "basophil":
-        lobes = _lobe_chain(rng, int(rng.integers(2, 4)), r, lx, ly, (0.25, 0.33), 1.8)
+        lobes = _lobe_chain(rng, int(rng.integers(2, 4)), r, lx, ly, (0.25, 0.33), 1.4)
         _draw_lobes(nuc, lobes, max(0.1 * r, 2.5))
-        gr = (0.035 * r + 0.8, 0.06 * r + 1.0)
-        _dots(gran, rng, int(0.85 * r * r / (gr[1] ** 2)), lx, ly, 0.92 * r, gr)
+        gr = (0.025 * r + 0.8, 0.045 * r + 1.0)
+        _dots(gran, rng, int(0.9 * r * r / (gr[1] ** 2)), lx, ly, 0.92 * r, gr)
         cyto_od, gran_od, nuc_od, gran_amt = c["baso_cyto"], c["baso_gran"], c["nucleus"] * 0.8, 1.0
     elif label == "lymphocyte":
         frac = rng.uniform(0.62, 0.75) if large else rng.uniform(0.8, 0.9)
@@ -671,7 +684,7 @@ def make_slide(seed: int = 0, size: tuple[int, int] = (640, 480),
         if any(math.hypot(x - qx, y - qy) < qr + r_rbc * 0.8 for qx, qy, qr, *_ in placed):
             continue
         gx, gy = int(x // cellsz), int(y // cellsz)
-        min_d = 2 * r_rbc * rng.uniform(0.5, 0.9)
+        min_d = 2 * r_rbc * rng.uniform(0.45, 0.88)
         near = [q for i in (-1, 0, 1) for j in (-1, 0, 1) for q in grid.get((gx + i, gy + j), ())]
         if any(math.hypot(x - ox, y - oy) < min_d for ox, oy in near):
             continue
@@ -1034,6 +1047,54 @@ class SlideSimulator:
             raise InputError(f"frame index must be >= 0, got {i}")
         tr = self.truth(i)
         return self.render(i, tr), tr
+
+
+def annotate(bgr: np.ndarray, frame_truth: dict[str, Any], labels: dict[int, str]) -> np.ndarray:
+    """A copy of ``bgr`` with the truth boxes drawn ("#id label", colour by type) and a caption
+    (frame, segment, blur): for looking at the truth, e.g. docs/synth_frame.png."""
+    from detector.draw import colour_of
+
+    img = bgr.copy()
+    scale = max(min(img.shape[:2]) / 900.0, 0.4)
+    for c in frame_truth["cells"]:
+        x1, y1, x2, y2 = (int(round(v)) for v in c["box"])
+        label = labels.get(c["id"], "?")
+        col = colour_of(label)
+        cv2.rectangle(img, (x1, y1), (x2 - 1, y2 - 1), col, 2)
+        text = f"#{c['id']} {label}" + ("" if c["visible_fraction"] > 0.99
+                                          else f" {100 * c['visible_fraction']:.0f}%")
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        ty = y1 - th - base - 4 if y1 - th - base - 4 >= 0 else y1
+        tx = min(max(x1, 0), max(img.shape[1] - tw - 4, 0))
+        cv2.rectangle(img, (tx, ty), (tx + tw + 4, ty + th + base + 4), col, cv2.FILLED)
+        lum = 0.114 * col[0] + 0.587 * col[1] + 0.299 * col[2]
+        cv2.putText(img, text, (tx + 2, ty + th + 2), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                    (0, 0, 0) if lum > 140 else (255, 255, 255), 1, cv2.LINE_AA)
+    caption = (f"synthetic smear, frame {frame_truth['frame']}  {frame_truth['segment']}  "
+               f"blur {frame_truth['blur']:.1f}px")
+    cv2.putText(img, caption, (8, img.shape[0] - 10), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                (40, 40, 40), 1, cv2.LINE_AA)
+    return img
+
+
+def save_docs_frame(path: str | Path, seed: int = 20, index: int = 1572) -> Path:
+    """Write the README picture: one annotated simulator frame as a 256-colour PNG (small enough
+    for the repo). ``python -c "from training.synth import save_docs_frame as f;
+    f('docs/synth_frame.png')"`` regenerates it."""
+    sim = SlideSimulator(seed=seed)
+    bgr, tr = sim.frame(index)
+    img = annotate(bgr, tr, {c.id: c.label for c in sim.cells})
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        from PIL import Image
+    except ImportError:  # full-colour PNG without Pillow
+        cv2.imwrite(str(out), img, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+        return out
+    rgb = Image.fromarray(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+    rgb.quantize(colors=256, method=Image.Quantize.MEDIANCUT,
+                 dither=Image.Dither.NONE).save(out, optimize=True)
+    return out
 
 
 def _frame_count(seconds: float | None, fps: float) -> int | None:

@@ -84,6 +84,16 @@ def test_default_slide_has_every_cell_type_and_no_touching_white_cells(seed: int
         assert 0.85 < d < 3.0, (c.label, d)
 
 
+def test_many_seeds_and_sizes_render() -> None:
+    """Cells cut by the slide edge, odd sizes and extreme draws must not break painting."""
+    for seed in range(12):
+        size = (128 + 37 * seed, 96 + 23 * seed)
+        sim = SlideSimulator(seed=seed, size=size, fps=10)
+        bgr, tr = sim.frame(seed * 3)
+        assert bgr.shape == (size[1], size[0], 3)
+        assert {c.label for c in sim.cells} == set(CELL_TYPES)
+
+
 def test_wbc_mix_and_density_settings() -> None:
     slide = make_slide(4, size=SMALL, wbc_mix={"lymphocyte": 1.0}, wbc_per_frame=2.0)
     labels = Counter(c.label for c in slide.cells)
