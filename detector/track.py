@@ -1,17 +1,18 @@
 """Tracks white cells across frames of a moving microscope stage, so each cell is counted once.
 
 The stage moves as a whole: every cell in a frame shifts by about the same vector. The tracker
-estimates that global shift once per frame (phase correlation on a tiny grey copy of the frame,
+estimates that global shift once per frame (phase correlation on small grey copies of the frame,
 checked against the cells themselves when its response is weak), moves every track by it, and
 only then matches tracks to detections by IoU and centre distance. So a fast pan does not start
 new tracks, and on a still stage two close neighbours are not merged (the prediction is where they
 are, not somewhere between them).
 
 Track life: tentative (new) -> confirmed (seen in ``confirm_hits`` of the last ``confirm_window``
-updates) -> lost (unseen, kept and moved with the stage for up to ``max_lost`` frames, or
+updates) -> lost (unseen, kept and moved with the stage for up to ``max_lost`` frames in view, or
 ``max_lost_outside`` once the stage has carried it out of view; found again in that gap it keeps
-its id) -> deleted. A tentative track unseen for more than
-``tentative_max_misses`` frames is dropped as noise.
+its id) -> deleted. Moving lost tracks with the measured stage shift is dead reckoning: its drift
+(about 1 px/s on the simulator) is what limits how long a track can wait for a return. A
+tentative track unseen for more than ``tentative_max_misses`` frames is dropped as noise.
 
 Voting (what the analyzer does with tracks): a track is *due* for the classifier when it is
 confirmed, seen in this frame, fully in view (not cut by the border) and sharp; scores of
@@ -44,11 +45,16 @@ class TrackerOptions:
     """Sightings among the last ``confirm_window`` updates that confirm a track."""
     confirm_window: int = 5
     """Number of recent updates looked at for confirmation."""
-    max_lost: int = 30
-    """Frames a confirmed track is kept while unseen where it should be visible (about 1 s)."""
-    max_lost_outside: int = 150
-    """Frames a confirmed track is kept once the stage has moved it out of view (about 5 s):
-    it cannot be confused with a visible cell, and a pan back finds it again."""
+    decide_after: int = 30
+    """Frames a confirmed track may be unseen in view before it is decided from the votes it
+    has (about 1 s): the count does not wait for the track's deletion."""
+    max_lost: int = 300
+    """Frames a confirmed track is kept while unseen where it should be visible (about 10 s):
+    the segmenter may miss a cell for a while (blur, a neighbour); found again it keeps its id."""
+    max_lost_outside: int = 1800
+    """Frames a confirmed track is kept once the stage has moved it out of view (about 60 s),
+    moved with the stage (dead reckoning): it cannot be confused with a visible cell, and a
+    return to a place already seen finds it again, so the cell is not counted twice."""
     tentative_max_misses: int = 2
     """Frames a tentative track may be unseen before it is dropped as noise."""
     min_iou: float = 0.1
@@ -58,7 +64,7 @@ class TrackerOptions:
     edge_margin: float = 2.0
     """A box closer than this to the frame border is not fully in view."""
     shift_size: tuple[int, int] = (160, 120)
-    """Size of the grey copy used for phase correlation (width, height)."""
+    """Size of the phase-correlation window (width, height); the grey copy is twice this."""
     min_response: float = 0.08
     """Phase correlation response below which the shift is taken from the cells instead."""
     votes_needed: int = 3
@@ -151,6 +157,7 @@ class Tracker:
         self.tracks: list[Track] = []
         self.removed: list[Track] = []
         self.small_grey: np.ndarray | None = None
+        """This frame at ``shift_size``, grey float32 (for a cheap frame focus measure)."""
         self.shift: tuple[float, float] = (0.0, 0.0)
         self.shift_source: str = "none"
         self.response: float = 0.0
@@ -158,6 +165,7 @@ class Tracker:
         self.frame_size: tuple[int, int] | None = None
         self._next_id = 1
         self._prev: np.ndarray | None = None
+        self._prev_half: np.ndarray | None = None
         self._window: np.ndarray | None = None
 
     def reset(self) -> None:
@@ -166,24 +174,44 @@ class Tracker:
 
     # ----------------------------------------------------------------- global shift
     def small_grey_of(self, bgr: np.ndarray) -> np.ndarray:
-        """Tiny grey copy of a frame (resized first: the conversion then touches few pixels).
-
-        Bilinear, not area, resampling: 7x cheaper, and the aliasing it lets through is noise to
-        phase correlation, which is dominated by the red cells' low frequencies."""
+        """Half-size grey copy of a frame (2x ``shift_size``; resized first, so the colour
+        conversion touches few pixels). Bilinear: cheap, and fine for phase correlation."""
         w, h = self.options.shift_size
-        small = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_LINEAR)
-        return cv2.cvtColor(small, cv2.COLOR_BGR2GRAY) if small.ndim == 3 else small
+        half = cv2.resize(bgr, (2 * w, 2 * h), interpolation=cv2.INTER_LINEAR)
+        return cv2.cvtColor(half, cv2.COLOR_BGR2GRAY) if half.ndim == 3 else half
 
-    def _phase_shift(self, grey: np.ndarray) -> tuple[float, float, float] | None:
-        cur = grey.astype(np.float32)
-        prev, self._prev = self._prev, cur
-        if prev is None or prev.shape != cur.shape:
+    def _phase_shift(self, half: np.ndarray) -> tuple[float, float, float] | None:
+        """Global shift from the previous frame, coarse to fine, in full-resolution pixels.
+
+        Coarse: phase correlation of the whole frame at ``shift_size`` (a quarter of the half
+        copy). Its sub-pixel estimate is biased at that scale (it under-reads slow pans by up to
+        30 %, which adds up for tracks moved by dead reckoning), so a fine step correlates the
+        central ``shift_size`` patch of the half-size copies, the current one displaced by the
+        rounded coarse shift: same cost again, 4x the resolution.
+        """
+        w, h = self.options.shift_size
+        cur_half = half.astype(np.float32)
+        if cur_half.shape != (2 * h, 2 * w):
+            cur_half = cv2.resize(cur_half, (2 * w, 2 * h), interpolation=cv2.INTER_LINEAR)
+        cur = cv2.resize(cur_half, (w, h), interpolation=cv2.INTER_AREA)
+        prev, prev_half = self._prev, self._prev_half
+        self._prev, self._prev_half = cur, cur_half
+        if prev is None or prev_half is None:
             return None
-        if self._window is None or self._window.shape != cur.shape:
-            self._window = cv2.createHanningWindow((cur.shape[1], cur.shape[0]), cv2.CV_32F)
+        if self._window is None:
+            self._window = cv2.createHanningWindow((w, h), cv2.CV_32F)
         (dx, dy), response = cv2.phaseCorrelate(prev, cur, self._window)
-        fw, fh = self.frame_size or (cur.shape[1], cur.shape[0])
-        return dx * fw / cur.shape[1], dy * fh / cur.shape[0], float(response)
+        sx, sy = 2.0 * dx, 2.0 * dy  # in half-size pixels
+        cx, cy = int(round(sx)), int(round(sy))
+        if response >= self.options.min_response and abs(cx) <= w // 2 and abs(cy) <= h // 2:
+            y0, x0 = h // 2, w // 2
+            p = prev_half[y0:y0 + h, x0:x0 + w]
+            c = cur_half[y0 + cy:y0 + cy + h, x0 + cx:x0 + cx + w]
+            (fx, fy), fine = cv2.phaseCorrelate(p, c, self._window)
+            if fine >= self.options.min_response and abs(fx) < 3 and abs(fy) < 3:
+                sx, sy, response = cx + fx, cy + fy, max(response, fine)
+        fw, fh = self.frame_size or (2 * w, 2 * h)
+        return sx * fw / (2 * w), sy * fh / (2 * h), float(response)
 
     @staticmethod
     def _consensus(pred: np.ndarray, centers: np.ndarray, radius: np.ndarray,
@@ -206,22 +234,16 @@ class Tracker:
                         period: int) -> np.ndarray:
         o = self.options
         phase = self._phase_shift(grey) if grey is not None else None
+        if phase is not None and phase[2] >= o.min_response:
+            self.shift_source, self.response = "phase", phase[2]
+            return np.array(phase[:2], np.float32)
+        # weak response (blur, empty field): the displacement most cells agree on
         active = [t for t in self.tracks if t.misses <= period]
         pred = np.array([(t.box[:2] + t.box[2:]) / 2 for t in active], np.float32).reshape(-1, 2)
         sides = np.array([np.sqrt(max(1.0, float(np.prod(t.box[2:] - t.box[:2]))))
                           for t in active], np.float32)
         radius = 0.35 * sides if len(sides) else np.array([10.0], np.float32)
         centers = dets.centers
-        if phase is not None and phase[2] >= o.min_response:
-            shift = np.array(phase[:2], np.float32)
-            self.shift_source, self.response = "phase", phase[2]
-            # refine with the cells that agree with the phase shift (sub-pixel drift, blur)
-            if len(pred) and len(centers):
-                d = (centers[None] - (pred + shift)[:, None]).reshape(-1, 2)
-                ok = np.linalg.norm(d, axis=1) <= float(np.median(radius))
-                if ok.sum() >= 2:
-                    shift = shift + np.median(d[ok], axis=0)
-            return shift
         self.response = phase[2] if phase is not None else 0.0
         fw, fh = self.frame_size or (640, 480)
         cell_shift, support = self._consensus(pred, centers, radius, 0.5 * max(fw, fh))
@@ -256,10 +278,10 @@ class Tracker:
                 grey = bgr
                 if self.frame_size is None:
                     self.frame_size = (bgr.shape[1], bgr.shape[0])
-        self.small_grey = grey
         self.removed = []
 
         shift = self._estimate_shift(grey, detections, period)
+        self.small_grey = self._prev if grey is not None else None
         self.shift = (float(shift[0]), float(shift[1]))
         for t in self.tracks:
             t.box = t.box + np.array([shift[0], shift[1], shift[0], shift[1]], np.float32)
@@ -367,9 +389,12 @@ class Tracker:
         return iw * ih < 0.3 * area
 
     def leaving(self) -> list[Track]:
-        """Confirmed tracks the stage has just moved out of view, not decided yet: decide them
-        now from what they have (they keep their id and locked label if they come back)."""
-        return [t for t in self.tracks if t.out_of_view and t.confirmed and t.label is None]
+        """Confirmed, undecided tracks that the stage moved out of view, or unseen in view for
+        ``decide_after`` frames: decide them now from what they have (they keep their id and
+        locked label if they come back)."""
+        o = self.options
+        return [t for t in self.tracks if t.confirmed and t.label is None
+                and (t.out_of_view or t.misses_in_view > o.decide_after)]
 
     def _fully_in_view(self, dets: Detections) -> np.ndarray:
         full = ~dets.touches_edge
