@@ -530,7 +530,9 @@ def create_app(
     app = FastAPI(title="HematoVision", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.session = session
     app.state.guard = guard
-    app.include_router(make_router(lambda: app.state.session, dependencies=[guard]))
+    app.state.closing = threading.Event()  # set at shutdown: open MJPEG streams end
+    app.include_router(make_router(lambda: app.state.session, dependencies=[guard],
+                                   closing=app.state.closing))
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -581,9 +583,15 @@ def main(args: argparse.Namespace) -> int:
     if host not in ("127.0.0.1", "localhost", "::1") and args.auth is None:
         log.warning("serving on %s without --auth: anyone on the network can see the page",
                     host)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.closing.set()  # end the MJPEG streams, or shutdown waits for them
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=host, port=int(args.port), log_level="warning",
+                                   timeout_graceful_shutdown=3))
     try:
-        uvicorn.run(app, host=host, port=int(args.port), log_level="warning",
-                    timeout_graceful_shutdown=2)
+        server.run()
     finally:
         session.close()
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -40,6 +41,7 @@ async def mjpeg_frames(
     *,
     max_frames: int | None = None,
     idle_check: float = 1.0,
+    closing: threading.Event | None = None,
 ) -> AsyncIterator[bytes]:
     """Yield multipart parts of each new published JPEG until the client disconnects.
 
@@ -48,6 +50,7 @@ async def mjpeg_frames(
         request: Checked for a disconnect while no new frame arrives (source paused/ended).
         max_frames: Stop after this many frames (a snapshot, tests); None = forever.
         idle_check: Seconds between disconnect checks while idle.
+        closing: Set when the server shuts down: the stream ends so the server can exit.
     """
     loop = asyncio.get_running_loop()
     event = asyncio.Event()
@@ -61,7 +64,7 @@ async def mjpeg_frames(
     sent = 0
     last = -1
     try:
-        while True:
+        while closing is None or not closing.is_set():
             event.clear()
             pub = session.latest()
             if pub.frame_id > last and pub.jpeg:
@@ -81,8 +84,12 @@ async def mjpeg_frames(
         session.viewers -= 1
 
 
-def make_router(get_session: Any, dependencies: list[Any] | None = None) -> APIRouter:
-    """Routes ``/video.mjpg`` and ``/stats.json``; ``get_session()`` returns the current Session."""
+def make_router(get_session: Any, dependencies: list[Any] | None = None,
+                closing: threading.Event | None = None) -> APIRouter:
+    """Routes ``/video.mjpg`` and ``/stats.json``; ``get_session()`` returns the current Session.
+
+    ``closing``: set at server shutdown to end the open MJPEG streams.
+    """
     router = APIRouter(dependencies=[Depends(d) for d in (dependencies or [])])
 
     @router.get("/video.mjpg")
@@ -90,7 +97,7 @@ def make_router(get_session: Any, dependencies: list[Any] | None = None) -> APIR
         """The live annotated view (multipart/x-mixed-replace JPEG); ``?frames=N`` stops after N."""
         n = None if frames is None or frames <= 0 else int(frames)
         return StreamingResponse(
-            mjpeg_frames(get_session(), request, max_frames=n),
+            mjpeg_frames(get_session(), request, max_frames=n, closing=closing),
             media_type=MEDIA_TYPE,
             headers={"Cache-Control": "no-cache, no-store, must-revalidate", "Pragma": "no-cache",
                      "X-Accel-Buffering": "no"},
