@@ -408,9 +408,10 @@ class _Painter:
 
     def __init__(self, w: int, h: int, od: dict[str, np.ndarray]) -> None:
         self.w, self.h = w, h
-        self.od = np.zeros((h, w, 3), np.float32)
-        self.cover = np.zeros((h, w), np.float32)
-        self.rbc = np.zeros((h, w, 3), np.float32)
+        # float16 storage halves the painting memory; 8-bit output needs no more precision
+        self.od = np.zeros((h, w, 3), np.float16)
+        self.cover = np.zeros((h, w), np.float16)
+        self.rbc = np.zeros((h, w, 3), np.float16)
         self.colors = od
 
     def window(self, cx: float, cy: float, half: float) -> tuple[int, int, int, int]:
@@ -423,12 +424,12 @@ class _Painter:
             rbc: bool = False) -> None:
         x1, y1, x2, y2 = win
         if rbc:  # overlapping red cells: the thicker one plus a little of the other
-            old = self.rbc[y1:y2, x1:x2]
+            old = self.rbc[y1:y2, x1:x2].astype(np.float32)
             self.od[y1:y2, x1:x2] += 0.35 * np.minimum(old, od)
-            np.maximum(old, od, out=old)
+            self.rbc[y1:y2, x1:x2] = np.maximum(old, od)
         else:
             self.od[y1:y2, x1:x2] += od
-        np.maximum(self.cover[y1:y2, x1:x2], cover, out=self.cover[y1:y2, x1:x2])
+        self.cover[y1:y2, x1:x2] = np.maximum(self.cover[y1:y2, x1:x2], cover)
 
 
 def _paint_rbc(p: _Painter, rng: np.random.Generator, cx: float, cy: float, r: float,
@@ -716,21 +717,19 @@ def make_slide(seed: int = 0, size: tuple[int, int] = (640, 480),
                                box=(int(wx1 + bx1), int(wy1 + by1), int(wx1 + bx2), int(wy1 + by2)),
                                mask=m[by1:by2, bx1:bx2].copy()))
 
-    # background: plasma film where no cell is, with gentle mottling; then Beer-Lambert
-    mott = cv2.resize(_smooth_noise(rng, max(sh // 16, 2), max(sw // 16, 2), 2.0), (sw, sh),
-                      interpolation=cv2.INTER_LINEAR)
-    bg = 1.0 - p.cover
-    bg *= 1.0 + 0.15 * mott
-    od = p.od
-    od += p.rbc
-    od += p.colors["plasma"][None, None, :] * bg[..., None]
-    del p
-    illum = _I0 * np.asarray(s.white_balance, np.float32) * s.exposure
-    np.negative(od, out=od)
-    np.exp(od, out=od)
-    od *= illum[None, None, :]
-    img = np.clip(od, 0, 255).astype(np.uint8)
-    del od
+    # background: plasma film where no cell is, with gentle mottling; then Beer-Lambert.
+    # Composed in bands of rows so no extra full-size float arrays are made (memory).
+    mott_small = _smooth_noise(rng, max(sh // 16, 2), max(sw // 16, 2), 2.0)
+    mott = cv2.resize(mott_small, (sw, sh), interpolation=cv2.INTER_LINEAR)
+    illum = (_I0 * np.asarray(s.white_balance, np.float32) * s.exposure)[None, None, :]
+    plasma = p.colors["plasma"][None, None, :]
+    img = np.empty((sh, sw, 3), np.uint8)
+    for y in range(0, sh, 128):
+        band = slice(y, min(y + 128, sh))
+        bg = (1.0 - p.cover[band].astype(np.float32)) * (1.0 + 0.15 * mott[band])
+        od = p.od[band].astype(np.float32) + p.rbc[band] + plasma * bg[..., None]
+        img[band] = np.clip(np.exp(-od) * illum, 0, 255).astype(np.uint8)
+    del p, mott
     img = cv2.GaussianBlur(img, (0, 0), 0.6 * s.rbc_px / RBC_PX_640)
     log.info("slide %dx%d px: %d red cells, %d white cells (%s)", sw, sh, accepted, len(cells),
              ", ".join(f"{t} {sum(c.label == t for c in cells)}" for t in CELL_TYPES))
@@ -1254,7 +1253,8 @@ def main(args: Any) -> int:
     truth = load_truth(out)
     labels = {c["id"]: c["label"] for c in truth["cells"]}
     seen = {c["id"] for f in truth["frame_truth"] for c in f["cells"]}
-    by_type = ", ".join(f"{sum(1 for i in seen if labels[i] == t)} {t}" for t in CELL_TYPES)
+    by_type = ", ".join(f"{n} {t}" for t in CELL_TYPES
+                        if (n := sum(1 for i in seen if labels[i] == t))) or "none"
     w, h = truth["size"]
     print(f"wrote {out / 'video.mp4'} ({truth['frames']} frames, {w}x{h} at {truth['fps']:g} fps, "
           f"{truth['video']['codec']}) and truth.json: {len(seen)} of {len(labels)} white cells "
