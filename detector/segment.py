@@ -28,9 +28,11 @@ image set):
    ``max_cytoplasm`` red-cell diameters around the nucleus.
 
 Scale: all sizes are in red-cell diameters. The diameter is estimated per frame from the red-cell
-mask (distance transform: a disc of radius r has a known distance-value distribution); when a
-frame has too few red cells the configured ``rbc_diameter`` is used. So other magnifications and
-cameras work without retuning.
+mask by granulometry (the disc radius whose morphological opening keeps half the red-cell area,
+which touching and overlapping cells do not fool); when a frame has too few red cells, or the
+estimate is implausible (outside 0.4-2.5x), the configured ``rbc_diameter`` is used. So other
+magnifications and cameras work without retuning. On BCCD the estimate is within -14 % / +24 %
+of the annotated red-cell size for 90 % of frames; thick, clumped areas read large.
 
 Deliberate handling of the things that are not white cells:
 
@@ -71,6 +73,9 @@ _RBC_DIR0 = np.array([0.64, 0.67, 0.37], dtype=np.float32)
 _RBC_DIR0 /= np.linalg.norm(_RBC_DIR0)
 #: "Absorbs more red light, less blue light" in BGR OD space.
 _BLUE_SHIFT = np.array([-1.0, 0.0, 1.0], dtype=np.float32)
+_ONES3 = np.ones(3, dtype=np.float32)
+#: Red-cell diameter / (2 x half-area opening radius), calibrated on BCCD red-cell boxes.
+_GRANULOMETRY_CAL = 1.25
 #: Prior angle of the nuclear stain from the blue shift, in the plane orthogonal to the red-cell
 #: direction (Romanowsky nuclei are violet, not pure blue), and how far a frame may move it.
 _NUCLEUS_ANGLE = float(np.radians(-35.0))
@@ -156,6 +161,24 @@ def _as_bgr(image: np.ndarray | Frame) -> np.ndarray:
     return image
 
 
+def _shrink(bgr: np.ndarray, sw: int, sh: int) -> np.ndarray:
+    """Area-average down to (sw, sh); exact halvings first (OpenCV's fast 2x path, 3x cheaper)."""
+    small = bgr
+    while small.shape[1] >= 2 * sw and small.shape[0] >= 2 * sh:
+        small = cv2.resize(
+            small, (small.shape[1] // 2, small.shape[0] // 2), interpolation=cv2.INTER_AREA
+        )
+    if small.shape[1] != sw or small.shape[0] != sh:
+        small = cv2.resize(small, (sw, sh), interpolation=cv2.INTER_AREA)
+    return small
+
+
+def _quantile(a: np.ndarray, q: float) -> float:
+    """q-quantile (0..1) of a 1-D array by partial sort (no interpolation; cheaper)."""
+    k = int(q * (a.size - 1))
+    return float(np.partition(a, k)[k])
+
+
 def _percentile_u8(hist: np.ndarray, q: float) -> float:
     """q-th percentile of a 256-bin histogram."""
     cdf = np.cumsum(hist)
@@ -183,24 +206,21 @@ class Segmenter:
         opt = self.options
         h, w = bgr.shape[:2]
         scale = min(1.0, opt.working_width / w)
-        if scale < 1.0:
-            sw, sh = opt.working_width, max(8, int(round(h * scale)))
-            small = cv2.resize(bgr, (sw, sh), interpolation=cv2.INTER_AREA)
-        else:
-            small = bgr
+        small = _shrink(bgr, opt.working_width, max(8, int(round(h * scale)))) if scale < 1 else bgr
         sx, sy = w / small.shape[1], h / small.shape[0]
 
         od = self._optical_density(small)
         if od is None:
             return Detections.empty()
-        dens = od.sum(axis=2)
-        u, m = self._rbc_direction(od, dens)
+        od2 = np.ascontiguousarray(od[::2, ::2])  # every 4th pixel suffices for statistics
+        u, m = self._rbc_direction(od2)
         self.last_stain_density = m
-        theta, basis = self._nucleus_direction(od, u, m)
+        theta, basis = self._nucleus_direction(od2, u, m)
         # ab: OD off the red-cell direction (2 channels), in units of red-cell density.
-        ab = cv2.transform(od, basis / m)
-        f = cv2.transform(ab, np.array([[np.cos(theta), np.sin(theta)]], np.float32))
-        off = cv2.magnitude(ab[..., 0], ab[..., 1]) if self.options.body_any_hue else f
+        a = cv2.transform(od, (basis[0] / m).reshape(1, 3))
+        b = cv2.transform(od, (basis[1] / m).reshape(1, 3))
+        f = cv2.addWeighted(a, float(np.cos(theta)), b, float(np.sin(theta)), 0.0)
+        off = cv2.magnitude(a, b) if self.options.body_any_hue else f
 
         d_small = self._rbc_diameter(od, u, m, f, scale)
         return self._cells(f, off, small, d_small, (sx, sy))
@@ -222,30 +242,26 @@ class Segmenter:
         return cv2.LUT(small, lut.reshape(1, 256, 3).astype(np.float32))
 
     @staticmethod
-    def _rbc_direction(od: np.ndarray, dens: np.ndarray) -> tuple[np.ndarray, float]:
-        """Median OD direction and density of the red cells (the dominant stained pixels)."""
-        px = od[::2, ::2].reshape(-1, 3)
-        dd = dens[::2, ::2].ravel()
-        hi = float(np.percentile(dd, 95))
-        sel = dd > max(0.1, 0.4 * hi)
-        u = _RBC_DIR0.copy()
+    def _rbc_direction(od2: np.ndarray) -> tuple[np.ndarray, float]:
+        """OD direction and median density of the red cells (the dominant stained pixels)."""
+        px = od2.reshape(-1, 3)
+        dens = px @ _ONES3
+        sel = dens > max(0.1, 0.4 * _quantile(dens, 0.95))
         if sel.sum() < 30:
-            return u, 1.0
+            return _RBC_DIR0.copy(), 1.0
         v = px[sel]
-        norm = np.linalg.norm(v, axis=1)
-        vd = v / norm[:, None]
-        inside = np.zeros(len(v), dtype=bool)
-        for _ in range(3):
-            inside = vd @ u > 0.9
+        vd = v / np.sqrt(np.einsum("ij,ij->i", v, v))[:, None]
+        u = _RBC_DIR0.copy()
+        for cone in (0.9, 0.95, 0.98):  # narrowing cone: converge on the mode, not the mean
+            inside = vd @ u > cone
             if inside.sum() < 30:
-                return _RBC_DIR0.copy(), max(float(np.median(v @ _RBC_DIR0)), 0.1)
-            u = np.median(vd[inside], axis=0).astype(np.float32)
+                return _RBC_DIR0.copy(), max(_quantile(v @ _RBC_DIR0, 0.5), 0.1)
+            u = inside.astype(np.float32) @ vd  # sum of the directions inside the cone
             u /= float(np.linalg.norm(u))
-        m = float(np.median(v[inside] @ u))
-        return u, max(m, 0.1)
+        return u.astype(np.float32), max(_quantile(v[inside] @ u, 0.5), 0.1)
 
     def _nucleus_direction(
-        self, od: np.ndarray, u: np.ndarray, m: float
+        self, od2: np.ndarray, u: np.ndarray, m: float
     ) -> tuple[float, np.ndarray]:
         """Unit OD direction of nuclear stain, orthogonal to the red-cell direction ``u``.
 
@@ -258,14 +274,14 @@ class Segmenter:
         n0 /= float(np.linalg.norm(n0))
         n1 = np.cross(u, n0).astype(np.float32)
         basis = np.stack([n0, n1]).astype(np.float32)
-        ab = cv2.transform(od[::2, ::2], basis).reshape(-1, 2)
+        ab = cv2.transform(od2, basis).reshape(-1, 2)
         strong = ab[np.einsum("ij,ij->i", ab, ab) > (self.options.nucleus_level * m) ** 2]
         theta = _NUCLEUS_ANGLE
         if len(strong) >= 20:
             ang = np.arctan2(strong[:, 1], strong[:, 0])
             near = np.abs(ang - _NUCLEUS_ANGLE) < _ANGLE_CONE
             if near.sum() >= 20:
-                theta = float(np.median(ang[near]))
+                theta = _quantile(ang[near], 0.5)
         self.last_nucleus_angle = float(np.degrees(theta))
         return theta, basis
 
@@ -289,14 +305,24 @@ class Segmenter:
         hole = (x > 0) & (y > 0) & (x + w < ws) & (y + h < hs)
         hole[0] = False
         rbc |= hole[lab].astype(np.uint8)
-        rbc = cv2.morphologyEx(rbc, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-        dist = cv2.distanceTransform(rbc, cv2.DIST_L2, 3)
-        # Ridge peaks of the distance map are cell radii; clumps and necks give lower peaks,
-        # so a high percentile of the peaks (calibrated on BCCD red-cell boxes) is the radius.
-        peaks = dist[(dist >= cv2.dilate(dist, np.ones((3, 3), np.uint8))) & (dist > 1.5)]
-        if peaks.size < 5:
+        # Granulometry: the disc radius whose morphological opening keeps half of the red-cell
+        # area. Touching and overlapping red cells do not fool it (a disc still fits each cell),
+        # unlike blob sizes or distance maxima. Opening by radius r = points within r of a point
+        # at least r deep, so each trial radius costs two distance transforms (half resolution).
+        half = cv2.resize(rbc * 255, (ws // 2, hs // 2), interpolation=cv2.INTER_AREA) > 127
+        area = int(np.count_nonzero(half))
+        if area < 50:
             return fallback
-        d = (2.0 * float(np.percentile(peaks, 90)) + 1.0) * 1.19
+        depth = cv2.distanceTransform(half.astype(np.uint8), cv2.DIST_L2, 3)
+        lo, hi = 0.2 * fallback / 2, 1.5 * fallback / 2  # radius bounds at half resolution
+        for _ in range(6):
+            r = (lo + hi) / 2
+            outside = (depth < r).astype(np.uint8)
+            kept = 0
+            if not outside.all():
+                kept = np.count_nonzero(cv2.distanceTransform(outside, cv2.DIST_L2, 3) <= r)
+            lo, hi = (r, hi) if kept > area / 2 else (lo, r)
+        d = 2.0 * (lo + hi) * _GRANULOMETRY_CAL
         if not 0.4 * fallback <= d <= 2.5 * fallback:
             log.debug("implausible red-cell diameter %.1f px, using %.1f", d / scale, fallback)
             return fallback
