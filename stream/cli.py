@@ -115,11 +115,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model input side in pixels (default 128)")
     t.add_argument("--weights", type=str, default="imagenet",
                    help="imagenet (download via Keras), none, or a local .weights.h5 file")
+    t.add_argument("--epochs", type=int, default=None,
+                   help="max fine-tuning epochs (early stopping may end sooner; default 30)")
+    t.add_argument("--frozen-epochs", type=int, default=None,
+                   help="head-only epochs with the base frozen (default 6)")
+    t.add_argument("--copies", type=_positive_int, default=None,
+                   help="crops per training image, extra ones with jittered box (default 4)")
+    t.add_argument("--min-images", type=_positive_int, default=None,
+                   help="drop classes with fewer images (default 5)")
+    t.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    t.add_argument("--run-dir", type=str, default=None,
+                   help="keep checkpoint, float .tflite and history here (default runs/NAME)")
 
     e = sub.add_parser("evaluate", help="measure detection, classification or counting figures")
     e.add_argument("data", help="Pascal VOC folder, folder-per-class tree, or synth folder(s)")
     e.add_argument("--model", type=str, default=None, help=model_help)
     e.add_argument("--out", type=str, default=None, help="write the report (JSON, PNG) here")
+    e.add_argument("--float-model", type=str, default=None,
+                   help="float .tflite of the same training run, for float-vs-int8 agreement "
+                        "(default: runs/NAME/NAME.float.tflite if present)")
 
     b = sub.add_parser("bench", help="per-stage timings and end-to-end frames per second")
     b.add_argument("--threads", type=_positive_int, default=1, help="inference threads (default 1)")

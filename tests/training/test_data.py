@@ -1,0 +1,119 @@
+"""training/data.py: reading folder-per-class and VOC data, the crop rule, splits by image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from detector.crop import CropRule, crop_cell
+from detector.errors import InputError
+from tests.training.tiny_data import write_class_folders, write_voc
+from training.data import (
+    central_square_box,
+    cut_crops,
+    load_datasets,
+    match_box,
+    read_class_folders,
+    read_voc,
+    singular_label,
+    split_by_group,
+)
+
+RULE = CropRule(margin=0.15, size=32)
+
+
+def test_singular_label():
+    assert singular_label("EOSINOPHIL") == "eosinophil"
+    assert singular_label("NEUTROPHILS") == "neutrophil"
+    assert singular_label("Monocyte") == "monocyte"
+
+
+def test_class_folders_labels_groups_and_central_square(tmp_path):
+    ds = read_class_folders(write_class_folders(tmp_path / "c"), RULE, finder=None)
+    assert ds.classes == ("neutrophil", "lymphocyte")
+    assert ds.counts() == {"neutrophil": 8, "lymphocyte": 8}
+    # Kaggle augmented copies _0_K and _1_K share one group
+    assert len(set(ds.groups)) == 8
+    s = ds.samples[0]
+    assert s.source == "central_square"
+    # the crop window of the central-square box is exactly the image's central 64x64 square
+    x1, y1, x2, y2 = s.box
+    assert (x2 - x1) * (1 + 2 * RULE.margin) == pytest.approx(64)
+    assert central_square_box(80, 64, RULE)[0] == pytest.approx(40 - 32 / 1.3)
+
+
+def test_class_folders_use_segmenter_box_near_centre(tmp_path):
+    root = write_class_folders(tmp_path / "c", per_class=2)
+    centred = lambda img: np.array([[30, 20, 50, 44], [0, 0, 10, 10]], np.float32)  # noqa: E731
+    off = lambda img: np.array([[0, 0, 10, 10]], np.float32)  # noqa: E731
+    ds = read_class_folders(root, RULE, finder=centred)
+    assert all(s.source == "segmenter" and s.box == (30, 20, 50, 44) for s in ds.samples)
+    ds = read_class_folders(root, RULE, finder=off)
+    assert all(s.source == "central_square" for s in ds.samples)
+
+
+def test_voc_main_wbc_gt_fallback_and_segmenter_match(tmp_path):
+    root = write_voc(tmp_path / "voc")
+    ds = read_voc(root, finder=None)
+    assert ds.counts() == {"neutrophil": 3, "lymphocyte": 3}
+    assert ds.info["skipped_images"] == ["Img_999.jpg"]
+    # image 0 has two WBC boxes: the larger one is the labelled cell
+    assert ds.samples[0].box == (50, 30, 90, 72) and ds.samples[0].source == "gt_box"
+    finder = lambda img: np.array([[52, 33, 88, 70], [128, 88, 152, 112]], np.float32)  # noqa: E731
+    ds = read_voc(root, finder=finder)
+    assert ds.samples[0].box == (52, 33, 88, 70) and ds.samples[0].source == "segmenter"
+    missing = lambda img: np.zeros((0, 4), np.float32)  # noqa: E731
+    ds = read_voc(root, finder=missing)
+    assert ds.info["segmenter_missed"] == 6
+
+
+def test_match_box_prefers_centre_inside_and_best_iou():
+    gt = np.array([10, 10, 50, 50], np.float32)
+    found = np.array([[0, 0, 8, 8], [12, 12, 48, 48], [30, 30, 70, 70]], np.float32)
+    assert match_box(found, gt).tolist() == [12, 12, 48, 48]
+    assert match_box(found[:1], gt) is None
+
+
+def test_crops_use_the_runtime_crop_rule(tmp_path):
+    ds = read_voc(write_voc(tmp_path / "voc"), finder=None)
+    crops, index = cut_crops(ds.samples, RULE, copies=3, jitter=0.1, seed=1)
+    assert crops.shape == (18, 32, 32, 3) and crops.dtype == np.uint8
+    assert index.tolist() == [i for i in range(6) for _ in range(3)]
+    import cv2
+
+    img = cv2.imread(ds.samples[0].image)
+    np.testing.assert_array_equal(crops[0], crop_cell(img, np.array(ds.samples[0].box), RULE))
+    assert not np.array_equal(crops[1], crops[0])  # jittered copy
+
+
+def test_split_by_image_never_leaks_and_is_stratified_and_seeded(tmp_path):
+    ds = read_class_folders(write_class_folders(tmp_path / "c"), RULE, finder=None)
+    rest, held = split_by_group(ds, 0.25, seed=3)
+    assert not set(rest) & set(held)
+    assert set(rest) | set(held) == set(ds.groups)
+    held_labels = {s.label for s in ds.samples if s.group in held}
+    assert held_labels == {"neutrophil", "lymphocyte"}
+    assert split_by_group(ds, 0.25, seed=3) == (rest, held)
+    # every copy of an image sits on the same side
+    for s in ds.subset(held).samples:
+        assert s.group not in rest
+
+
+def test_small_classes_dropped(tmp_path):
+    root = write_voc(tmp_path / "voc")
+    ds = load_datasets([root], RULE, finder=None, min_images=3)
+    assert ds.classes == ("neutrophil", "lymphocyte") and ds.info["dropped_classes"] == {}
+    with pytest.raises(InputError, match="no class has at least 4 images"):
+        load_datasets([root], RULE, finder=None, min_images=4)
+    with pytest.raises(InputError, match="not a folder"):
+        load_datasets([tmp_path / "nope"], RULE, finder=None)
+
+
+def test_real_bccd_voc_reading(bccd_dir):
+    ds = load_datasets([bccd_dir], CropRule(size=64), finder=None, min_images=5)
+    assert ds.classes == ("neutrophil", "eosinophil", "lymphocyte", "monocyte")
+    assert ds.info["dropped_classes"] == {"basophil": 1}
+    counts = ds.counts()
+    assert counts["lymphocyte"] >= 25 and counts["monocyte"] >= 15 and counts["neutrophil"] > 150
+    rest, held = split_by_group(ds, 0.2, seed=0)
+    assert not set(rest) & set(held) and len(held) == pytest.approx(0.2 * len(ds.samples), abs=3)

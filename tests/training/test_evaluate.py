@@ -1,0 +1,77 @@
+"""training/evaluate.py: figures, the report files, the folder-kind dispatch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from detector.errors import InputError
+from training.evaluate import classification_figures, confusion_text, main
+
+
+def test_classification_figures_hand_checked():
+    classes = ("neutrophil", "eosinophil", "lymphocyte", "monocyte")
+    y = np.array([0, 0, 1, 2, 3, 3])
+    probs = np.array([
+        [0.9, 0.05, 0.03, 0.02],  # right
+        [0.4, 0.35, 0.2, 0.05],   # right but below 0.5 -> unidentified
+        [0.1, 0.8, 0.05, 0.05],   # right
+        [0.1, 0.1, 0.7, 0.1],     # right
+        [0.1, 0.1, 0.1, 0.7],     # right
+        [0.1, 0.1, 0.6, 0.2],     # monocyte called lymphocyte
+    ])
+    f = classification_figures(y, probs, classes, min_score=0.5)
+    assert f["accuracy"] == pytest.approx(5 / 6, abs=1e-4)
+    assert f["unidentified"] == 1
+    assert f["accuracy_identified"] == pytest.approx(4 / 5)
+    assert f["accuracy_unidentified_as_wrong"] == pytest.approx(4 / 6, abs=1e-4)
+    assert f["per_class"]["lymphocyte"] == {"precision": 0.5, "recall": 1.0, "f1": 0.6667,
+                                            "support": 1}
+    assert f["per_class"]["monocyte"]["recall"] == 0.5
+    macro = np.mean([1.0, 1.0, 2 / 3, 2 / 3])
+    assert f["macro_f1_main"] == pytest.approx(macro, abs=1e-3)
+    assert f["confusion"][0] == [1, 0, 0, 0, 1]
+    assert f["confusion"][3] == [0, 0, 1, 1, 0]
+    text = confusion_text(f)
+    assert "unidentified" in text and "monocyte" in text
+
+
+def _args(data, model=None, out=None, float_model=None):
+    return argparse.Namespace(data=str(data), model=str(model) if model else None,
+                              out=str(out) if out else None,
+                              float_model=str(float_model) if float_model else None)
+
+
+def test_bad_folder_and_synth_dispatch(tmp_path, monkeypatch):
+    with pytest.raises(InputError, match="not a folder"):
+        main(_args(tmp_path / "none"))
+    (tmp_path / "synth").mkdir()
+    (tmp_path / "synth" / "truth.json").write_text("{}")
+    import sys
+    import types
+
+    called = {}
+    fake = types.ModuleType("training.count_eval")
+    fake.main_counting = lambda args: called.setdefault("data", args.data) and 0
+    monkeypatch.setitem(sys.modules, "training.count_eval", fake)
+    assert main(_args(tmp_path / "synth")) == 0
+    assert called["data"] == str(tmp_path / "synth")
+
+
+@pytest.mark.train
+def test_evaluate_class_folders_prints_and_writes_report(tmp_path, capsys):
+    from tests.training.tiny_data import tiny_training
+
+    t = tiny_training()
+    float_model = t["run_dir"] / "tiny.float.tflite"
+    assert main(_args(t["data"], t["model"], tmp_path / "rep", float_model)) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "macro-F1" in out and "neutrophil" in out
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["classification"]["n"] == 4  # the 2 held-out originals x 2 copies only
+    assert (tmp_path / "rep" / "confusion.png").stat().st_size > 1000
+    assert "rows: true class" in (tmp_path / "rep" / "confusion.txt").read_text()
+    assert rep["float_vs_int8"]["top1_agreement"] >= 0.5
