@@ -124,6 +124,13 @@ def test_live_page_shows_video_counts_and_reset(served: str, tmp_path: Path) -> 
             page.click("#hv-reset")
             assert _wait(lambda: _total(page) == 0, 10), f"total after reset: {_total(page)}"
             page.screenshot(path=str(tmp_path / "after-reset.png"), full_page=True)
+
+            # the export offers the report files for download
+            page.click("#hv-export")
+            exported = _wait(lambda: page.locator("a[href*='report.csv']").count() >= 1, 30)
+            page.screenshot(path=str(tmp_path / "export.png"), full_page=True)
+            assert exported, "export offered no report.csv"
+            assert page.locator("a[href*='events.jsonl']").count() >= 1
         finally:
             browser.close()
     assert (tmp_path / "live.png").stat().st_size > 10_000
