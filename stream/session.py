@@ -17,7 +17,6 @@ import dataclasses
 import inspect
 import json
 import logging
-import math
 import statistics
 import threading
 import time
@@ -33,6 +32,7 @@ import numpy as np
 
 from detector.core import UNIDENTIFIED, Frame
 from detector.errors import HematoVisionError
+from detector.tally import wilson_interval as _wilson
 from stream.sources import Source, open_source
 
 log = logging.getLogger(__name__)
@@ -79,15 +79,10 @@ class Published:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion k/n, in percent (0, 0 when n == 0)."""
-    if n <= 0:
-        return 0.0, 0.0
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return round(100 * max(0.0, centre - half), 2), round(100 * min(1.0, centre + half), 2)
+def wilson_interval(k: int, n: int) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion k/n, in percent (the tally's, scaled)."""
+    lo, hi = _wilson(k, n)
+    return round(100 * lo, 2), round(100 * hi, 2)
 
 
 def event_to_dict(event: Any) -> dict[str, Any]:
@@ -385,9 +380,11 @@ class Session:
             "counts": counts,
             "total": total,
             "target": int(summary.get("target", self.settings.target)),
-            "differential": dict(summary.get("differential", {})),
-            "ci95": summary.get("ci95") or {k: list(wilson_interval(int(v), total))
-                                            for k, v in counts.items()},
+            "differential": {k: round(float(v), 2)
+                             for k, v in summary.get("differential", {}).items()},
+            "ci95": {k: [round(float(a), 2), round(float(b), 2)] for k, (a, b) in
+                     (summary.get("ci95") or {k: wilson_interval(int(v), total)
+                                              for k, v in counts.items()}).items()},
             "fps": round(self.fps, 2),
             "dropped": int(src.dropped) if src is not None else 0,
             "source": str(self.source_spec),

@@ -302,6 +302,6 @@ def test_source_error_becomes_state(tmp_path: Path) -> None:
 
 
 def test_wilson_interval() -> None:
-    assert wilson_interval(0, 0) == (0.0, 0.0)
+    assert wilson_interval(0, 0) == (0.0, 100.0)  # no cell yet: no information
     lo, hi = wilson_interval(50, 100)
     assert lo == pytest.approx(40.38, abs=0.05) and hi == pytest.approx(59.62, abs=0.05)
