@@ -72,17 +72,20 @@ class Analyzer:
         *,
         target: int = 100,
         frame_gate: SharpGate | None = None,
-        cell_gate: SharpGate | None = None,
+        cell_ratio: float = 0.6,
         naive: bool = False,
     ) -> None:
-        """``naive=True`` classifies every cell in every frame (the design we avoid; for bench)."""
+        """``frame_gate`` skips blurred frames (focus relative to the recent frames);
+        ``cell_ratio``: a sighting votes only when at least this sharp relative to the same
+        cell's sharpest sighting so far. ``naive=True`` classifies every cell in every frame
+        (the design we avoid; for bench)."""
         self.segmenter = segmenter
         self.classifier = classifier
         self.tracker = tracker or Tracker()
         self.labels: tuple[str, ...] = tuple(classifier.labels)
         self.tally = tally or Tally(self.labels, target=target)
         self.frame_gate = frame_gate or SharpGate(ratio=0.6)
-        self.cell_gate = cell_gate or SharpGate(ratio=0.6)
+        self.cell_ratio = cell_ratio
         self.naive = naive
         self._label_of: Callable[[np.ndarray], tuple[str, float]] = classifier.label_of
         self._last_index: int | None = None
@@ -93,7 +96,6 @@ class Analyzer:
         self.tracker.reset()
         self.tally.reset()
         self.frame_gate.reset()
-        self.cell_gate.reset()
         self._last_index = None
         self.frames = 0
 
@@ -154,9 +156,12 @@ class Analyzer:
             return 0
         sharp: list[Track] = []
         for t in due:
+            # relative to the same cell's best sighting: cell types differ in texture, so a
+            # threshold shared by all cells would favour the grainy ones
             s = cell_sharpness(frame.bgr, t.box)
+            best = max((v for _, v in t.sightings), default=0.0)
             t.sightings.append((frame.index, s))
-            if self.cell_gate.check(s):
+            if s >= self.cell_ratio * best:
                 sharp.append(t)
         if not sharp:
             return 0
