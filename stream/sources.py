@@ -178,11 +178,13 @@ class LiveSource(Source):
     def _run(self) -> None:
         delay = self._backoff[0]
         next_t = time.monotonic()
+        restart = False
         try:
             while not self._stop.is_set():
                 dev = self._device
                 if dev is None:
-                    dev = self._reopen(delay)
+                    dev = self._reopen(0.0 if restart else delay)
+                    restart = False
                     if dev is None:
                         delay = min(delay * 2, self._backoff[1])
                         continue
@@ -197,7 +199,8 @@ class LiveSource(Source):
                         log.warning("%s: read failed; reopening in %.2f s", self.name, delay)
                         continue
                     if self._loop:
-                        continue  # reopen at once: restart the file
+                        restart = True  # reopen at once: play the file again
+                        continue
                     break  # end of file
                 delay = self._backoff[0]
                 frame = self._make_frame(img)
@@ -228,7 +231,7 @@ class LiveSource(Source):
                 self._cond.notify_all()
 
     def _reopen(self, delay: float) -> Device | None:
-        if self._stop.wait(delay):
+        if self._stop.wait(delay) if delay > 0 else self._stop.is_set():
             return None
         self.reconnects += 1
         try:
@@ -683,6 +686,11 @@ class _PrefetchedSource(Source):
     def state(self, value: str) -> None:
         if hasattr(self, "_inner"):
             self._inner.state = value
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_inner":
+            raise AttributeError(name)
+        return getattr(self._inner, name)  # loops, ... of the wrapped FileSource
 
     def read(self, timeout: float | None = None) -> Frame | None:
         if self._first is not None:

@@ -248,3 +248,14 @@ def test_close_joins_the_capture_thread() -> None:
     src.close()
     assert not thread.is_alive()
     assert src.read(timeout=0.1) is None
+
+
+def test_looping_replay_keeps_counting_frames(tmp_path: Path) -> None:
+    video = _write_video(tmp_path / "clip.mp4", 6, fps=200.0)
+    with open_source(str(video), realtime=True, loop=True) as src:
+        indices = [f.index for f in (src.read(timeout=2.0) for _ in range(15)) if f is not None]
+    assert len(indices) == 15 and indices == sorted(indices) and indices[-1] >= 14
+    with open_source(str(video), realtime=False, loop=True) as src:
+        frames = [src.read() for _ in range(14)]
+    assert [f.index for f in frames] == list(range(14))  # analysis mode: every frame, looped
+    assert src.loops >= 2  # type: ignore[attr-defined]
