@@ -31,11 +31,11 @@ def to_grey(image: np.ndarray) -> np.ndarray:
 def sharpness(grey: np.ndarray) -> float:
     """Contrast-normalised variance of the Laplacian of a grey patch (0 for a flat patch)."""
     g = grey.astype(np.float32, copy=False)
-    std = float(g.std())
+    std = float(cv2.meanStdDev(g)[1][0, 0])
     if std < 1e-3:
         return 0.0
-    lap = cv2.Laplacian(g, cv2.CV_32F, ksize=3)
-    return float(lap.var()) / (std * std)
+    lap_std = float(cv2.meanStdDev(cv2.Laplacian(g, cv2.CV_32F, ksize=3))[1][0, 0])
+    return (lap_std / std) ** 2
 
 
 def cell_sharpness(image: np.ndarray, box: np.ndarray, side: int = PATCH_SIDE) -> float:
@@ -52,7 +52,7 @@ def cell_sharpness(image: np.ndarray, box: np.ndarray, side: int = PATCH_SIDE) -
 
 
 def frame_sharpness(small_grey: np.ndarray) -> float:
-    """Focus measure of a whole frame, taken on the tiny grey image the tracker already made."""
+    """Focus measure of a frame, taken on the small grey patch the tracker already made."""
     return sharpness(small_grey)
 
 

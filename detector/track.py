@@ -157,7 +157,8 @@ class Tracker:
         self.tracks: list[Track] = []
         self.removed: list[Track] = []
         self.small_grey: np.ndarray | None = None
-        """This frame at ``shift_size``, grey float32 (for a cheap frame focus measure)."""
+        """Central ``shift_size`` patch of this frame at half size, grey float32 (for a cheap
+        frame focus measure)."""
         self.shift: tuple[float, float] = (0.0, 0.0)
         self.shift_source: str = "none"
         self.response: float = 0.0
@@ -167,6 +168,7 @@ class Tracker:
         self._prev: np.ndarray | None = None
         self._prev_half: np.ndarray | None = None
         self._window: np.ndarray | None = None
+        self._window_fine: np.ndarray | None = None
 
     def reset(self) -> None:
         """Forget all tracks and the previous frame; ids start again at 1."""
@@ -183,32 +185,35 @@ class Tracker:
     def _phase_shift(self, half: np.ndarray) -> tuple[float, float, float] | None:
         """Global shift from the previous frame, coarse to fine, in full-resolution pixels.
 
-        Coarse: phase correlation of the whole frame at ``shift_size`` (a quarter of the half
-        copy). Its sub-pixel estimate is biased at that scale (it under-reads slow pans by up to
-        30 %, which adds up for tracks moved by dead reckoning), so a fine step correlates the
+        Coarse: phase correlation of the whole frame at half ``shift_size`` (80x60: cheap, and
+        it reaches +-320 px per frame at 640x480). Sub-pixel estimates at such small scales
+        are biased (a 160x120 whole-frame correlation under-reads slow pans by up to 30 %,
+        which adds up for tracks moved by dead reckoning), so a fine step correlates the
         central ``shift_size`` patch of the half-size copies, the current one displaced by the
-        rounded coarse shift: same cost again, 4x the resolution.
+        rounded coarse shift: 4x the resolution of a whole-frame 160x120 correlation.
         """
         w, h = self.options.shift_size
         cur_half = half.astype(np.float32)
         if cur_half.shape != (2 * h, 2 * w):
             cur_half = cv2.resize(cur_half, (2 * w, 2 * h), interpolation=cv2.INTER_LINEAR)
-        cur = cv2.resize(cur_half, (w, h), interpolation=cv2.INTER_AREA)
+        cur = cv2.resize(cur_half, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+        y0, x0 = h // 2, w // 2
+        self.small_grey = cur_half[y0:y0 + h, x0:x0 + w]
         prev, prev_half = self._prev, self._prev_half
         self._prev, self._prev_half = cur, cur_half
         if prev is None or prev_half is None:
             return None
         if self._window is None:
-            self._window = cv2.createHanningWindow((w, h), cv2.CV_32F)
+            self._window = cv2.createHanningWindow((w // 2, h // 2), cv2.CV_32F)
+            self._window_fine = cv2.createHanningWindow((w, h), cv2.CV_32F)
         (dx, dy), response = cv2.phaseCorrelate(prev, cur, self._window)
-        sx, sy = 2.0 * dx, 2.0 * dy  # in half-size pixels
+        sx, sy = 4.0 * dx, 4.0 * dy  # in half-size pixels
         cx, cy = int(round(sx)), int(round(sy))
-        if response >= self.options.min_response and abs(cx) <= w // 2 and abs(cy) <= h // 2:
-            y0, x0 = h // 2, w // 2
+        if response >= self.options.min_response and abs(cx) <= x0 and abs(cy) <= y0:
             p = prev_half[y0:y0 + h, x0:x0 + w]
             c = cur_half[y0 + cy:y0 + cy + h, x0 + cx:x0 + cx + w]
-            (fx, fy), fine = cv2.phaseCorrelate(p, c, self._window)
-            if fine >= self.options.min_response and abs(fx) < 3 and abs(fy) < 3:
+            (fx, fy), fine = cv2.phaseCorrelate(p, c, self._window_fine)
+            if fine >= self.options.min_response and abs(fx) < 5 and abs(fy) < 5:
                 sx, sy, response = cx + fx, cy + fy, max(response, fine)
         fw, fh = self.frame_size or (2 * w, 2 * h)
         return sx * fw / (2 * w), sy * fh / (2 * h), float(response)
@@ -280,8 +285,8 @@ class Tracker:
                     self.frame_size = (bgr.shape[1], bgr.shape[0])
         self.removed = []
 
+        self.small_grey = None
         shift = self._estimate_shift(grey, detections, period)
-        self.small_grey = self._prev if grey is not None else None
         self.shift = (float(shift[0]), float(shift[1]))
         for t in self.tracks:
             t.box = t.box + np.array([shift[0], shift[1], shift[0], shift[1]], np.float32)

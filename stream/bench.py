@@ -1,0 +1,234 @@
+"""``hematovision bench``: per-stage timings, end-to-end frames/s and peak memory.
+
+A fixed reference clip (the simulator, 640x480, 10 s at 30 frames/s, seed 7; rendered on first
+use and cached beside the demo) is decoded into memory once, so decoding is timed on its own;
+then the analyzer runs over the decoded frames and every stage is timed: decode, segment,
+track, classify, tally, and draw (the annotated frame of the live page and ``--record``).
+
+Figures:
+- **end-to-end frames/s** (analysis path of ``hematovision run``): frames / (decode + segment +
+  track + classify + tally), on ``--threads`` threads (OpenCV and the interpreter). Two passes
+  over the clip, the faster is reported (the machine may be shared).
+- **with drawing**: the same plus ``render`` (live page / recording).
+- **naive design**: every cell classified in every frame, same clip and run.
+- **peak memory**: the RSS high-water mark of ``hematovision run CLIP`` in a child process
+  (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``).
+
+Targets: >= 300 frames/s end-to-end on one thread; peak memory of ``run`` <= 250 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from detector.analyzer import Analyzer
+from detector.core import Frame
+from detector.errors import InputError
+
+log = logging.getLogger(__name__)
+
+BENCH_VERSION = "1"
+CLIP_SECONDS = 10.0
+CLIP_FPS = 30.0
+CLIP_SEED = 7
+CLIP_SIZE = (640, 480)
+TARGET_FPS = 300.0
+TARGET_RSS_MB = 250.0
+
+
+def bench_clip() -> Path:
+    """The reference clip, rendered by the simulator on first use and cached."""
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    folder = base / "hematovision" / f"bench-{BENCH_VERSION}"
+    video = folder / "video.mp4"
+    if video.is_file() and video.stat().st_size > 0:
+        return video
+    try:
+        from training import synth
+    except ImportError as exc:
+        raise InputError(f"bench needs the smear simulator (training.synth): {exc}") from None
+    tmp = Path(tempfile.mkdtemp(prefix="bench-", dir=base / "hematovision"
+                                if (base / "hematovision").is_dir() else None))
+    log.info("rendering the reference clip into %s (first use)", folder)
+    synth.render_video(tmp, seconds=CLIP_SECONDS, fps=CLIP_FPS, seed=CLIP_SEED, size=CLIP_SIZE,
+                       progress=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in tmp.iterdir():
+        os.replace(item, folder / item.name)
+    tmp.rmdir()
+    return video
+
+
+def decode_all(video: Path) -> tuple[list[np.ndarray], float]:
+    """All frames of the clip in memory, and the seconds decoding took."""
+    cap = cv2.VideoCapture(str(video))
+    if not cap.isOpened():
+        raise InputError(f"{video}: not a readable video file")
+    frames: list[np.ndarray] = []
+    t0 = time.perf_counter()
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        frames.append(img)
+    seconds = time.perf_counter() - t0
+    cap.release()
+    if not frames:
+        raise InputError(f"{video}: no decodable frames")
+    return frames, seconds
+
+
+def time_pass(analyzer: Analyzer, frames: list[np.ndarray], draw: bool) -> dict[str, Any]:
+    """One pass over the frames: seconds per stage, crops classified, cells counted."""
+    analyzer.reset()
+    stages = {"segment": 0.0, "track": 0.0, "classify": 0.0, "tally": 0.0, "draw": 0.0}
+    crops = 0
+    t0 = time.perf_counter()
+    for i, img in enumerate(frames):
+        r = analyzer.process(Frame(img, i, i / CLIP_FPS))
+        for k, v in r.timings.items():
+            stages[k] += v
+        crops += r.classified
+        if draw:
+            t = time.perf_counter()
+            analyzer.render(r, fps=30.0)
+            stages["draw"] += time.perf_counter() - t
+    analyzer.finish()
+    return {"wall": time.perf_counter() - t0, "stages": stages, "crops": crops,
+            "counted": analyzer.tally.total}
+
+
+_MEASURE = (
+    "import json, resource, subprocess, sys\n"
+    "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+    "print(json.dumps({'code': p.returncode, 'err': p.stderr[-2000:],\n"
+    "                  'maxrss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))\n"
+)
+
+
+def peak_rss_of_run(video: Path, model: str | None) -> float | None:
+    """Peak RSS (MB) of ``hematovision run VIDEO`` in a child process.
+
+    Measured by a small fresh Python that starts the run and reads ``RUSAGE_CHILDREN``: a child
+    forked straight from this process would start with the bench's own (large: decoded frames)
+    pages counted in its high-water mark.
+    """
+    cmd = [sys.executable, "-m", "stream.cli", "run", str(video)]
+    if model:
+        cmd += ["--model", model]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd += ["--report", str(Path(tmp) / "r.json")]
+        proc = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True,
+                              text=True, check=False,
+                              cwd=str(Path(__file__).resolve().parent.parent))
+    try:
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        log.warning("measuring memory failed: %s", proc.stderr.strip()[-300:])
+        return None
+    if out["code"] != 0:
+        log.warning("measuring memory: hematovision run failed: %s",
+                    (out["err"].strip().splitlines() or ["?"])[-1])
+        return None
+    return round(out["maxrss_kb"] / 1024.0, 1)  # ru_maxrss is in KB on Linux
+
+
+def run_bench(threads: int = 1, model: str | None = None,
+              memory: bool = True) -> dict[str, Any]:
+    """All bench figures as a dict."""
+    from detector.classify import CellClassifier
+    from detector.segment import Segmenter
+
+    cv2.setNumThreads(threads)
+    video = bench_clip()
+    frames, decode_s = decode_all(video)
+    n = len(frames)
+    clf = CellClassifier(model, num_threads=threads)
+    analyzer = Analyzer(Segmenter(), clf)
+    passes = [time_pass(analyzer, frames, draw=False) for _ in range(2)]
+    best = min(passes, key=lambda p: p["wall"])
+    drawn = time_pass(analyzer, frames, draw=True)
+    naive = time_pass(Analyzer(Segmenter(), clf, naive=True), frames, draw=False)
+
+    def ms(x: float) -> float:
+        return round(1000.0 * x / n, 3)
+
+    per_stage = {"decode": ms(decode_s), **{k: ms(v) for k, v in best["stages"].items()
+                                             if k != "draw"}, "draw": ms(drawn["stages"]["draw"])}
+    analysis_s = decode_s + best["wall"]
+    naive_s = decode_s + naive["wall"]
+    report: dict[str, Any] = {
+        "clip": {"path": str(video), "frames": n, "size": list(frames[0].shape[1::-1]),
+                 "seconds": round(n / CLIP_FPS, 2), "seed": CLIP_SEED},
+        "threads": threads,
+        "model": str(clf.model_path),
+        "ms_per_frame": per_stage,
+        "fps_end_to_end": round(n / analysis_s, 1),
+        "fps_with_draw": round(n / (decode_s + drawn["wall"]), 1),
+        "fps_naive": round(n / naive_s, 1),
+        "crops_classified": best["crops"],
+        "crops_classified_naive": naive["crops"],
+        "cells_counted": best["counted"],
+        "classify_ms_per_frame_naive": ms(naive["stages"]["classify"]),
+        "target_fps": TARGET_FPS,
+        "target_fps_reached": n / analysis_s >= TARGET_FPS,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "opencv": cv2.__version__, "load_avg_1min": round(os.getloadavg()[0], 2)},
+    }
+    del frames
+    if memory:
+        rss = peak_rss_of_run(video, model)
+        report["peak_rss_mb_run"] = rss
+        report["target_rss_mb"] = TARGET_RSS_MB
+        report["target_rss_reached"] = rss is not None and rss <= TARGET_RSS_MB
+    return report
+
+
+def format_report(r: dict[str, Any]) -> str:
+    c = r["clip"]
+    lines = [f"reference clip: {c['frames']} frames {c['size'][0]}x{c['size'][1]} "
+             f"({c['seconds']} s, simulator seed {c['seed']}), {r['threads']} thread(s)",
+             f"model: {r['model']}", "", f"{'stage':<10}{'ms/frame':>10}"]
+    for k, v in r["ms_per_frame"].items():
+        lines.append(f"{k:<10}{v:>10.3f}")
+    ok = "reached" if r["target_fps_reached"] else "NOT reached"
+    lines += ["",
+              f"end-to-end (decode..tally): {r['fps_end_to_end']:.0f} frames/s "
+              f"(target {r['target_fps']:.0f}: {ok})",
+              f"with drawing:               {r['fps_with_draw']:.0f} frames/s",
+              f"naive (classify every cell every frame): {r['fps_naive']:.0f} frames/s, "
+              f"classify {r['classify_ms_per_frame_naive']:.2f} ms/frame",
+              f"crops classified: {r['crops_classified']} (naive: {r['crops_classified_naive']}); "
+              f"cells counted: {r['cells_counted']}"]
+    if "peak_rss_mb_run" in r:
+        rss = r["peak_rss_mb_run"]
+        ok = "reached" if r["target_rss_reached"] else "NOT reached"
+        lines.append(f"peak memory of 'hematovision run': "
+                     f"{'?' if rss is None else f'{rss:.0f} MB'} (target "
+                     f"{r['target_rss_mb']:.0f} MB: {ok})")
+    lines.append(f"load average while measuring: {r['machine']['load_avg_1min']} on "
+                 f"{r['machine']['cpus']} CPUs (a shared machine makes these figures pessimistic)")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    """CLI handler of ``hematovision bench``."""
+    report = run_bench(threads=int(args.threads), model=getattr(args, "model", None))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    return 0
