@@ -333,10 +333,22 @@ def build_page(session: Session, *, models: dict[str, str], image_model: str | N
 
     image_analyzer = ImageAnalyzer(image_model)
 
-    def refresh() -> tuple[str, str, str, str, str]:
+    def refresh(sent: dict | None = None) -> tuple[Any, ...]:
+        """New HTML for the panels; unchanged ones are skipped (no resend, no re-render)."""
         st = session.stats()
-        return (status_html(st), progress_html(st), counts_table_html(st),
-                differential_svg(st), gallery_html(session.recent_cells()))
+        cells = session.recent_cells()
+        cells_key = tuple((c.track_id, c.frame) for c in cells)
+        new = (status_html(st), progress_html(st), counts_table_html(st),
+               differential_svg(st))
+        sent = dict(sent or {})
+        out: list[Any] = []
+        for i, value in enumerate(new):
+            out.append(gr.skip() if sent.get(i) == value else value)
+            sent[i] = value
+        out.append(gr.skip() if sent.get("cells") == cells_key and "cells" in sent
+                   else gallery_html(cells))
+        sent["cells"] = cells_key
+        return (*out, sent)
 
     def _do(action: Callable[[], Any], done: str) -> str:
         try:
@@ -407,16 +419,17 @@ def build_page(session: Session, *, models: dict[str, str], image_model: str | N
             cam_counts = gr.HTML()
             cam_reset = gr.Button("Reset webcam counts")
 
-        outputs = [status, progress, table, chart, gallery]
-        gr.Timer(TIMER_SECONDS).tick(refresh, outputs=outputs, show_progress="hidden",
-                                     queue=False)
-        page.load(refresh, outputs=outputs, queue=False)
+        sent_state = gr.State({})  # what this browser tab was last sent
+        outputs = [status, progress, table, chart, gallery, sent_state]
+        gr.Timer(TIMER_SECONDS).tick(refresh, inputs=sent_state, outputs=outputs,
+                                     show_progress="hidden", queue=False)
+        page.load(lambda: refresh(None), outputs=outputs, queue=False)
 
         start_btn.click(lambda: _do(session.start, "started"), outputs=message)
         pause_btn.click(lambda: _do(session.pause, "paused"), outputs=message)
         stop_btn.click(lambda: _do(session.stop, "stopped"), outputs=message)
         reset_btn.click(lambda: _do(session.reset, "counts reset"), outputs=message
-                        ).then(refresh, outputs=outputs)
+                        ).then(refresh, inputs=sent_state, outputs=outputs)
 
         def use_source(k: str, c: float, u: str, f: str | None) -> str:
             try:
