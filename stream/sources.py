@@ -449,9 +449,10 @@ def _quiet_opencv() -> Iterator[None]:
 class PiCameraDevice:
     """The Raspberry Pi camera through picamera2, as a cv2-like device.
 
-    Analysis gets the ``lores`` stream when one smaller than ``main`` is configured (cheaper to
-    segment and to encode), otherwise ``main``. picamera2's "RGB888" is BGR byte order in memory,
-    which is what OpenCV wants.
+    One ``main`` stream at the requested size (default 640x480) feeds both analysis and display:
+    at that size the ISP's scaler does the work a separate ``lores`` stream would (lores is
+    YUV420 only and would need a colour conversion per frame). picamera2's "RGB888" is BGR byte
+    order in memory, which is what OpenCV wants. Not tested on hardware here (no Pi camera).
     """
 
     def __init__(self, width: int | None, height: int | None, fps: float | None) -> None:
