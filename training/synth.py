@@ -118,15 +118,15 @@ def _od(bgr: tuple[float, float, float]) -> np.ndarray:
 # Target colours (BGR) read off the BCCD photographs, as optical densities.
 _OD = {
     "plasma": _od((196, 203, 197)),
-    "rbc": _od((150, 154, 184)),
-    "nucleus": _od((208, 112, 136)),
-    "nucleus_dense": _od((188, 78, 112)),
-    "nucleus_mono": _od((210, 128, 150)),
+    "rbc": _od((155, 158, 186)),
+    "nucleus": _od((204, 98, 130)),
+    "nucleus_dense": _od((196, 86, 116)),
+    "nucleus_mono": _od((207, 112, 143)),
     "neut_cyto": _od((205, 196, 206)),
     "neut_gran": _od((192, 175, 195)),
     "eos_cyto": _od((200, 185, 200)),
     "eos_gran": _od((145, 125, 212)),
-    "baso_gran": _od((158, 62, 112)),
+    "baso_gran": _od((172, 80, 122)),
     "baso_cyto": _od((200, 175, 195)),
     "lymph_cyto": _od((204, 180, 160)),
     "mono_cyto": _od((190, 172, 172)),
@@ -148,7 +148,7 @@ class SynthSettings:
     """Slide area in frame areas (the camera sees 1/slide_area of it at a time)."""
     rbc_px: float | None = None
     """Red-cell diameter in frame pixels; None: 100 px at 640x480, scaled with the frame size."""
-    rbc_cover: float = 1.1
+    rbc_cover: float = 1.0
     """Red-cell area per slide area before overlaps (BCCD frames: about half the area is red)."""
     crenated_fraction: float = 0.06
     """Share of red cells drawn crenated (echinocytes)."""
@@ -438,16 +438,21 @@ def _paint_rbc(p: _Painter, rng: np.random.Generator, cx: float, cy: float, r: f
     x1, y1, x2, y2 = win
     if x2 - x1 < 2 or y2 - y1 < 2:  # off the slide
         return
-    ecc = rng.uniform(0.0, 0.1)
-    harm = _wobble(rng, 0.05, 4)
+    ecc = rng.uniform(0.0, 0.14)
+    harm = _wobble(rng, 0.08, 4)
     if crenated:
         harm.append((int(rng.integers(10, 17)), float(rng.uniform(0.05, 0.09)),
                      float(rng.uniform(0, 6.3))))
     rho, mask = _shape_rho(y2 - y1, x2 - x1, cx - x1, cy - y1, r * (1 + ecc), r * (1 - ecc),
                            float(rng.uniform(0, math.pi)), harm)
     pallor = rng.uniform(0.5, 0.9) if not crenated else rng.uniform(0.0, 0.3)
-    pw = rng.uniform(0.42, 0.6)
-    thick = 1.0 - pallor * np.exp(-((rho / pw) ** 2)) + 0.18 * np.exp(-(((rho - 0.9) / 0.1) ** 2))
+    # central pallor: a flat-topped pale zone, often a little off centre
+    pw = rng.uniform(0.35, 0.55) * r
+    pcx = cx - x1 + rng.normal(0, 0.08 * r)
+    pcy = cy - y1 + rng.normal(0, 0.08 * r)
+    yy, xx = np.ogrid[0:y2 - y1, 0:x2 - x1]
+    d2 = ((xx + 0.5 - pcx) ** 2 + (yy + 0.5 - pcy) ** 2) / (pw * pw)
+    thick = 1.0 - pallor * np.exp(-(d2 * d2)) + 0.08 * np.exp(-(((rho - 0.9) / 0.1) ** 2))
     thick *= rng.uniform(0.85, 1.15)
     od = p.colors["rbc"][None, None, :] * (thick * mask)[..., None]
     if rng.random() < 0.45:  # refractile bright spot seen in many BCCD red cells
@@ -685,7 +690,7 @@ def make_slide(seed: int = 0, size: tuple[int, int] = (640, 480),
         if any(math.hypot(x - qx, y - qy) < qr + r_rbc * 0.8 for qx, qy, qr, *_ in placed):
             continue
         gx, gy = int(x // cellsz), int(y // cellsz)
-        min_d = 2 * r_rbc * rng.uniform(0.45, 0.88)
+        min_d = 2 * r_rbc * rng.uniform(0.62, 0.95)
         near = [q for i in (-1, 0, 1) for j in (-1, 0, 1) for q in grid.get((gx + i, gy + j), ())]
         if any(math.hypot(x - ox, y - oy) < min_d for ox, oy in near):
             continue
@@ -695,10 +700,14 @@ def make_slide(seed: int = 0, size: tuple[int, int] = (640, 480),
         _paint_rbc(p, rng, x, y, rr, rng.random() < s.crenated_fraction)
 
     # platelets in the gaps, some clumped
-    n_sites = int(rng.poisson(s.platelets_per_frame * frame_areas))
+    # sites on red cells are mostly skipped, so draw more
+    n_sites = int(rng.poisson(2.5 * s.platelets_per_frame * frame_areas))
     for _ in range(n_sites):
         x, y = rng.uniform(0, sw), rng.uniform(0, sh)
         if any(math.hypot(x - qx, y - qy) < qr * 1.1 for qx, qy, qr, *_ in placed):
+            continue
+        xi, yi = min(int(x), sw - 1), min(int(y), sh - 1)
+        if p.cover[yi, xi] > 0.5 and rng.random() < 0.85:  # mostly in the gaps, few on red cells
             continue
         count = int(rng.integers(3, 9)) if rng.random() < s.platelet_clump_fraction else 1
         for _j in range(count):
