@@ -12,20 +12,23 @@ image set):
    ``OD_c = -log(I_c / I0_c)`` (Beer-Lambert), so illumination colour and brightness drop out and
    stains add up linearly.
 2. **Red-cell stain direction.** Red cells are most of the stained area in a smear; their OD
-   direction (pink: absorbs green most) is found per frame as the robust median direction of the
-   stained pixels, refined inside a cone around a default so that a large white cell cannot
-   capture it. Its median density ``m`` is the frame's stain strength.
-3. **Nucleus-stain channel.** Romanowsky stains colour nuclei (and white-cell cytoplasm) bluer
-   than red cells whatever the exact hue: they absorb more red and less blue light. The channel
-   is the OD projected on "red minus blue absorption" made orthogonal to the red-cell direction,
-   so red cells of any density score ~0 and background scores 0. It is divided by ``m``, so one
-   threshold works for pale and dark stains (gamma, staining time, lamp).
-4. **Nuclei and cells.** Pixels above ``nucleus_level`` are nucleus cores; above ``cell_level``
-   (a lower level) are cell bodies (nucleus + cytoplasm). Core fragments closer than
-   ``merge_distance`` red-cell diameters are one cell (the lobes of a neutrophil); cores further
-   apart stay separate cells, and a cell body shared by two cells is split between them by
-   distance to each nucleus. The box is the cell body's bounding box, limited to
-   ``max_cytoplasm`` red-cell diameters around the nucleus.
+   direction (pink: absorbs green most) is found per frame as the mode of the stained pixels'
+   directions (mean shift in a narrowing cone from a default, so that a large white cell or its
+   cytoplasm cannot capture it). Their median density ``m`` is the frame's stain strength.
+3. **Nucleus-stain channel.** Romanowsky stains colour nuclei bluer than red cells whatever the
+   exact hue: they absorb more red and less blue light. In the plane orthogonal to the red-cell
+   direction (so red cells of any density and the glass score ~0) the channel points from that
+   "blue shift" towards violet; where a frame has enough strongly stained pixels near that
+   direction (nuclei, platelets), their median direction is used, so redder or bluer stains keep
+   full contrast. It is divided by ``m``, so one threshold works for pale and dark stains
+   (gamma, staining time, lamp).
+4. **Nuclei and cells.** Pixels above ``nucleus_level`` are nucleus cores. Core fragments closer
+   than ``merge_distance`` red-cell diameters are one cell (the lobes of a neutrophil); cores
+   further apart stay separate cells. The cell body (nucleus + cytoplasm) is the smoothed stain
+   off the red-cell direction (any hue: lilac, blue or eosinophil-orange cytoplasm) above
+   ``cell_level``, connected to the nucleus and within ``max_cytoplasm`` red-cell diameters of
+   it; a body shared by two cells is split between them by distance to each nucleus. The box is
+   the body's bounding box.
 
 Scale: all sizes are in red-cell diameters. The diameter is estimated per frame from the red-cell
 mask by granulometry (the disc radius whose morphological opening keeps 60 % of the red-cell area,
@@ -116,6 +119,9 @@ class SegmenterOptions:
             for the frames in which the cell is in view.
         max_cytoplasm: how far the cell body may reach beyond the nucleus.
         background_percentile: percentile of each channel taken as the illuminant (the glass).
+        body_any_hue: the cell body is stain off the red-cell direction in any hue (takes in
+            lilac neutrophil and orange eosinophil cytoplasm); False uses only the nucleus-stain
+            channel (blue cytoplasm only, tighter boxes).
     """
 
     working_width: int = 160
