@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import cv2
 import numpy as np
 
 from detector.core import UNIDENTIFIED, Detections, Frame
@@ -23,6 +24,8 @@ from detector.track import Track, Tracker, finalize_track
 log = logging.getLogger(__name__)
 
 STAGES = ("segment", "track", "classify", "tally")
+#: Side of the thumbnail kept for each cell (its sharpest sighting).
+THUMB = 96
 
 
 class SegmenterLike(Protocol):
@@ -50,6 +53,9 @@ class FrameResult:
         summary: the tally summary (counts, total, target, differential, ci95, target_reached).
         timings: seconds spent per stage (segment, track, classify, tally).
         classified: how many crops the classifier saw in this frame.
+        thumbs: track id -> small BGR crop (``THUMB`` px square) of the sharpest sighting of
+            each cell counted in this frame (a cell counted after it left the view is not in
+            this frame: use this, not a crop of ``frame`` at the event's box).
     """
 
     frame: Frame
@@ -58,6 +64,7 @@ class FrameResult:
     summary: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     classified: int = 0
+    thumbs: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 class Analyzer:
@@ -128,10 +135,37 @@ class Analyzer:
         counted += self.tally.update(t for t in self.tracker.tracks if t.label is not None)
         self._annotate(dets)
         summary = self.tally.summary()
+        thumbs = self._thumbs(counted, finished)
         timings["tally"] = clock() - t3
         self.frames += 1
         return FrameResult(frame=frame, detections=dets, counted=counted, summary=summary,
-                           timings=timings, classified=n_cls)
+                           timings=timings, classified=n_cls, thumbs=thumbs)
+
+    def _thumbs(self, counted: list[dict[str, Any]], finished: list[Track]
+                ) -> dict[int, np.ndarray]:
+        if not counted:
+            return {}
+        by_id = {t.id: t for t in self.tracker.tracks}
+        by_id.update({t.id: t for t in finished})
+        out: dict[int, np.ndarray] = {}
+        for ev in counted:
+            t = by_id.get(int(ev["track_id"]))
+            if t is not None and t.thumb is not None:
+                out[t.id] = t.thumb
+        return out
+
+    def set_target(self, n: int) -> None:
+        """Cells to count (a 100- or 200-cell differential)."""
+        if int(n) < 1:
+            raise ValueError(f"target must be >= 1, got {n}")
+        self.tally.target = int(n)
+
+    def set_min_score(self, value: float) -> None:
+        """Top score below which a cell is ``unidentified``; applies to labels decided from now
+        on (locked labels do not change)."""
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"min_score must be in [0, 1], got {value}")
+        self.classifier.min_score = float(value)
 
     def finish(self) -> list[dict[str, Any]]:
         """End of stream: decide and count the tracks still alive -> their events."""
@@ -167,6 +201,8 @@ class Analyzer:
             t.sightings.append((frame.index, s))
             if s >= self.cell_ratio * best:
                 sharp.append(t)
+                if s >= best:
+                    t.thumb = _thumb(frame.bgr, t.box)
         if not sharp:
             return 0
         boxes = np.stack([t.box for t in sharp]).astype(np.float32)
@@ -201,6 +237,19 @@ class Analyzer:
 
         img = draw.draw_cells(result.frame.bgr, result.detections, self.labels)
         return draw.draw_panel(img, result.summary, fps, inplace=True)
+
+
+def _thumb(bgr: np.ndarray, box: np.ndarray, side: int = THUMB) -> np.ndarray | None:
+    """Square crop around a box, resized to ``side`` (None when it lies outside the frame)."""
+    h, w = bgr.shape[:2]
+    x1, y1, x2, y2 = (float(v) for v in box)
+    r = max(x2 - x1, y2 - y1) * 0.6
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    a, b = int(max(cx - r, 0)), int(max(cy - r, 0))
+    c, d = int(min(cx + r, w)), int(min(cy + r, h))
+    if c - a < 2 or d - b < 2:
+        return None
+    return cv2.resize(bgr[b:d, a:c], (side, side), interpolation=cv2.INTER_AREA)
 
 
 def label_names(labels: Sequence[str]) -> tuple[str, ...]:

@@ -101,6 +101,7 @@ class Track:
     misses_in_view: int = 0
     size: np.ndarray | None = None
     last_box: np.ndarray | None = None
+    thumb: np.ndarray | None = None
 
     @property
     def state(self) -> str:

@@ -29,6 +29,10 @@ def test_counts_and_result_fields():
     last = results[-1]
     assert set(last.timings) == set(STAGES)
     assert all(v >= 0 for v in last.timings.values())
+    for r in results:
+        for e in r.counted:
+            thumb = r.thumbs[e["track_id"]]
+            assert thumb.shape == (96, 96, 3) and thumb.dtype == np.uint8
     events = [e for r in results for e in r.counted] + an.finish()
     assert sorted(e["label"] for e in events) == sorted(c.label for c in slide.cells)
     s = an.tally.summary()
@@ -85,6 +89,18 @@ def test_reset_and_render():
     r = an.process(Frame(view(slide, *path[0]), index=0))
     assert r.summary["total"] == 0
     assert all(t.id >= 1 for t in an.tracker.tracks)
+
+
+def test_set_target_and_min_score():
+    slide, path = slide_and_path()
+    clf = FakeClassifier()
+    an = Analyzer(FakeSegmenter(slide, path), clf)
+    an.set_target(200)
+    assert an.tally.summary()["target"] == 200
+    an.set_min_score(0.95)  # the fake's 0.9 top score is now too low
+    run(an, slide, path)
+    an.finish()
+    assert an.tally.counts["unidentified"] == len(slide.cells)
 
 
 def test_plain_array_input():
