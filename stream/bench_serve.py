@@ -15,6 +15,8 @@ What it measures (on the machine it runs on; other CPU load makes every figure p
 * ``browser`` (``--browser``): headless Debian chromium opens ``/video.mjpg``; a script samples
   the ``<img>`` on every animation frame and counts how often its pixels change: the fps a
   person actually sees.
+* ``long_serve`` (``--long-serve S``): ``hematovision serve demo`` in a subprocess for S seconds
+  of real time with one MJPEG viewer; RSS of the server sampled 30 times.
 * ``long`` (``--long-frames N``): the session runs over the demo (looping, analysis speed) for N
   frames (54000 = 30 min at 30 fps) and RSS is sampled every ``N/20`` frames.
 """
@@ -276,6 +278,55 @@ def bench_long(frames: int, model: str | None) -> dict[str, Any]:
             "rss_second_half_growth_mb": round(half[-1] - half[0], 1) if half else None}
 
 
+def bench_long_serve(seconds: float, model: str | None, viewers: int = 1) -> dict[str, Any]:
+    """``hematovision serve demo`` for ``seconds`` of real time with MJPEG viewers attached and
+    /stats.json polled: RSS of the server process sampled every ``seconds / 30``."""
+    import subprocess
+
+    import httpx
+    import psutil
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "stream.cli", "serve", "demo", "--port", str(port)]
+    if model:
+        cmd += ["--model", model]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/stats.json", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        out = _MP.Array("d", max(viewers, 1))
+        clients = _MP.Process(target=_viewers_process, args=(port, viewers, seconds, out))
+        clients.start()
+        proc = psutil.Process(server.pid)
+        t0 = time.monotonic()
+        curve: list[tuple[float, float, int, float]] = []
+        step = seconds / 30
+        while time.monotonic() - t0 < seconds:
+            st = httpx.get(f"{base}/stats.json", timeout=5).json()
+            curve.append((round(time.monotonic() - t0, 1),
+                          round(proc.memory_info().rss / 2**20, 1), st["frames"], st["fps"]))
+            time.sleep(step)
+        clients.join(timeout=30)
+        st = httpx.get(f"{base}/stats.json", timeout=5).json()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    rss = [c[1] for c in curve]
+    half = rss[len(rss) // 2:]
+    return {"seconds": seconds, "viewers": viewers, "frames": st["frames"],
+            "total_counted": st["total"], "dropped": st["dropped"],
+            "latency_ms_end": st["latency_ms"], "viewer_fps": [round(out[i], 1)
+                                                              for i in range(viewers)],
+            "curve_t_rss_frames_fps": curve, "rss_first_mb": rss[0], "rss_last_mb": rss[-1],
+            "rss_second_half_growth_mb": round(half[-1] - half[0], 1) if half else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m stream.bench_serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -288,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--browser", action="store_true", help="also measure in headless chromium")
     ap.add_argument("--long-frames", type=int, default=0,
                     help="memory run over N frames (54000 = 30 min at 30 fps)")
+    ap.add_argument("--long-serve", type=float, default=0.0,
+                    help="run `hematovision serve demo` this many seconds with a viewer; RSS")
     ap.add_argument("--model", type=str, default=None, help="model .tflite (default: shipped)")
     ap.add_argument("--skip", type=str, default="", help="comma list of viewers,live to skip")
     ap.add_argument("--json", action="store_true", help="print JSON only")
@@ -304,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         report["live"] = bench_live(args.seconds, args.model, args.browser)
     if args.long_frames:
         report["long"] = bench_long(args.long_frames, args.model)
+    if args.long_serve:
+        report["long_serve"] = bench_long_serve(args.long_serve, args.model)
     report["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
     text = json.dumps(report, indent=None if args.json else 2)
     print(text)
