@@ -525,8 +525,9 @@ class Session:
             counted = list(getattr(result, "counted", []) or [])
             if summary:
                 summary.setdefault("target", self.settings.target)
+            thumbs = dict(getattr(result, "thumbs", {}) or {})
             for ev in counted:
-                self._on_counted(ev, frame)
+                self._on_counted(ev, frame, thumbs)
             timings = dict(getattr(result, "timings", {}) or {})
             timings["render"] = t2 - t1
             timings.setdefault("analyze", t1 - t0)
@@ -573,16 +574,22 @@ class Session:
                     self._pub = Published(pub.frame_id, pub.jpeg, pub.width, pub.height,
                                           tally.summary())
 
-    def _on_counted(self, event: Any, frame: Frame) -> None:
+    def _on_counted(self, event: Any, frame: Frame,
+                    thumbs: dict[int, np.ndarray] | None = None) -> None:
         data = event_to_dict(event)
         record = {"event": "counted", **data}
         self._log_event(record)
         box = data.get("box") or data.get("xyxy")
         label = str(data.get("label", UNIDENTIFIED))
         score = float(data.get("score", 0.0) or 0.0)
-        if box is None:
+        track_id = int(data.get("track_id", -1))
+        crop = (thumbs or {}).get(track_id)
+        if crop is not None:  # the analyzer's sharpest sighting (the cell may have left view)
+            thumb = _encode_thumb(crop)
+        elif box is not None:
+            thumb = _thumbnail(frame.bgr, box)
+        else:
             return
-        thumb = _thumbnail(frame.bgr, box)
         if thumb is not None:
             self._cells.append(CellThumb(thumb, label, score, int(data.get("track_id", -1)),
                                          int(data.get("last_frame", frame.index))))
@@ -671,7 +678,14 @@ def _thumbnail(bgr: np.ndarray, box: Any, side: int = 96) -> bytes | None:
     c, d = int(min(w, cx + half)), int(min(h, cy + half))
     if c <= a or d <= b:
         return None
-    crop = cv2.resize(bgr[b:d, a:c], (side, side), interpolation=cv2.INTER_AREA)
+    return _encode_thumb(bgr[b:d, a:c], side)
+
+
+def _encode_thumb(crop: np.ndarray, side: int = 96) -> bytes | None:
+    """A BGR crop as a ``side`` px square JPEG."""
+    if crop is None or crop.size == 0 or crop.ndim != 3:
+        return None
+    crop = cv2.resize(np.ascontiguousarray(crop), (side, side), interpolation=cv2.INTER_AREA)
     ok, buf = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 85])
     return buf.tobytes() if ok else None
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import logging
 import os
 import re
@@ -513,7 +514,18 @@ def demo_cache_dir() -> Path:
     except Exception:  # noqa: BLE001 - not installed: running from a checkout
         pkg = "dev"
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "hematovision" / f"demo-{pkg}.{DEMO_VERSION}"
+    return base / "hematovision" / f"demo-{pkg}.{DEMO_VERSION}-{_synth_fingerprint()}"
+
+
+def _synth_fingerprint() -> str:
+    """Short hash of the simulator's source: a changed simulator renders a new demo."""
+    import hashlib
+
+    spec = importlib.util.find_spec("training.synth")
+    origin = Path(spec.origin) if spec is not None and spec.origin else None
+    if origin is None or not origin.is_file():
+        return "0"
+    return hashlib.sha1(origin.read_bytes()).hexdigest()[:8]
 
 
 def demo_video_path() -> Path:

@@ -26,6 +26,7 @@ class FakeResult:
     counted: list[dict[str, Any]]
     summary: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    thumbs: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 class FakeClassifier:
@@ -305,3 +306,22 @@ def test_wilson_interval() -> None:
     assert wilson_interval(0, 0) == (0.0, 100.0)  # no cell yet: no information
     lo, hi = wilson_interval(50, 100)
     assert lo == pytest.approx(40.38, abs=0.05) and hi == pytest.approx(59.62, abs=0.05)
+
+
+def test_gallery_uses_the_analyzers_thumbnails(tmp_path: Path) -> None:
+    class ThumbAnalyzer(FakeAnalyzer):
+        def process(self, frame: Frame) -> FakeResult:
+            res = super().process(frame)
+            res.thumbs = {ev["track_id"]: np.full((30, 30, 3), (0, 0, 200), np.uint8)
+                          for ev in res.counted}  # red crops: not from this (green) frame
+            return res
+
+    s = Session("fake", lambda st: ThumbAnalyzer(st), out_dir=tmp_path / "s",
+                source_opener=lambda spec, realtime: ListSource(4), realtime=False)
+    s.start()
+    _wait_stopped(s)
+    cells = s.recent_cells()
+    s.close()
+    assert len(cells) == 2
+    img = cv2.imdecode(np.frombuffer(cells[0].jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert img.shape == (96, 96, 3) and img[48, 48, 2] > 150 and img[48, 48, 1] < 50
