@@ -174,6 +174,11 @@ def test_page_served_without_auth_and_upload_size_limited(tmp_path: Path) -> Non
             big = client.post("/gradio_api/upload",
                               files={"files": ("b.mp4", b"x" * 5000, "video/mp4")})
             assert big.status_code == 413
+            # Gradio's file route does not serve arbitrary server files
+            for path in ("/gradio_api/file=/etc/passwd",
+                         f"/gradio_api/file={tmp_path}/s/events.jsonl"):
+                r = client.get(path)
+                assert r.status_code in (403, 404) and "root:" not in r.text
     finally:
         s.close()
 
