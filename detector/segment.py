@@ -113,7 +113,8 @@ class SegmenterOptions:
         min_nucleus_mass: least nuclear stain: the core's stain above ``nucleus_level`` summed
             over its area, in red-cell areas x ``nucleus_level``. Separates dense nuclei from
             pale granular giant platelets and platelet clumps of similar area.
-        max_cell_diameter: largest nucleus group extent; bigger stained areas are smears or clumps.
+        max_cell_diameter: largest nucleus group extent; bigger stained areas are smears or clumps
+            (generous, so that an underestimated red-cell size never drops a large cell).
         min_edge_depth: a cell cut by the frame border is reported only when it reaches at least
             this far into the frame (about a third of a white cell); thinner slivers are left
             for the frames in which the cell is in view.
@@ -133,7 +134,7 @@ class SegmenterOptions:
     merge_distance: float = 0.2
     min_nucleus_area: float = 0.15
     min_nucleus_mass: float = 0.22
-    max_cell_diameter: float = 3.5
+    max_cell_diameter: float = 5.0
     min_edge_depth: float = 0.6
     max_cytoplasm: float = 0.5
     background_percentile: float = 97.0
