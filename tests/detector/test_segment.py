@@ -182,3 +182,21 @@ def test_real_image_box_overlaps_its_white_cell(bccd_dir) -> None:
     assert len(det) == 1
     assert box_iou(det.xyxy, gt)[0, 0] > 0.6
     assert 60 < Segmenter().last_rbc_diameter <= 140
+
+
+def test_real_single_cell_crop_and_perturbed_copies(bccd_dir) -> None:
+    """A cell-centred crop at another scale (as in single-cell data sets), and colour-shifted
+    copies of a real frame, still give that one cell."""
+    from training.detection_eval import match_centres, perturb
+
+    img = cv2.imread(str(bccd_dir / "JPEGImages" / "BloodImage_00000.jpg"))
+    gt = np.array([[260, 177, 491, 376]], np.float32)
+    crop = cv2.resize(img[130:430, 220:530], None, fx=1.5, fy=1.5)
+    det = Segmenter().find(crop)
+    pairs, false, missed = match_centres(det.xyxy, (gt - [220, 130, 220, 130]) * 1.5)
+    assert len(pairs) == 1 and not false and not missed
+    for kind in ("wb_warm", "hue_-10", "hue_+10", "gamma_1.4", "blur_3", "noise_15"):
+        shifted, boxes, _ = perturb(img, gt, kind)
+        det = Segmenter().find(shifted)
+        pairs, false, missed = match_centres(det.xyxy, boxes)
+        assert len(pairs) == 1 and not false and not missed, kind
