@@ -51,10 +51,14 @@ MAX_FILE_SIZE = "500mb"
 TIMER_SECONDS = 1.0
 #: Display order of labels in tables and charts.
 LABEL_ORDER = (*CELL_TYPES, UNIDENTIFIED)
-COLOURS = {
-    "neutrophil": "#1f77b4", "eosinophil": "#d62728", "lymphocyte": "#2ca02c",
-    "monocyte": "#9467bd", "basophil": "#8c564b", UNIDENTIFIED: "#7f7f7f",
-}
+
+
+def colour_hex(label: str) -> str:
+    """The overlay's colour of a label (detector.draw), as CSS hex: page and video agree."""
+    from detector.draw import colour_of
+
+    b, g, r = colour_of(label)
+    return f"#{r:02x}{g:02x}{b:02x}"
 
 
 # ------------------------------------------------------------------------------ analyzers
@@ -146,7 +150,7 @@ def counts_table_html(stats: dict[str, Any]) -> str:
         lo, hi = (ci.get(label) or [0.0, 0.0])[:2]
         rows.append(
             f"<tr data-label='{html.escape(label)}'><td><span class='hv-dot' "
-            f"style='background:{COLOURS.get(label, '#444')}'></span>{html.escape(label)}</td>"
+            f"style='background:{colour_hex(label)}'></span>{html.escape(label)}</td>"
             f"<td class='hv-n'>{int(counts[label])}</td><td>{float(diff.get(label, 0)):.1f}</td>"
             f"<td>{float(lo):.1f}&ndash;{float(hi):.1f}</td></tr>")
     total = int(stats.get("total", 0))
@@ -175,7 +179,7 @@ def differential_svg(stats: dict[str, Any], width: int = 380) -> str:
         y = 6 + i * row
         pct = max(0.0, min(100.0, float(diff.get(label, 0.0))))
         lo, hi = (ci.get(label) or [0.0, 0.0])[:2]
-        colour = COLOURS.get(label, "#444")
+        colour = colour_hex(label)
         bw = plot_w * pct / 100
         parts.append(f"<text x='{left - 6}' y='{y + 13}' font-size='12' text-anchor='end' "
                      f"fill='#222'>{html.escape(label)}</text>")
@@ -227,7 +231,7 @@ def gallery_html(cells: list[Any]) -> str:
         tiles.append(
             f"<figure title='track #{c.track_id}, frame {c.frame}'>"
             f"<img src='data:image/jpeg;base64,{b64}' width='88' height='88' alt=''/>"
-            f"<figcaption style='border-color:{COLOURS.get(c.label, '#444')}'>"
+            f"<figcaption style='border-color:{colour_hex(c.label)}'>"
             f"{html.escape(c.label)} {c.score:.2f}</figcaption></figure>")
     return "<div class='hv-gallery'>" + "".join(tiles) + "</div>"
 
