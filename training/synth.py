@@ -360,6 +360,8 @@ class Slide:
     cells: list[SlideCell]
     settings: SynthSettings
     seed: int
+    frame_size: tuple[int, int]
+    """The camera frame size (width, height) the slide was painted for."""
 
     @property
     def size(self) -> tuple[int, int]:
@@ -748,7 +750,7 @@ def make_slide(seed: int = 0, size: tuple[int, int] = (640, 480),
     img = cv2.GaussianBlur(img, (0, 0), 0.6 * s.rbc_px / RBC_PX_640)
     log.info("slide %dx%d px: %d red cells, %d white cells (%s)", sw, sh, accepted, len(cells),
              ", ".join(f"{t} {sum(c.label == t for c in cells)}" for t in CELL_TYPES))
-    return Slide(image=img, cells=cells, settings=s, seed=seed)
+    return Slide(image=img, cells=cells, settings=s, seed=seed, frame_size=(fw, fh))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -918,6 +920,11 @@ class SlideSimulator:
         if not (isinstance(fps, (int, float)) and 1.0 <= fps <= 240.0):
             raise InputError(f"fps must be between 1 and 240, got {fps!r}")
         self.fps = float(fps)
+        if slide is not None and settings:
+            raise InputError("pass either a painted slide or settings, not both")
+        if slide is not None and tuple(slide.frame_size) != self.size:
+            raise InputError(f"slide was painted for {slide.frame_size[0]}x{slide.frame_size[1]} "
+                             f"frames, not {self.size[0]}x{self.size[1]}")
         self.slide = slide if slide is not None else make_slide(self.seed, self.size, **settings)
         s = self.settings = self.slide.settings
         fw, fh = self.size
