@@ -233,7 +233,7 @@ class SynthSettings:
             "focus_drift": float(rng.uniform(0.3, 1.5)),
             "pan_speed": float(rng.uniform(0.1, 0.3)),
             "fast_pan_prob": float(rng.uniform(0.08, 0.25)),
-            "revisit_prob": float(rng.uniform(0.2, 0.4)),
+            "revisit_prob": float(rng.uniform(0.12, 0.3)),
         }
         out = SynthSettings(**asdict(self))
         for name, value in draws.items():
@@ -785,6 +785,8 @@ class _CameraPlan:
         self.segments: list[_Segment] = []
         self.starts: list[int] = []
         self.history: list[tuple[float, float]] = []
+        self.visited: set[int] = set()
+        self.heading = float(rng.uniform(0, 2 * math.pi))
         p0 = self._pick_target(seek=True)
         self._append("pause", max(int(rng.uniform(0.5, 1.5) * fps), 1), p0, p0)
 
@@ -794,29 +796,37 @@ class _CameraPlan:
 
     def _pick_target(self, seek: bool, cur: tuple[float, float] | None = None,
                      reach: float = 1.2) -> tuple[float, float]:
-        """Next place to look at: a white cell near by (seek) or a step in a random direction,
-        ``reach`` frame widths at most."""
+        """Next place to look at: a white cell not looked at yet, preferably near by (seek), or
+        a step of at most ``reach`` frame widths roughly along the current scanning heading."""
         rng = self.rng
         fw, fh = self.frame_size
+        half = np.array([fw / 2, fh / 2])
         if cur is None:
             if self.targets:
-                tx, ty = self.targets[int(rng.integers(len(self.targets)))]
-                return self._clamp(np.array([tx - fw / 2, ty - fh / 2]))
+                k = int(rng.integers(len(self.targets)))
+                self.visited.add(k)
+                return self._clamp(np.array(self.targets[k]) - half)
             return self._clamp(rng.uniform(self.lo, self.hi))
         c = np.asarray(cur)
         if seek and self.targets:
-            tl = np.array(self.targets) - np.array([fw / 2, fh / 2])
-            d = np.hypot(*(tl - c).T)
-            near = np.nonzero((d > 0.25 * fw) & (d < reach * 1.5 * fw))[0]
-            pool = near if len(near) else np.arange(len(tl))
-            k = int(pool[rng.integers(len(pool))])
+            tl = np.array(self.targets) - half
+            if len(self.visited) >= len(tl):
+                self.visited.clear()  # every cell seen: start another round
+            todo = np.array([k for k in range(len(tl)) if k not in self.visited])
+            d = np.hypot(*(tl[todo] - c).T)
+            near = todo[d < reach * 1.5 * fw]
+            k = int(near[rng.integers(len(near))]) if len(near) else int(todo[np.argmin(d)])
+            self.visited.add(k)
             off = rng.uniform(-0.25, 0.25, 2) * np.array([fw, fh])
             return self._clamp(tl[k] + off)
-        a = rng.uniform(0, 2 * math.pi)
+        a = self.heading + rng.normal(0, 0.6)
         step = rng.uniform(0.2, reach) * fw
-        tgt = c + step * np.array([math.cos(a), math.sin(a)])
-        if np.any(tgt < self.lo) or np.any(tgt > self.hi):  # bounce off the slide edge
-            tgt = c - step * np.array([math.cos(a), math.sin(a)])
+        vec = step * np.array([math.cos(a), math.sin(a)])
+        tgt = c + vec
+        if np.any(tgt < self.lo) or np.any(tgt > self.hi):  # slide edge: turn back
+            a += math.pi
+            tgt = c - vec
+        self.heading = a
         return self._clamp(tgt)
 
     def _append(self, kind: str, frames: int, p0: tuple[float, float],
@@ -844,7 +854,7 @@ class _CameraPlan:
         fast = rng.random() < s.fast_pan_prob
         kind = "fast_pan" if fast else "pan"
         if u < s.nudge_prob + s.revisit_prob and len(self.history) >= 3:
-            back = int(rng.integers(2, min(5, len(self.history)) + 1))
+            back = int(rng.integers(2, min(4, len(self.history)) + 1))
             tgt = self.history[-back]
             kind = "return"
         else:
@@ -857,6 +867,14 @@ class _CameraPlan:
             speed = rng.uniform(0.34, 0.8) * self.fw
         else:
             speed = s.pan_speed * self.fw * math.exp(rng.normal(0, 0.35))
+        dx, dy = abs(tgt[0] - cur[0]), abs(tgt[1] - cur[1])
+        if min(dx, dy) > 0.1 * self.fw and rng.random() < 0.5:
+            # a mechanical stage has two knobs: one axis, then the other
+            corner = (tgt[0], cur[1]) if rng.random() < 0.5 else (cur[0], tgt[1])
+            for p0, p1 in ((cur, corner), (corner, tgt)):
+                d = math.hypot(p1[0] - p0[0], p1[1] - p0[1])
+                self._append(kind, int(round(max(d / speed, 0.3) * fps)), p0, p1)
+            return
         secs = max(dist / speed, 0.3)
         self._append(kind, int(round(secs * fps)), cur, tgt)
 
@@ -984,38 +1002,43 @@ class SlideSimulator:
         x1n, y1n, _ = self.camera.position(i + 1)
         t = i / self.fps
         sigma = self.focus.sigma(t)
-        fw, fh = self.size
-        cells = []
-        if len(self._boxes):
-            b = self._boxes
-            inside = (b[:, 0] < x0 + fw) & (b[:, 2] > x0) & (b[:, 1] < y0 + fh) & (b[:, 3] > y0)
-            hit = np.nonzero(inside)[0]
-            for k in hit:
-                c = self.slide.cells[int(k)]
-                bx1, by1, _, _ = c.box
-                # visible part of the mask (pixel (u, v) of the mask sits at slide bx1+u, by1+v)
-                u1 = max(int(math.ceil(x0 - 0.5)) - bx1, 0)
-                v1 = max(int(math.ceil(y0 - 0.5)) - by1, 0)
-                u2 = min(int(math.floor(x0 + fw - 0.5)) + 1 - bx1, c.mask.shape[1])
-                v2 = min(int(math.floor(y0 + fh - 0.5)) + 1 - by1, c.mask.shape[0])
-                if u2 <= u1 or v2 <= v1:
-                    continue
-                sub = c.mask[v1:v2, u1:u2]
-                n_vis = int(sub.sum())
-                if n_vis == 0:
-                    continue
-                cols = np.nonzero(sub.any(axis=0))[0]
-                rows = np.nonzero(sub.any(axis=1))[0]
-                box = [bx1 + u1 + cols[0] - x0, by1 + v1 + rows[0] - y0,
-                       bx1 + u1 + cols[-1] + 1 - x0, by1 + v1 + rows[-1] + 1 - y0]
-                box = [min(max(box[0], 0.0), fw), min(max(box[1], 0.0), fh),
-                       min(max(box[2], 0.0), fw), min(max(box[3], 0.0), fh)]
-                cells.append({"id": c.id, "box": [round(float(v), 2) for v in box],
-                              "visible_fraction": round(n_vis / float(c.mask.sum()), 4),
-                              "blur": round(sigma, 3)})
         return {"frame": i, "t": round(t, 6), "camera": [round(x0, 4), round(y0, 4)],
                 "segment": kind, "motion": [round(x1n - x0, 4), round(y1n - y0, 4)],
-                "blur": round(sigma, 3), "cells": cells}
+                "blur": round(sigma, 3), "cells": self.cells_in_view(x0, y0, sigma)}
+
+    def cells_in_view(self, x0: float, y0: float, blur: float = 0.0) -> list[dict[str, Any]]:
+        """Truth entries (id, box, visible_fraction, blur) of the white cells seen by a camera
+        whose top-left corner is at slide position (x0, y0); see :meth:`view`."""
+        fw, fh = self.size
+        cells: list[dict[str, Any]] = []
+        if not len(self._boxes):
+            return cells
+        b = self._boxes
+        inside = (b[:, 0] < x0 + fw) & (b[:, 2] > x0) & (b[:, 1] < y0 + fh) & (b[:, 3] > y0)
+        for k in np.nonzero(inside)[0]:
+            c = self.slide.cells[int(k)]
+            bx1, by1, _, _ = c.box
+            # visible part of the mask (pixel (u, v) of the mask sits at slide bx1+u, by1+v)
+            u1 = max(int(math.ceil(x0 - 0.5)) - bx1, 0)
+            v1 = max(int(math.ceil(y0 - 0.5)) - by1, 0)
+            u2 = min(int(math.floor(x0 + fw - 0.5)) + 1 - bx1, c.mask.shape[1])
+            v2 = min(int(math.floor(y0 + fh - 0.5)) + 1 - by1, c.mask.shape[0])
+            if u2 <= u1 or v2 <= v1:
+                continue
+            sub = c.mask[v1:v2, u1:u2]
+            n_vis = int(sub.sum())
+            if n_vis == 0:
+                continue
+            cols = np.nonzero(sub.any(axis=0))[0]
+            rows = np.nonzero(sub.any(axis=1))[0]
+            box = [bx1 + u1 + cols[0] - x0, by1 + v1 + rows[0] - y0,
+                   bx1 + u1 + cols[-1] + 1 - x0, by1 + v1 + rows[-1] + 1 - y0]
+            box = [min(max(box[0], 0.0), fw), min(max(box[1], 0.0), fh),
+                   min(max(box[2], 0.0), fw), min(max(box[3], 0.0), fh)]
+            cells.append({"id": c.id, "box": [round(float(v), 2) for v in box],
+                          "visible_fraction": round(n_vis / float(c.mask.sum()), 4),
+                          "blur": round(blur, 3)})
+        return cells
 
     def render(self, i: int, truth: dict[str, Any] | None = None) -> np.ndarray:
         """Frame i as BGR uint8 (before video compression)."""

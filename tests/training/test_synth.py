@@ -106,12 +106,18 @@ def test_truth_boxes_hold_nucleus_pixels_and_nothing_big_outside() -> None:
     checked = 0
     for cell in sim.cells:
         x1, y1, x2, y2 = cell.box
-        view = sim.view((x1 + x2) / 2 - 320, (y1 + y2) / 2 - 240, sigma=0.8)
-        # truth for that exact view: find the frame-independent box via a fake camera
-        bx = [x1 - ((x1 + x2) / 2 - 320), y1 - ((y1 + y2) / 2 - 240)]
-        w, h = x2 - x1, y2 - y1
-        inside = _purple(view[int(bx[1]):int(bx[1] + h), int(bx[0]):int(bx[0] + w)])
+        x0, y0 = (x1 + x2) / 2 - 320, (y1 + y2) / 2 - 240
+        view = sim.view(x0, y0, sigma=0.8)
+        (entry,) = [c for c in sim.cells_in_view(x0, y0) if c["id"] == cell.id]
+        assert entry["visible_fraction"] == 1.0
+        assert entry["box"][2] - entry["box"][0] == pytest.approx(x2 - x1)
+        assert entry["box"][3] - entry["box"][1] == pytest.approx(y2 - y1)
+        bx1, by1, bx2, by2 = (int(round(v)) for v in entry["box"])
+        inside = _purple(view[by1:by2, bx1:bx2])
         assert inside.mean() > 0.04, f"{cell.label}: box holds too few nucleus pixels"
+        # the box is tight: a ring just outside it holds almost no cell pixels
+        ring = _purple(view[max(by1 - 6, 0):by2 + 6, max(bx1 - 6, 0):bx2 + 6]).sum() - inside.sum()
+        assert ring < 0.05 * inside.sum() + 30, f"{cell.label}: nucleus pixels outside its box"
         checked += 1
     assert checked == len(sim.cells) >= 5
     # frames: every truth box holds nucleus pixels; outside boxes purple is only platelet-sized
@@ -301,16 +307,22 @@ def test_segmenter_finds_the_white_cells_of_synthetic_frames() -> None:
 
     seg = Segmenter()
     found = total = false = 0
+    rng = np.random.default_rng(0)
     for seed in (0, 3):
         sim = SlideSimulator(seed=seed, size=(640, 480), fps=10)
-        for i in range(0, 200, 20):
-            bgr, tr = sim.frame(i)
+        for cell in sim.cells:  # a view around every white cell, off centre
+            x1, y1, x2, y2 = cell.box
+            x0 = (x1 + x2) / 2 - 320 + rng.uniform(-120, 120)
+            y0 = (y1 + y2) / 2 - 240 + rng.uniform(-80, 80)
+            sigma = float(rng.uniform(0.5, 2.0))
+            bgr = sim.view(x0, y0, sigma=sigma, index=int(rng.integers(100)))
+            cells = sim.cells_in_view(x0, y0, sigma)
             det = seg.find(bgr)
-            gt = np.array([c["box"] for c in tr["cells"]], float).reshape(-1, 4)
+            gt = np.array([c["box"] for c in cells], float).reshape(-1, 4)
             pairs, unmatched_pred, _ = match_centres(det.xyxy, gt)
             hit = {j for _, j in pairs}
-            for j, c in enumerate(tr["cells"]):
-                if c["visible_fraction"] > 0.95 and c["blur"] < 2.5:
+            for j, c in enumerate(cells):
+                if c["visible_fraction"] > 0.95:
                     total += 1
                     found += j in hit
             false += len(unmatched_pred)
