@@ -87,7 +87,7 @@ _GRANULOMETRY_KEEP = 0.6
 #: Prior angle of the nuclear stain from the blue shift, in the plane orthogonal to the red-cell
 #: direction (Romanowsky nuclei are violet, not pure blue), and how far a frame may move it.
 _NUCLEUS_ANGLE = float(np.radians(-35.0))
-_ANGLE_CONE = float(np.radians(50.0))
+_ANGLE_CONE = float(np.radians(70.0))
 
 
 @dataclass(frozen=True)

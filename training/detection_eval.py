@@ -198,6 +198,10 @@ def perturb(
         img *= np.array([0.8, 0.95, 1.15], np.float32)
     elif kind == "wb_cool":
         img *= np.array([1.15, 1.0, 0.8], np.float32)
+    elif kind == "wb_led":  # cold white LED: strong blue cast
+        img *= np.array([1.0, 0.88, 0.7], np.float32)
+    elif name == "contrast":  # veiling glare / haze: contrast reduced about the mean
+        img = img.mean() + float(arg) * (img - img.mean())
     elif kind == "dark":
         img *= 0.6
     elif kind == "bright":
