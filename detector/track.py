@@ -61,7 +61,7 @@ class TrackerOptions:
     """A detection overlapping a predicted box at least this much may match it..."""
     max_center_dist: float = 0.6
     """...or one whose centre is within this fraction of the track's box size of the prediction."""
-    edge_margin: float = 2.0
+    edge_margin: float = 1.0
     """A box closer than this to the frame border is not fully in view."""
     shift_size: tuple[int, int] = (160, 120)
     """Size of the phase-correlation window (width, height); the grey copy is twice this."""
