@@ -158,7 +158,7 @@ class SynthSettings:
     """Red-cell area per slide area before overlaps (BCCD frames: about half the area is red)."""
     crenated_fraction: float = 0.06
     """Share of red cells drawn crenated (echinocytes)."""
-    wbc_per_frame: float = 1.0
+    wbc_per_frame: float = 1.5
     """White cells per frame area (real smears have far fewer; this keeps videos useful)."""
     wbc_mix: dict[str, float] | None = None
     """Relative frequency of each white-cell type; None: a normal differential."""
@@ -1121,7 +1121,7 @@ def annotate(bgr: np.ndarray, frame_truth: dict[str, Any], labels: dict[int, str
     return img
 
 
-def save_docs_frame(path: str | Path, seed: int = 20, index: int = 1572) -> Path:
+def save_docs_frame(path: str | Path, seed: int = 1, index: int = 894) -> Path:
     """Write the README picture: one annotated simulator frame as a 256-colour PNG (small enough
     for the repo). ``python -c "from training.synth import save_docs_frame as f;
     f('docs/synth_frame.png')"`` regenerates it."""
@@ -1136,7 +1136,7 @@ def save_docs_frame(path: str | Path, seed: int = 20, index: int = 1572) -> Path
         cv2.imwrite(str(out), img, [cv2.IMWRITE_PNG_COMPRESSION, 9])
         return out
     rgb = Image.fromarray(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
-    rgb.quantize(colors=256, method=Image.Quantize.MEDIANCUT,
+    rgb.quantize(colors=256, method=Image.Quantize.FASTOCTREE,
                  dither=Image.Dither.NONE).save(out, optimize=True)
     return out
 
