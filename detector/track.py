@@ -245,19 +245,38 @@ class Tracker:
                         period: int) -> np.ndarray:
         o = self.options
         phase = self._phase_shift(grey) if grey is not None else None
-        if phase is not None and phase[2] >= o.min_response:
-            self.shift_source, self.response = "phase", phase[2]
-            return np.array(phase[:2], np.float32)
-        # weak response (blur, empty field): the displacement most cells agree on
         active = [t for t in self.tracks if t.misses <= period]
-        pred = np.array([(t.box[:2] + t.box[2:]) / 2 for t in active], np.float32).reshape(-1, 2)
-        sides = np.array([np.sqrt(max(1.0, float(np.prod(t.box[2:] - t.box[:2]))))
-                          for t in active], np.float32)
-        radius = 0.35 * sides if len(sides) else np.array([10.0], np.float32)
         centers = dets.centers
+        if active and len(centers):
+            pred = np.array([(t.box[:2] + t.box[2:]) / 2 for t in active], np.float32)
+            sides = np.sqrt(np.clip([np.prod(t.box[2:] - t.box[:2]) for t in active], 1, None))
+            radius = 0.35 * sides.astype(np.float32)
+        else:
+            pred = np.empty((0, 2), np.float32)
+            radius = np.array([10.0], np.float32)
+        strong = phase is not None and phase[2] >= o.min_response
         self.response = phase[2] if phase is not None else 0.0
+        if strong:
+            shift = np.array(phase[:2], np.float32)
+            # do the cells agree? (a static pattern - dust on the sensor, an overlay - or a
+            # pan faster than the correlation window can lock the phase onto a wrong shift)
+            if len(pred) < 2 or len(centers) < 2:
+                self.shift_source = "phase"
+                return shift
+            d = np.linalg.norm(centers[None] - (pred + shift)[:, None], axis=2)
+            explained = int((d.min(axis=1) <= radius).sum())
+            if explained * 2 >= min(len(pred), len(centers)):
+                self.shift_source = "phase"
+                return shift
+        # weak response (blur, empty field) or cells disagreeing: the displacement most agree on
         fw, fh = self.frame_size or (640, 480)
         cell_shift, support = self._consensus(pred, centers, radius, 0.5 * max(fw, fh))
+        if strong:
+            if support >= 2 and support > explained:
+                self.shift_source = "cells"
+                return cell_shift
+            self.shift_source = "phase"
+            return np.array(phase[:2], np.float32)
         if support >= 2 or (support == 1 and len(active) == 1 and len(centers) == 1):
             self.shift_source = "cells"
             return cell_shift

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -221,3 +222,26 @@ def test_each_cell_counted_exactly_once_with_one_invoke_per_frame():
     assert {k: an.tally.counts[k] for k in LABELS} == truth
     # the classifier saw far fewer crops than (cells x frames)
     assert clf.crops <= 3 * 10
+
+
+def test_cells_overrule_a_static_pattern():
+    """A still background (dust, an overlay) pins phase correlation at zero while every cell
+    moves 30 px per frame: the shift is taken from the cells, and no cell gets a second id."""
+    bg = Slide(700, 400, [], seed=2).image[:240, :320]
+    starts = [(40.0, 60.0), (40.0, 170.0), (120.0, 110.0)]
+    tracker = Tracker()
+    seen: dict[int, set[int]] = {}
+    for i in range(8):
+        img = bg.copy()
+        boxes = []
+        for x, y in starts:
+            cx = x + 30 * i
+            cv2.circle(img, (int(cx), int(y)), 22, (200, 60, 60), -1)
+            boxes.append([cx - 22, y - 22, cx + 22, y + 22])
+        dets = tracker.update(Detections(xyxy=np.array(boxes, np.float32)), Frame(img, index=i))
+        for k, tid in enumerate(dets.track_id):
+            seen.setdefault(k, set()).add(int(tid))
+        if i >= 2:
+            assert tracker.shift_source == "cells"
+            assert tracker.shift[0] == pytest.approx(30, abs=1)
+    assert seen == {0: {1}, 1: {2}, 2: {3}}
