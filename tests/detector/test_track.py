@@ -245,3 +245,36 @@ def test_cells_overrule_a_static_pattern():
             assert tracker.shift_source == "cells"
             assert tracker.shift[0] == pytest.approx(30, abs=1)
     assert seen == {0: {1}, 1: {2}, 2: {3}}
+
+
+@pytest.mark.parametrize("name", ["BloodImage_00000", "BloodImage_00010", "BloodImage_00100"])
+def test_real_smear_pan_shift_and_id(bccd_dir, name):
+    """A camera window panning across a real smear photo: the measured shift matches the pan
+    and the annotated white cell keeps one id."""
+    import xml.etree.ElementTree as ET
+
+    img = cv2.imread(str(bccd_dir / "JPEGImages" / f"{name}.jpg"))
+    root = ET.parse(bccd_dir / "Annotations" / f"{name}.xml").getroot()
+    wbc = next(o for o in root.iter("object") if o.findtext("name") == "WBC")
+    bb = wbc.find("bndbox")
+    box = np.array([float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")], np.float32)
+    big = img
+    w, h = 400, 300
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    x0 = int(np.clip(cx - w / 2 - 40, 0, big.shape[1] - w - 81))
+    y0 = int(np.clip(cy - h / 2 - 20, 0, big.shape[0] - h - 41))
+    tracker = Tracker()
+    ids = set()
+    for i in range(9):
+        x, y = x0 + 10 * i, y0 + 5 * i  # the stage moves the view right and down
+        frame = big[y:y + h, x:x + w]
+        b = box - np.array([x, y, x, y], np.float32)
+        clipped = np.clip(b, [0, 0, 0, 0], [w, h, w, h]).astype(np.float32)
+        edge = bool((clipped != b).any())
+        dets = tracker.update(Detections(xyxy=clipped[None], touches_edge=np.array([edge])),
+                              Frame(np.ascontiguousarray(frame), index=i))
+        ids.add(int(dets.track_id[0]))
+        if i:
+            assert tracker.shift_source == "phase"
+            assert tracker.shift == pytest.approx((-10.0, -5.0), abs=1.0)
+    assert ids == {1}
