@@ -109,10 +109,17 @@ class Analyzer:
         self._last_index = None
         self.frames = 0
 
-    def process(self, frame: Frame | np.ndarray) -> FrameResult:
-        """Analyse one frame (BGR image or Frame)."""
+    def process(self, frame: Frame | np.ndarray, still: bool = False) -> FrameResult:
+        """Analyse one frame (BGR image or Frame).
+
+        ``still=True``: the image is a field of its own (a folder of unrelated photos), not a
+        video frame: every white cell fully in view is named in one invoke and counted at once,
+        no tracking (cells cut by the border are shown, not counted).
+        """
         if not isinstance(frame, Frame):
             frame = Frame(bgr=frame, index=0 if self._last_index is None else self._last_index + 1)
+        if still:
+            return self._process_still(frame)
         timings: dict[str, float] = {}
         clock = self.clock
         t0 = clock()
@@ -140,6 +147,47 @@ class Analyzer:
         self.frames += 1
         return FrameResult(frame=frame, detections=dets, counted=counted, summary=summary,
                            timings=timings, classified=n_cls, thumbs=thumbs)
+
+    def _process_still(self, frame: Frame) -> FrameResult:
+        clock = self.clock
+        t0 = clock()
+        dets = self.segmenter.find(frame)
+        t1 = clock()
+        self._last_index = frame.index
+        n = len(dets)
+        ids = np.arange(self.tracker._next_id, self.tracker._next_id + n, dtype=np.int64)
+        self.tracker._next_id += n
+        dets.track_id = ids
+        self.tracker.frame_size = (frame.width, frame.height)
+        full = self.tracker.fully_in_view(dets)
+        t2 = clock()
+        names = np.full(n, "", dtype=object)
+        counted: list[dict[str, Any]] = []
+        thumbs: dict[int, np.ndarray] = {}
+        idx = np.flatnonzero(full)
+        if len(idx):
+            probs = self.classifier.classify_boxes(frame.bgr, dets.xyxy[idx])
+            for i, row in zip(idx, probs, strict=True):
+                label, score = self._label_of(row)
+                dets.class_id[i] = self.labels.index(label) if label in self.labels else -1
+                dets.score[i] = score
+                names[i] = label
+                ev = self.tally.count(int(ids[i]), label, score, frame.index, frame.index,
+                                      dets.xyxy[i])
+                if ev is not None:
+                    counted.append(ev)
+                    thumb = _thumb(frame.bgr, dets.xyxy[i])
+                    if thumb is not None:
+                        thumbs[int(ids[i])] = thumb
+        t3 = clock()
+        dets.data["label"] = names
+        dets.data["judged"] = full
+        self.frames += 1
+        return FrameResult(frame=frame, detections=dets, counted=counted,
+                           summary=self.tally.summary(),
+                           timings={"segment": t1 - t0, "track": t2 - t1, "classify": t3 - t2,
+                                    "tally": clock() - t3},
+                           classified=len(idx), thumbs=thumbs)
 
     def _thumbs(self, counted: list[dict[str, Any]], finished: list[Track]
                 ) -> dict[int, np.ndarray]:

@@ -1,7 +1,10 @@
 """``hematovision run SOURCE``: count the white cells of a video, image folder or the demo.
 
-Analysis mode: every frame is analysed (none dropped). Each counted cell is appended to the
-``--events`` JSON Lines file and flushed at once, so a crash loses nothing already counted. The
+Analysis mode: every frame is analysed (none dropped). A folder of images is either the frames
+of one moving field (tracked like a video) or unrelated photos, each counted on its own ("stills"
+mode); the first two images decide (``detector.track.same_scene``), the report says which.
+Each counted cell is appended to the ``--events`` JSON Lines file and flushed at once, so a
+crash loses nothing already counted. The
 ``--report`` JSON is written at the end, also after an error in the middle of the input (a
 corrupt or truncated file) or Ctrl-C, with what was counted so far.
 """
@@ -123,6 +126,20 @@ def _frames(source: Any, max_frames: int | None, stats: RunStats) -> Iterator[Fr
         yield frame
 
 
+def _stills_or_sequence(frames: Iterator[Frame], max_frames: int | None
+                        ) -> tuple[Iterator[Frame], bool]:
+    """Look at the first two images: unrelated photos (True: count each image on its own) or
+    frames of one moving field (False: track)? Returns the frames, none lost, and the answer."""
+    import itertools
+
+    from detector.track import same_scene
+
+    head = [f for f in itertools.islice(frames, 1 if max_frames == 1 else 2)]
+    still = len(head) < 2 or not same_scene(head[0].bgr, head[1].bgr)
+    log.info("images look like %s", "separate fields (stills)" if still else "one video")
+    return itertools.chain(head, frames), still
+
+
 class _Outputs:
     """Events file (appended, flushed per cell) and the annotated recording."""
 
@@ -200,6 +217,7 @@ def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str,
     interrupted = False
     outputs: _Outputs | None = None
     pending: BaseException | None = None
+    still, mode = False, "video"
     try:
         if analyzer is None:
             analyzer = make_analyzer(args.model, args.target)
@@ -213,10 +231,14 @@ def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str,
                                                                   args.max_frames)
             from tqdm import tqdm
 
+            frames = _frames(src, args.max_frames, stats)
+            if not src.fps:  # images: consecutive frames of one field, or unrelated photos?
+                frames, still = _stills_or_sequence(frames, args.max_frames)
+                mode = "stills" if still else "sequence"
             with tqdm(total=total, unit="frame", file=sys.stderr, disable=None, leave=False,
                       desc="counting") as bar:
-                for frame in _frames(src, args.max_frames, stats):
-                    result = analyzer.process(frame)
+                for frame in frames:
+                    result = analyzer.process(frame, still=still)
                     stats.add(result)
                     for ev in result.counted:
                         outputs.event(ev)
@@ -244,6 +266,7 @@ def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str,
             outputs.close()
         report = build_report(analyzer, stats, source=source_name, model=model_name,
                               source_fps=source_fps, error=error, interrupted=interrupted)
+        report["mode"] = mode
         write_report(args.report, report)
     if isinstance(pending, KeyboardInterrupt):
         print(format_summary(report), file=sys.stdout)

@@ -278,3 +278,13 @@ def test_real_smear_pan_shift_and_id(bccd_dir, name):
             assert tracker.shift_source == "phase"
             assert tracker.shift == pytest.approx((-10.0, -5.0), abs=1.0)
     assert ids == {1}
+
+
+def test_same_scene_on_real_photos(bccd_dir):
+    """Consecutive views of one field are one scene; two different smear photos are not."""
+    from detector.track import same_scene
+
+    a = cv2.imread(str(bccd_dir / "JPEGImages" / "BloodImage_00001.jpg"))
+    b = cv2.imread(str(bccd_dir / "JPEGImages" / "BloodImage_00020.jpg"))
+    assert same_scene(a[0:400, 0:560], a[12:412, 20:580])
+    assert not same_scene(a, b)

@@ -75,6 +75,24 @@ def test_folder_report_and_events(tmp_path, slide):
     events = read_events(tmp_path / "events.jsonl")
     assert len(events) == 4 and len({e["track_id"] for e in events}) == 4
     assert set(events[0]) == {"track_id", "label", "score", "first_frame", "last_frame", "box"}
+    assert saved["mode"] == "sequence"
+
+
+def test_folder_of_unrelated_photos_counts_each(tmp_path, slide):
+    """Photos of different fields: no tracking across them, each image's cells counted."""
+    far = [(60, 170), (380, 60), (700, 300)]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, (x, y) in enumerate(far):
+        cv2.imwrite(str(folder / f"p{i}.png"), view(slide, x, y))
+    seg = FakeSegmenter(slide, far)
+    report = run(args_for(tmp_path, str(folder)), analyzer=fake_analyzer(slide, seg))
+    assert report["mode"] == "stills" and report["frames"] == 3
+    from tests.detector.fakes import truth_boxes
+
+    expected = sum(int((~truth_boxes(slide, x, y)[1]).sum()) for x, y in far)
+    assert report["total"] == expected > 0
+    assert len(read_events(tmp_path / "events.jsonl")) == expected
 
 
 class SpySegmenter(FakeSegmenter):
