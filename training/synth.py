@@ -128,8 +128,8 @@ _OD = {
     "nucleus": _od((204, 98, 130)),
     "nucleus_dense": _od((196, 86, 116)),
     "nucleus_mono": _od((207, 112, 143)),
-    "neut_cyto": _od((205, 196, 206)),
-    "neut_gran": _od((192, 175, 195)),
+    "neut_cyto": _od((206, 178, 192)),
+    "neut_gran": _od((198, 165, 190)),
     "eos_cyto": _od((200, 185, 200)),
     "eos_gran": _od((145, 125, 212)),
     "baso_gran": _od((172, 80, 122)),
@@ -496,7 +496,7 @@ def _lobe_chain(rng: np.random.Generator, n: int, r: float, cx: float, cy: float
     consecutive lobes ``spacing`` lobe-radii apart so the constrictions between them show."""
     ax = r * rng.uniform(*lobe)
     d = ax * spacing
-    turn = rng.uniform(0.4, 1.3) * rng.choice([-1.0, 1.0])
+    turn = rng.uniform(0.5, 1.5) * rng.choice([-1.0, 1.0])
     a = rng.uniform(0, 2 * math.pi)
     pts = [(0.0, 0.0)]
     for _ in range(n - 1):
@@ -514,7 +514,7 @@ def _lobe_chain(rng: np.random.Generator, n: int, r: float, cx: float, cy: float
     lobes = []
     for lx, ly in arr:
         a1 = ax * rng.uniform(0.8, 1.15)
-        lobes.append((float(lx), float(ly), a1, a1 * rng.uniform(0.7, 0.95),
+        lobes.append((float(lx), float(ly), a1, a1 * rng.uniform(0.55, 0.85),
                       float(rng.uniform(0, 180))))
     return lobes
 
@@ -546,10 +546,10 @@ def _paint_wbc(p: _Painter, rng: np.random.Generator, label: str, cx: float, cy:
     tex = 1.0 + 0.22 * _smooth_noise(rng, h, w, max(r * 0.03, 1.0))
     if label == "neutrophil":
         n = int(rng.choice([3, 4, 5], p=[0.45, 0.4, 0.15]))
-        lobes = _lobe_chain(rng, n, r, lx, ly, (0.23, 0.29), rng.uniform(1.5, 1.9))
-        _draw_lobes(nuc, lobes, max(0.09 * r, 2.0))
+        lobes = _lobe_chain(rng, n, r, lx, ly, (0.25, 0.32), rng.uniform(1.6, 2.0))
+        _draw_lobes(nuc, lobes, max(0.05 * r, 2.0))
         _dots(gran, rng, int(3.0 * r * r / 25), lx, ly, 0.92 * r, (0.006 * r + 0.5, 0.01 * r + 0.7))
-        cyto_od, gran_od, nuc_od, gran_amt = c["neut_cyto"], c["neut_gran"], c["nucleus"], 0.45
+        cyto_od, gran_od, nuc_od, gran_amt = c["neut_cyto"], c["neut_gran"], c["nucleus"], 0.25
     elif label == "eosinophil":
         n = int(rng.choice([2, 3], p=[0.8, 0.2]))
         lobes = _lobe_chain(rng, n, r, lx, ly, (0.25, 0.32), rng.uniform(1.7, 2.2))
