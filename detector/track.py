@@ -430,11 +430,12 @@ class Tracker:
         return iw * ih < 0.3 * area
 
     def leaving(self) -> list[Track]:
-        """Confirmed, undecided tracks that the stage moved out of view, or unseen in view for
-        ``decide_after`` frames: decide them now from what they have (they keep their id and
-        locked label if they come back)."""
+        """Confirmed, undecided tracks with at least one vote that the stage moved out of view,
+        or unseen in view for ``decide_after`` frames: decide them now from what they have
+        (they keep their id and locked label if they come back). A track without any vote waits
+        for its deletion (or the end of the stream): a return may still show it sharp."""
         o = self.options
-        return [t for t in self.tracks if t.confirmed and t.label is None
+        return [t for t in self.tracks if t.confirmed and t.label is None and t.votes
                 and (t.out_of_view or t.misses_in_view > o.decide_after)]
 
     def fully_in_view(self, dets: Detections) -> np.ndarray:
