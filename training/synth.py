@@ -131,11 +131,11 @@ _OD = {
     "neut_cyto": _od((206, 178, 192)),
     "neut_gran": _od((198, 165, 190)),
     "eos_cyto": _od((200, 185, 200)),
-    "eos_gran": _od((145, 125, 212)),
+    "eos_gran": _od((135, 105, 205)),
     "baso_gran": _od((172, 80, 122)),
     "baso_cyto": _od((200, 175, 195)),
     "lymph_cyto": _od((204, 180, 160)),
-    "mono_cyto": _od((190, 172, 172)),
+    "mono_cyto": _od((200, 176, 166)),
     "platelet": _od((200, 165, 180)),
     "platelet_gran": _od((185, 125, 155)),
 }
@@ -538,7 +538,7 @@ def _paint_wbc(p: _Painter, rng: np.random.Generator, label: str, cx: float, cy:
     x1, y1, x2, y2 = win
     h, w = y2 - y1, x2 - x1
     lx, ly = cx - x1, cy - y1
-    wob = 0.035 if label != "basophil" else 0.07
+    wob = {"basophil": 0.07, "monocyte": 0.06}.get(label, 0.035)
     _, cell = _shape_rho(h, w, lx, ly, r * rng.uniform(0.95, 1.05), r * rng.uniform(0.92, 1.0),
                          float(rng.uniform(0, math.pi)), _wobble(rng, wob, 6))
     nuc = np.zeros((h, w), np.float32)
@@ -552,10 +552,10 @@ def _paint_wbc(p: _Painter, rng: np.random.Generator, label: str, cx: float, cy:
         cyto_od, gran_od, nuc_od, gran_amt = c["neut_cyto"], c["neut_gran"], c["nucleus"], 0.25
     elif label == "eosinophil":
         n = int(rng.choice([2, 3], p=[0.8, 0.2]))
-        lobes = _lobe_chain(rng, n, r, lx, ly, (0.25, 0.32), rng.uniform(1.7, 2.2))
-        _draw_lobes(nuc, lobes, max(0.09 * r, 2.5))
-        gr = (0.025 * r + 0.8, 0.037 * r + 1.0)
-        _dots(gran, rng, int(1.1 * r * r / (gr[1] ** 2)), lx, ly, 0.92 * r, gr)
+        lobes = _lobe_chain(rng, n, r, lx, ly, (0.3, 0.37), rng.uniform(1.5, 1.9))
+        _draw_lobes(nuc, lobes, max(0.08 * r, 2.5))
+        gr = (0.02 * r + 0.8, 0.03 * r + 1.0)
+        _dots(gran, rng, int(0.8 * r * r / (gr[1] ** 2)), lx, ly, 0.92 * r, gr)
         cyto_od, gran_od, nuc_od, gran_amt = c["eos_cyto"], c["eos_gran"], c["nucleus"], 1.0
     elif label == "basophil":
         lobes = _lobe_chain(rng, int(rng.integers(2, 4)), r, lx, ly, (0.25, 0.33), 1.4)
@@ -564,7 +564,7 @@ def _paint_wbc(p: _Painter, rng: np.random.Generator, label: str, cx: float, cy:
         _dots(gran, rng, int(0.9 * r * r / (gr[1] ** 2)), lx, ly, 0.92 * r, gr)
         cyto_od, gran_od, nuc_od, gran_amt = c["baso_cyto"], c["baso_gran"], c["nucleus"] * 0.8, 1.0
     elif label == "lymphocyte":
-        frac = rng.uniform(0.62, 0.75) if large else rng.uniform(0.8, 0.9)
+        frac = rng.uniform(0.62, 0.75) if large else rng.uniform(0.84, 0.94)
         off = r * (1 - frac) * rng.uniform(0.2, 0.9)
         a = rng.uniform(0, 2 * math.pi)
         _, m = _shape_rho(h, w, lx + off * math.cos(a), ly + off * math.sin(a), frac * r,
@@ -580,10 +580,10 @@ def _paint_wbc(p: _Painter, rng: np.random.Generator, label: str, cx: float, cy:
     elif label == "monocyte":
         a = rng.uniform(0, 2 * math.pi)
         ncx, ncy = lx + 0.1 * r * math.cos(a), ly + 0.1 * r * math.sin(a)
-        ax, ay = r * rng.uniform(0.55, 0.66), r * rng.uniform(0.4, 0.5)
+        ax, ay = r * rng.uniform(0.6, 0.72), r * rng.uniform(0.48, 0.6)
         _, m = _shape_rho(h, w, ncx, ncy, ax, ay, a, _wobble(rng, 0.07, 5))
         # kidney / horseshoe: bite out of one long side
-        bite_r = ay * rng.uniform(0.6, 1.0)
+        bite_r = ay * rng.uniform(0.4, 0.75)
         bx = ncx - math.sin(a) * ay * rng.uniform(0.9, 1.3)
         by = ncy + math.cos(a) * ay * rng.uniform(0.9, 1.3)
         _, bite = _shape_rho(h, w, bx, by, bite_r, bite_r, 0.0, [])
@@ -591,7 +591,7 @@ def _paint_wbc(p: _Painter, rng: np.random.Generator, label: str, cx: float, cy:
         nv = int(rng.choice([0, 0, 1, 2, 3, 5]))
         _dots(gran, rng, nv, lx, ly, 0.8 * r, (0.04 * r, 0.08 * r))  # vacuoles
         cyto_od, gran_od, nuc_od, gran_amt = c["mono_cyto"], c["mono_cyto"], c["nucleus_mono"], -0.7
-        tex = 1.0 + 0.3 * _smooth_noise(rng, h, w, max(r * 0.02, 1.0))
+        tex = 1.0 + 0.18 * _smooth_noise(rng, h, w, max(r * 0.03, 1.0))
     else:
         raise ValueError(f"unknown cell type {label!r}")
     nuc = cv2.GaussianBlur(nuc, (0, 0), 0.8) * cell
