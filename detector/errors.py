@@ -1,4 +1,4 @@
-"""Errors that carry a one-line message meant for the user (the CLI prints them without a traceback)."""
+"""Errors that carry a one-line message for the user (the CLI prints them without a traceback)."""
 
 
 class HematoVisionError(Exception):

@@ -70,9 +70,12 @@ def _auth(text: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hematovision",
-        description="Segment, classify, track and count white blood cells in smear images and video.",
+        description="Segment, classify, track and count white blood cells in smear images "
+        "and video.",
     )
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    p.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)"
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     model_help = "model .tflite (its .json card beside it); default: the shipped model"
@@ -105,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--seconds", type=_positive_float, default=60.0, help="length (default 60)")
     y.add_argument("--fps", type=_positive_float, default=30.0, help="frame rate (default 30)")
     y.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    y.add_argument("--size", type=_size, default=(640, 480), help="frame size WxH (default 640x480)")
+    y.add_argument("--size", type=_size, default=(640, 480),
+                   help="frame size WxH (default 640x480)")
 
     t = sub.add_parser("train", help="train a MobileNetV2 cell classifier and export int8 TFLite")
     t.add_argument("data", nargs="+", help="folder-per-class trees and/or Pascal VOC folders "
@@ -116,11 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weights", type=str, default="imagenet",
                    help="imagenet (download via Keras), none, or a local .weights.h5 file")
     t.add_argument("--epochs", type=int, default=None,
-                   help="max fine-tuning epochs (early stopping may end sooner; default 30)")
+                   help="max fine-tuning epochs (early stopping may end sooner; default 15)")
     t.add_argument("--frozen-epochs", type=int, default=None,
-                   help="head-only epochs with the base frozen (default 6)")
+                   help="head-only epochs with the base frozen (default 5)")
     t.add_argument("--copies", type=_positive_int, default=None,
-                   help="crops per training image, extra ones with jittered box (default 4)")
+                   help="crops per training image, extra ones with jittered box (default 3)")
     t.add_argument("--min-images", type=_positive_int, default=None,
                    help="drop classes with fewer images (default 5)")
     t.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
