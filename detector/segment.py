@@ -57,7 +57,10 @@ Deliberate handling of the things that are not white cells:
 
 ``score`` is a segmentation confidence in [0, 1] from the nucleus contrast and how plausible its
 size is. ``data["sharpness"]`` is the variance of the Laplacian of the working-resolution grey
-image inside the box (a cheap focus measure, for choosing sharp sightings).
+image inside the box (a cheap focus measure, for choosing sharp sightings);
+``data["nucleus_area"]`` (full-res px) and ``data["nucleus_mass"]`` are the nucleus size and
+stain figures the filters used. Diagnostics of the last frame: ``last_rbc_diameter`` (full-res
+px), ``last_rbc_measured``, ``last_stain_density``, ``last_background``, ``last_nucleus_angle``.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ _RBC_DIR0 /= np.linalg.norm(_RBC_DIR0)
 #: "Absorbs more red light, less blue light" in BGR OD space.
 _BLUE_SHIFT = np.array([-1.0, 0.0, 1.0], dtype=np.float32)
 _ONES3 = np.ones(3, dtype=np.float32)
-#: Red-cell diameter / (2 x half-area opening radius), calibrated on BCCD red-cell boxes.
+#: Red-cell diameter / (2 x opening radius), calibrated on BCCD's annotated red-cell boxes.
 _GRANULOMETRY_CAL = 1.42
 #: Fraction of the red-cell area the opening must keep.
 _GRANULOMETRY_KEEP = 0.6
@@ -236,7 +239,8 @@ class Segmenter:
         u, m = self._rbc_direction(od2)
         self.last_stain_density = m
         theta, basis = self._nucleus_direction(od2, u, m)
-        # ab: OD off the red-cell direction (2 channels), in units of red-cell density.
+        # a, b: OD off the red-cell direction (two axes), in units of red-cell density; f is the
+        # nucleus-stain channel, off the any-hue magnitude used for cell bodies.
         a = cv2.transform(od, (basis[0] / m).reshape(1, 3))
         b = cv2.transform(od, (basis[1] / m).reshape(1, 3))
         f = cv2.addWeighted(a, float(np.cos(theta)), b, float(np.sin(theta)), 0.0)
