@@ -131,11 +131,11 @@ _OD = {
     "neut_cyto": _od((206, 178, 192)),
     "neut_gran": _od((198, 165, 190)),
     "eos_cyto": _od((200, 185, 200)),
-    "eos_gran": _od((135, 105, 205)),
+    "eos_gran": _od((150, 118, 184)),
     "baso_gran": _od((172, 80, 122)),
     "baso_cyto": _od((200, 175, 195)),
     "lymph_cyto": _od((204, 180, 160)),
-    "mono_cyto": _od((200, 176, 166)),
+    "mono_cyto": _od((204, 178, 160)),
     "platelet": _od((200, 165, 180)),
     "platelet_gran": _od((185, 125, 155)),
 }
@@ -580,10 +580,10 @@ def _paint_wbc(p: _Painter, rng: np.random.Generator, label: str, cx: float, cy:
     elif label == "monocyte":
         a = rng.uniform(0, 2 * math.pi)
         ncx, ncy = lx + 0.1 * r * math.cos(a), ly + 0.1 * r * math.sin(a)
-        ax, ay = r * rng.uniform(0.6, 0.72), r * rng.uniform(0.48, 0.6)
+        ax, ay = r * rng.uniform(0.68, 0.8), r * rng.uniform(0.55, 0.68)
         _, m = _shape_rho(h, w, ncx, ncy, ax, ay, a, _wobble(rng, 0.07, 5))
         # kidney / horseshoe: bite out of one long side
-        bite_r = ay * rng.uniform(0.4, 0.75)
+        bite_r = ay * rng.uniform(0.3, 0.6)
         bx = ncx - math.sin(a) * ay * rng.uniform(0.9, 1.3)
         by = ncy + math.cos(a) * ay * rng.uniform(0.9, 1.3)
         _, bite = _shape_rho(h, w, bx, by, bite_r, bite_r, 0.0, [])
