@@ -556,7 +556,7 @@ def _paint_wbc(p: _Painter, rng: np.random.Generator, label: str, cx: float, cy:
         _draw_lobes(nuc, lobes, max(0.08 * r, 2.5))
         gr = (0.02 * r + 0.8, 0.03 * r + 1.0)
         _dots(gran, rng, int(0.8 * r * r / (gr[1] ** 2)), lx, ly, 0.92 * r, gr)
-        cyto_od, gran_od, nuc_od, gran_amt = c["eos_cyto"], c["eos_gran"], c["nucleus"], 1.0
+        cyto_od, gran_od, nuc_od, gran_amt = c["eos_cyto"], c["eos_gran"], c["nucleus"] * 1.15, 1.0
     elif label == "basophil":
         lobes = _lobe_chain(rng, int(rng.integers(2, 4)), r, lx, ly, (0.25, 0.33), 1.4)
         _draw_lobes(nuc, lobes, max(0.1 * r, 2.5))
@@ -597,7 +597,7 @@ def _paint_wbc(p: _Painter, rng: np.random.Generator, label: str, cx: float, cy:
     nuc = cv2.GaussianBlur(nuc, (0, 0), 0.8) * cell
     gran = np.clip(cv2.GaussianBlur(gran, (0, 0), 0.6), 0, 1) * cell
     if label == "eosinophil":
-        gran *= 1 - 0.7 * nuc  # granules sit mostly beside the lobes
+        gran *= 1 - 0.9 * nuc  # granules sit mostly beside the lobes
     cyto = cell * (1 - nuc)
     od = cyto_od[None, None, :] * (cyto * (1 + 0.1 * (tex - 1)))[..., None]
     od += nuc_od[None, None, :] * (nuc * np.clip(tex, 0.4, 1.8))[..., None]
