@@ -168,8 +168,9 @@ def bench_viewers(counts: list[int], frames: int, model: str | None,
     return results
 
 
-def bench_live(seconds: float, model: str | None, browser: bool) -> dict[str, Any]:
-    """Real-time demo (30 fps) -> one MJPEG client and optionally chromium: fps and latency."""
+def bench_live(seconds: float, model: str | None, browser: bool,
+               viewers: int = 1) -> dict[str, Any]:
+    """Real-time demo (30 fps) -> MJPEG clients and optionally chromium: fps and latency."""
     from stream.app import create_app
 
     session = _session(realtime=True, model=model)
@@ -179,8 +180,8 @@ def bench_live(seconds: float, model: str | None, browser: bool) -> dict[str, An
         session.start()
         session.wait_jpeg(-1, timeout=10)
         time.sleep(1.0)
-        out = _MP.Array("d", 1)
-        proc = _MP.Process(target=_viewers_process, args=(port, 1, seconds, out))
+        out = _MP.Array("d", viewers)
+        proc = _MP.Process(target=_viewers_process, args=(port, viewers, seconds, out))
         d0 = session._source.dropped if session._source else 0
         proc.start()
         lat: list[float] = []
@@ -190,7 +191,9 @@ def bench_live(seconds: float, model: str | None, browser: bool) -> dict[str, An
             if session.latency_median_ms is not None:
                 lat.append(session.latency_median_ms)
         proc.join(timeout=seconds + 10)
+        res["viewers"] = viewers
         res["client_fps"] = round(out[0], 1)
+        res["client_fps_min"] = round(min(out[i] for i in range(viewers)), 1)
         res["analysis_fps"] = round(session.fps, 1)
         res["latency_median_ms"] = round(statistics.median(lat), 1) if lat else None
         res["dropped_during"] = (session._source.dropped if session._source else 0) - d0
@@ -337,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="demo frames analysed per viewer measurement (default 450)")
     ap.add_argument("--rounds", type=int, default=2, help="repeats of the viewer comparison")
     ap.add_argument("--browser", action="store_true", help="also measure in headless chromium")
+    ap.add_argument("--live-viewers", type=int, default=10,
+                    help="also run the live measurement with this many viewers (default 10)")
     ap.add_argument("--long-frames", type=int, default=0,
                     help="memory run over N frames (54000 = 30 min at 30 fps)")
     ap.add_argument("--long-serve", type=float, default=0.0,
@@ -355,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         report["viewers"] = bench_viewers(counts, args.frames, args.model, args.rounds)
     if "live" not in skip:
         report["live"] = bench_live(args.seconds, args.model, args.browser)
+        if args.live_viewers > 1:
+            report[f"live_{args.live_viewers}_viewers"] = bench_live(
+                args.seconds, args.model, False, viewers=args.live_viewers)
     if args.long_frames:
         report["long"] = bench_long(args.long_frames, args.model)
     if args.long_serve:
