@@ -17,6 +17,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import os
 import statistics
 import threading
 import time
@@ -696,4 +697,4 @@ def _round(value: float | None) -> float | None:
 
 def _default_out_dir() -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    return Path.home() / ".cache" / "hematovision" / "sessions" / stamp
+    return Path.home() / ".cache" / "hematovision" / "sessions" / f"{stamp}-{os.getpid()}"
