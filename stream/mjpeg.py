@@ -55,7 +55,7 @@ async def mjpeg_frames(
     loop = asyncio.get_running_loop()
     event = asyncio.Event()
 
-    def notify(_frame_id: int) -> None:
+    def notify(_seq: int) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the viewer is gone
             loop.call_soon_threadsafe(event.set)
 
@@ -67,8 +67,8 @@ async def mjpeg_frames(
         while closing is None or not closing.is_set():
             event.clear()
             pub = session.latest()
-            if pub.frame_id > last and pub.jpeg:
-                last = pub.frame_id
+            if pub.seq > last and pub.jpeg:
+                last = pub.seq
                 yield mjpeg_part(pub.jpeg)
                 sent += 1
                 if max_frames is not None and sent >= max_frames:

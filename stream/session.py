@@ -71,13 +71,18 @@ class CellThumb:
 
 @dataclass
 class Published:
-    """The latest output, replaced as a whole (readers never see a half-updated state)."""
+    """The latest output, replaced as a whole (readers never see a half-updated state).
+
+    ``seq`` numbers the published JPEGs of the session (it keeps growing when the source is
+    switched, unlike ``frame_id``, the source's frame index): viewers wait for a newer ``seq``.
+    """
 
     frame_id: int = -1
     jpeg: bytes = b""
     width: int = 0
     height: int = 0
     summary: dict[str, Any] = field(default_factory=dict)
+    seq: int = -1
 
 
 def wilson_interval(k: int, n: int) -> tuple[float, float]:
@@ -323,11 +328,11 @@ class Session:
         with self._cond:
             return self._pub
 
-    def wait_jpeg(self, after_id: int, timeout: float = 1.0) -> Published | None:
-        """Block until a JPEG newer than ``after_id`` exists (None on timeout)."""
+    def wait_jpeg(self, after_seq: int, timeout: float = 1.0) -> Published | None:
+        """Block until a JPEG with ``seq > after_seq`` is published (None on timeout)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._pub.frame_id <= after_id:
+            while self._pub.seq <= after_seq:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
@@ -335,7 +340,7 @@ class Session:
             return self._pub
 
     def add_listener(self, callback: Callable[[int], None]) -> None:
-        """Call ``callback(frame_id)`` from the worker after each new JPEG (keep it quick)."""
+        """Call ``callback(seq)`` from the worker after each new JPEG (keep it quick)."""
         with self._cond:
             self._listeners = [*self._listeners, callback]
 
@@ -547,15 +552,15 @@ class Session:
         self._jpeg_times.append(now)
         self._latency.append(now - (frame.t if source.monotonic_clock else received))
         self._stage.setdefault("jpeg", deque(maxlen=self._window)).append(t3 - t2)
-        pub = Published(frame.index, buf.tobytes(), annotated.shape[1], annotated.shape[0],
-                        summary or self._pub.summary)
         with self._cond:
+            pub = Published(frame.index, buf.tobytes(), annotated.shape[1], annotated.shape[0],
+                            summary or self._pub.summary, self._pub.seq + 1)
             self._pub = pub
             listeners = self._listeners
             self._cond.notify_all()
         for cb in listeners:
             try:
-                cb(frame.index)
+                cb(pub.seq)
             except Exception:  # noqa: BLE001
                 log.exception("listener failed")
 
@@ -573,7 +578,7 @@ class Session:
                 with self._cond:
                     pub = self._pub
                     self._pub = Published(pub.frame_id, pub.jpeg, pub.width, pub.height,
-                                          tally.summary())
+                                          tally.summary(), pub.seq)
 
     def _on_counted(self, event: Any, frame: Frame,
                     thumbs: dict[int, np.ndarray] | None = None) -> None:

@@ -126,7 +126,7 @@ def test_one_jpeg_per_analyzed_frame_whatever_the_viewers(tmp_path: Path) -> Non
         while not stop.is_set():
             pub = s.wait_jpeg(last, timeout=0.2)
             if pub is not None:
-                last = pub.frame_id
+                last = pub.seq
                 got[i].append(id(pub.jpeg))
 
     threads = [threading.Thread(target=viewer, args=(i,)) for i in range(10)]
@@ -325,3 +325,19 @@ def test_gallery_uses_the_analyzers_thumbnails(tmp_path: Path) -> None:
     assert len(cells) == 2
     img = cv2.imdecode(np.frombuffer(cells[0].jpeg, np.uint8), cv2.IMREAD_COLOR)
     assert img.shape == (96, 96, 3) and img[48, 48, 2] > 150 and img[48, 48, 1] < 50
+
+
+def test_viewers_get_frames_after_a_source_switch(tmp_path: Path) -> None:
+    """Frame indices restart with a new source; viewers still get every new JPEG."""
+    s, _ = _session(tmp_path, n=20)
+    s.start()
+    _wait_stopped(s)
+    last = s.latest()
+    assert last.frame_id == 19 and last.seq == 19
+    s.switch_source("other")
+    s.start()
+    pub = s.wait_jpeg(last.seq, timeout=5)
+    assert pub is not None and pub.frame_id < last.frame_id and pub.seq > last.seq
+    _wait_stopped(s)
+    assert s.latest().seq == 39
+    s.close()
