@@ -213,12 +213,18 @@ def status_html(stats: dict[str, Any]) -> str:
     lat = stats.get("latency_ms")
     rec = " &#9679; REC" if stats.get("recording") else ""
     return (f"<div class='hv-status'><span id='hv-state' style='color:{colour}'>{state}</span>"
-            f"{rec} &middot; source <code>{html.escape(str(stats.get('source', '')))}</code> "
+            f"{rec} &middot; source <code>{html.escape(_short_source(stats.get('source')))}</code> "
             f"&middot; model <code>{html.escape(str(stats.get('model', '')))}</code><br>"
             f"<span id='hv-fps'>{float(stats.get('fps', 0)):.1f}</span> fps analysed &middot; "
             f"latency {'-' if lat is None else f'{lat:.0f} ms'} &middot; "
             f"dropped {int(stats.get('dropped', 0))} &middot; viewers "
             f"{int(stats.get('viewers', 0))}</div>")
+
+
+def _short_source(source: Any) -> str:
+    """A file's name instead of its full (upload cache) path; URLs and cameras as they are."""
+    text = str(source or "")
+    return text if URL_RE.match(text) or "/" not in text else Path(text).name
 
 
 def gallery_html(cells: list[Any]) -> str:
