@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("data", nargs="+", help="folder-per-class trees and/or Pascal VOC folders "
                    "with wbc_types.csv")
     t.add_argument("--out", type=str, default="models/hematovision.tflite", help="output .tflite")
-    t.add_argument("--input-size", type=int, default=128, choices=[96, 112, 128, 160, 192, 224],
-                   help="model input side in pixels (default 128)")
+    t.add_argument("--input-size", type=int, default=112, choices=[96, 112, 128, 160, 192, 224],
+                   help="model input side in pixels (default 112, the shipped model)")
     t.add_argument("--weights", type=str, default="imagenet",
                    help="imagenet (download via Keras), none, or a local .weights.h5 file")
     t.add_argument("--epochs", type=int, default=None,

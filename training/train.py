@@ -40,7 +40,7 @@ class TrainConfig:
 
     data: list[str]
     out: str = "models/hematovision.tflite"
-    input_size: int = 128
+    input_size: int = 112
     weights: str = "imagenet"
     margin: float = 0.15
     seed: int = 0
