@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="per-stage timings and end-to-end frames per second")
     b.add_argument("--threads", type=_positive_int, default=1, help="inference threads (default 1)")
     b.add_argument("--json", action="store_true", help="print the figures as JSON")
+    b.add_argument("--serve", action="store_true",
+                   help="measure the live page instead: fps to viewers, capture-to-JPEG latency, "
+                   "1/2/10 viewers (python -m stream.bench_serve --help for more)")
     return p
 
 
@@ -152,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     module_name, func_name = _HANDLERS[args.command].split(":")
     try:
+        if args.command == "bench" and args.serve:
+            from stream import bench_serve
+
+            return int(bench_serve.main(["--json"] if args.json else []) or 0)
         handler = getattr(importlib.import_module(module_name), func_name)
         return int(handler(args) or 0)
     except HematoVisionError as exc:
