@@ -36,6 +36,9 @@ from detector.core import UNIDENTIFIED, Detections, Frame, box_iou
 
 log = logging.getLogger(__name__)
 
+#: Largest residual (half-size pixels) the fine phase-correlation step is trusted with.
+_FINE_REACH = 6.0
+
 
 @dataclass
 class TrackerOptions:
@@ -178,7 +181,6 @@ class Tracker:
         self.frame_index: int = -1
         self.frame_size: tuple[int, int] | None = None
         self._next_id = 1
-        self._prev: np.ndarray | None = None
         self._prev_half: np.ndarray | None = None
         self._window: np.ndarray | None = None
         self._window_fine: np.ndarray | None = None
@@ -199,42 +201,60 @@ class Tracker:
         return cv2.resize(green, (2 * w, 2 * h), interpolation=cv2.INTER_AREA)
 
     def _phase_shift(self, half: np.ndarray) -> tuple[float, float, float] | None:
-        """Global shift from the previous frame, coarse to fine, in full-resolution pixels.
+        """Global shift from the previous frame, in full-resolution pixels -> (dx, dy, response).
 
-        Coarse: phase correlation of the whole frame at half ``shift_size`` (80x60: cheap, and
-        it reaches +-320 px per frame at 640x480). Sub-pixel estimates at such small scales
-        are biased (a 160x120 whole-frame correlation under-reads slow pans by up to 30 %,
-        which adds up for tracks moved by dead reckoning), so a fine step correlates the
-        central ``shift_size`` patch of the half-size copies, the current one displaced by the
-        rounded coarse shift: 4x the resolution of a whole-frame 160x120 correlation. (Skipping
-        the fine step when the coarse one sees a still stage tripled the drift on the
-        simulator: slow creeps are read as still.)
+        Fine step: phase correlation of the central ``shift_size`` patch of the half-size copies,
+        the current patch displaced by a prediction of the shift (rounded). The prediction is
+        the previous frame's shift (a stage moves smoothly); when the fine step cannot confirm
+        it (weak response, or a residual beyond ``_FINE_REACH``), a coarse step - the whole
+        frame at half ``shift_size``, 80x60: reaches +-320 px per frame at 640x480 - predicts
+        instead, and the fine step runs again. The coarse step alone is not enough: sub-pixel
+        estimates at such small scales are biased (a 160x120 whole-frame correlation under-reads
+        slow pans by up to 30 %, which adds up for tracks moved by dead reckoning); skipping the
+        fine step on a still stage tripled the drift on the simulator (slow creeps read as still).
         """
         w, h = self.options.shift_size
         cur_half = half.astype(np.float32)
         if cur_half.shape != (2 * h, 2 * w):
             cur_half = cv2.resize(cur_half, (2 * w, 2 * h), interpolation=cv2.INTER_LINEAR)
-        cur = cv2.resize(cur_half, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
         y0, x0 = h // 2, w // 2
-        self.small_grey = cur_half[y0:y0 + h, x0:x0 + w]
-        prev, prev_half = self._prev, self._prev_half
-        self._prev, self._prev_half = cur, cur_half
-        if prev is None or prev_half is None:
+        self.small_grey = np.ascontiguousarray(cur_half[y0:y0 + h, x0:x0 + w])
+        prev_half, self._prev_half = self._prev_half, cur_half
+        if prev_half is None:
             return None
         if self._window is None:
             self._window = cv2.createHanningWindow((w // 2, h // 2), cv2.CV_32F)
             self._window_fine = cv2.createHanningWindow((w, h), cv2.CV_32F)
+        fw, fh = self.frame_size or (2 * w, 2 * h)
+        kx, ky = fw / (2 * w), fh / (2 * h)  # full-size pixels per half-size pixel
+        min_r = self.options.min_response
+
+        def fine(px: float, py: float) -> tuple[float, float, float] | None:
+            cx, cy = int(round(px)), int(round(py))
+            if abs(cx) > x0 or abs(cy) > y0:
+                return None
+            # contiguous copies: cv2.phaseCorrelate writes into non-contiguous inputs (it
+            # windowed the frames in place, corrupting them for the next frame)
+            p = np.ascontiguousarray(prev_half[y0:y0 + h, x0:x0 + w])
+            c = np.ascontiguousarray(cur_half[y0 + cy:y0 + cy + h, x0 + cx:x0 + cx + w])
+            (fx, fy), r = cv2.phaseCorrelate(p, c, self._window_fine)
+            if r < min_r or abs(fx) >= _FINE_REACH or abs(fy) >= _FINE_REACH:
+                return None
+            return cx + fx, cy + fy, float(r)
+
+        guess = fine(self.shift[0] / kx, self.shift[1] / ky)
+        if guess is not None and guess[2] >= 2 * min_r:
+            return guess[0] * kx, guess[1] * ky, guess[2]
+        small = (w // 2, h // 2)
+        prev = cv2.resize(prev_half, small, interpolation=cv2.INTER_AREA)
+        cur = cv2.resize(cur_half, small, interpolation=cv2.INTER_AREA)
         (dx, dy), response = cv2.phaseCorrelate(prev, cur, self._window)
         sx, sy = 4.0 * dx, 4.0 * dy  # in half-size pixels
-        cx, cy = int(round(sx)), int(round(sy))
-        if response >= self.options.min_response and abs(cx) <= x0 and abs(cy) <= y0:
-            p = prev_half[y0:y0 + h, x0:x0 + w]
-            c = cur_half[y0 + cy:y0 + cy + h, x0 + cx:x0 + cx + w]
-            (fx, fy), fine = cv2.phaseCorrelate(p, c, self._window_fine)
-            if fine >= self.options.min_response and abs(fx) < 5 and abs(fy) < 5:
-                sx, sy, response = cx + fx, cy + fy, max(response, fine)
-        fw, fh = self.frame_size or (2 * w, 2 * h)
-        return sx * fw / (2 * w), sy * fh / (2 * h), float(response)
+        if response >= min_r:
+            refined = fine(sx, sy)
+            if refined is not None:
+                sx, sy, response = refined[0], refined[1], max(response, refined[2])
+        return sx * kx, sy * ky, float(response)
 
     @staticmethod
     def _consensus(pred: np.ndarray, centers: np.ndarray, radius: np.ndarray,
