@@ -314,12 +314,11 @@ def evaluate_classification(
     card = load_card(model)
     clf = _Classifier(model, card)
     label_index = {c: i for i, c in enumerate(clf.labels)}
-    if voc:
-        from training.data import default_box_finder
+    from training.data import default_box_finder
 
-        ds = read_voc(data, default_box_finder())
-    else:
-        ds = read_class_folders(data, clf.rule, None)
+    # the same boxes as training: the segmenter's (GT / central-square fallback)
+    finder = default_box_finder()
+    ds = read_voc(data, finder) if voc else read_class_folders(data, clf.rule, finder)
     trained = card.get("trained_on", {}).get("datasets", [])
     val_images = card.get("split", {}).get("val_images")
     subset = "all images (not the model's training set)"
