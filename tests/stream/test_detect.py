@@ -185,3 +185,18 @@ def test_runtime_imports_no_tensorflow() -> None:
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_shipped_model_on_real_smear(shipped_model: Path, bccd_dir: Path,
+                                     capsys: pytest.CaptureFixture) -> None:
+    """The default model loads (card and tensors agree) and names the cell of a real smear."""
+    path = bccd_dir / "JPEGImages" / "BloodImage_00047.jpg"  # a lymphocyte, held out in training
+    code, out, err = _run(capsys, str(path), "--json", "--model", str(shipped_model))
+    assert code == 0 and err == []
+    rec = json.loads(out[0])
+    labels = json.loads(shipped_model.with_suffix(".json").read_text())["labels"]
+    assert len(rec["cells"]) >= 1
+    for c in rec["cells"]:
+        assert list(c["scores"]) == labels
+        assert c["label"] in [*labels, "unidentified"]
+        assert sum(c["scores"].values()) == pytest.approx(1.0, abs=0.02)
