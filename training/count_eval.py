@@ -3,8 +3,9 @@
 Runs the full analyzer (segment, track, classify, tally) over each ``video.mp4`` and compares what
 it counted with ``truth.json``:
 
-- **Truth total**: the white cells that were *fully in view* (``visible_fraction`` >= 0.999) in
-  at least ``MIN_FULL_FRAMES`` frames (0.1 s at 30 frames/s). A cell only ever seen cut by the
+- **Truth total**: the white cells that were *fully in view* (``visible_fraction`` >= 0.999 and
+  the box at least 1 px off the border) in at least ``MIN_FULL_FRAMES`` frames (0.1 s at 30
+  frames/s). A cell only ever seen cut by the
   frame border cannot be named, and is not counted by design, so it is not in the truth total.
 - **Matching**: every counted track is mapped to the truth cell it overlapped most (sum of IoU
   between the track's boxes and the truth boxes over the frames where the track was seen; at
@@ -61,12 +62,21 @@ def synth_folders(path: Path) -> list[Path]:
     return found
 
 
+def fully_visible(cell: dict[str, Any], w: int, h: int) -> bool:
+    """A truth cell entirely in the frame: ``visible_fraction`` >= 0.999 and its box off the
+    border by at least 1 px (a box reaching the border is a cell the border cuts)."""
+    x1, y1, x2, y2 = cell["box"]
+    return (cell.get("visible_fraction", 0.0) >= FULL_VISIBLE
+            and x1 >= 1 and y1 >= 1 and x2 <= w - 1 and y2 <= h - 1)
+
+
 def truth_cells(truth: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """Truth cells that count (fully in view >= MIN_FULL_FRAMES frames): id -> cell record."""
     full = Counter()
+    w, h = truth["size"]
     for ft in truth["frame_truth"]:
         for c in ft["cells"]:
-            if c.get("visible_fraction", 0.0) >= FULL_VISIBLE:
+            if fully_visible(c, w, h):
                 full[int(c["id"])] += 1
     cells = {int(c["id"]): c for c in truth["cells"]}
     return {i: {**cells[i], "full_frames": n} for i, n in full.items()
@@ -84,6 +94,7 @@ def evaluate_video(folder: Path, analyzer: Analyzer,
     if not cap.isOpened():
         raise InputError(f"{video}: not a readable video file")
     eligible = truth_cells(truth)
+    fw, fh = truth["size"]
     label_of_truth = {int(c["id"]): c["label"] for c in truth["cells"]}
     classifier = analyzer.classifier
     rule = getattr(classifier, "crop_rule", None)
@@ -112,8 +123,7 @@ def evaluate_video(folder: Path, analyzer: Analyzer,
             dets = res.detections
             if len(dets) and len(tids):
                 iou = box_iou(dets.xyxy, tboxes)
-                full_k = [k for k, c in enumerate(ft["cells"])
-                          if c.get("visible_fraction", 0.0) >= FULL_VISIBLE]
+                full_k = [k for k, c in enumerate(ft["cells"]) if fully_visible(c, fw, fh)]
                 for k in full_k:
                     if iou[:, k].max() >= MIN_IOU:
                         detected_full.add(tids[k])
@@ -124,8 +134,8 @@ def evaluate_video(folder: Path, analyzer: Analyzer,
                         best_iou[key] = max(best_iou[key], float(iou[j, k]))
             for c in ft["cells"]:
                 cid = int(c["id"])
-                if (rule is not None and cid in eligible
-                        and c.get("visible_fraction", 0) >= FULL_VISIBLE and n % 3 == 0):
+                if (rule is not None and cid in eligible and n % 3 == 0
+                        and fully_visible(c, fw, fh)):
                     blur = float(c.get("blur", ft.get("blur", 0.0)))
                     kept = best_crops[cid]
                     if len(kept) < CROPS_PER_CELL or blur < kept[-1][0]:
@@ -312,7 +322,8 @@ def evaluate_counting(path: Path, make: Callable[[], Analyzer],
         videos.append(evaluate_video(folder, make(), max_frames=max_frames))
     return {"per_video": videos, "overall": summarize(videos),
             "definition": {"truth_total": f"white cells fully in view (visible_fraction >= "
-                                          f"{FULL_VISIBLE}) in >= {MIN_FULL_FRAMES} frames",
+                                          f"{FULL_VISIBLE}, box >= 1 px off the border) in >= "
+                                          f"{MIN_FULL_FRAMES} frames",
                            "match": f"counted track -> truth cell with the largest IoU sum "
                                     f"(needs one frame with IoU >= {MIN_IOU})"}}
 

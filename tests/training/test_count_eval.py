@@ -71,8 +71,11 @@ def test_truth_total_definition(clips):
     truth = synth.load_truth(clips / "seed3")
     eligible = count_eval.truth_cells(truth)
     for cid, cell in eligible.items():
+        w, h = truth["size"]
         frames = [c for ft in truth["frame_truth"] for c in ft["cells"]
-                  if c["id"] == cid and c["visible_fraction"] >= 0.999]
+                  if c["id"] == cid and c["visible_fraction"] >= 0.999
+                  and c["box"][0] >= 1 and c["box"][1] >= 1
+                  and c["box"][2] <= w - 1 and c["box"][3] <= h - 1]
         assert len(frames) == cell["full_frames"] >= count_eval.MIN_FULL_FRAMES
 
 
