@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 
 from detector.core import UNIDENTIFIED
-from detector.crop import CropRule
 from detector.errors import InputError, ModelError
 
 log = logging.getLogger(__name__)
@@ -161,12 +160,9 @@ def save_confusion_png(fig: dict[str, Any], path: Path, title: str) -> None:
 
 
 def _default_model() -> Path:
-    try:
-        from detector.classify import default_model_path
+    from detector.classify import default_model_path
 
-        return Path(default_model_path())
-    except ImportError:
-        return Path(__file__).resolve().parent.parent / "models" / "hematovision.tflite"
+    return Path(default_model_path())
 
 
 def load_card(model: Path) -> dict:
@@ -182,26 +178,16 @@ def load_card(model: Path) -> dict:
 
 
 class _Classifier:
-    """detector.classify.CellClassifier when available, else the training TFLiteRunner."""
+    """The run-time CellClassifier, so the figures are those of the exported .tflite itself."""
 
     def __init__(self, model: Path, card: dict) -> None:
+        from detector.classify import CellClassifier
+
         self.backend = "detector.classify.CellClassifier"
-        try:
-            from detector.classify import CellClassifier
-
-            self._c = CellClassifier(model, num_threads=1)
-            self.labels = tuple(self._c.labels)
-            self.min_score = float(self._c.min_score)
-            self.rule = self._c.crop_rule
-        except ImportError:
-            from training.export import TFLiteRunner
-
-            log.warning("detector.classify not available: using training.export.TFLiteRunner")
-            self.backend = "training.export.TFLiteRunner"
-            self._c = TFLiteRunner(model)
-            self.labels = tuple(card["labels"])
-            self.min_score = float(card.get("min_score", 0.5))
-            self.rule = CropRule.from_dict(card.get("crop", {}))
+        self._c = CellClassifier(model, num_threads=1)
+        self.labels = tuple(self._c.labels)
+        self.min_score = float(self._c.min_score)
+        self.rule = self._c.crop_rule
 
     def classify_crops(self, crops: np.ndarray) -> np.ndarray:
         if not len(crops):
@@ -246,11 +232,8 @@ def _classify_dataset(clf: _Classifier, ds: Any, label_index: dict[str, int]) ->
 
 def _end_to_end(clf: _Classifier, samples: list, label_index: dict[str, int]) -> dict[str, Any]:
     """Segment each image, classify every found cell, score the one matched to the main GT WBC."""
-    try:
-        from detector.segment import Segmenter
-    except ImportError:
-        return {"available": False, "reason": "detector.segment not available"}
     from detector.crop import crop_cells
+    from detector.segment import Segmenter
     from training.data import match_box, read_image
 
     seg = Segmenter()
@@ -294,12 +277,10 @@ def _gt_box(sample: Any) -> tuple[float, ...]:
 
 def _detection(data: Path) -> dict[str, Any]:
     """Segmenter recall/precision/timing on every annotated image (SEG's detection_eval)."""
-    try:
-        from detector.segment import Segmenter
-        from training.detection_eval import evaluate_detection
-        from training.voc import read_voc as read_voc_records
-    except ImportError as exc:
-        return {"available": False, "reason": f"detection evaluation not available ({exc})"}
+    from detector.segment import Segmenter
+    from training.detection_eval import evaluate_detection
+    from training.voc import read_voc as read_voc_records
+
     result = evaluate_detection(read_voc_records(data), Segmenter(), progress=True, threads=1)
     result["failures"] = len(result.get("failures", []))
     return result
@@ -395,11 +376,15 @@ def print_summary(report: dict[str, Any]) -> None:
               f"{e2e['accuracy']:.3f} (WBC missed by the segmenter: {e2e['wbc_missed']})")
     det = report.get("detection")
     if det is not None:
-        if det.get("available", True):
-            short = {k: v for k, v in det.items() if isinstance(v, int | float | str)}
-            print(f"  detection: {json.dumps(short)}")
-        else:
-            print(f"  detection: not measured ({det.get('reason')})")
+        print(
+            f"  detection on {det['images']} images: recall {det['recall']:.3f}, precision "
+            f"{det['precision']:.3f} (tp {det['tp']}, fp {det['fp']}, fn {det['fn']}; a detection "
+            "matches a WBC box when its centre falls inside it, one to one)"
+        )
+        print(
+            f"  segmenter time per frame, {det['threads']} thread: median {det['ms_median']:.2f} "
+            f"ms, p95 {det['ms_p95']:.2f} ms"
+        )
     lat = report.get("latency_ms_per_crop")
     if lat:
         print(f"  int8 latency per crop, 1 thread: batch 1 {lat['batch1']} ms, "
@@ -420,13 +405,8 @@ def main(args: argparse.Namespace) -> int:
     if not data.is_dir():
         raise InputError(f"{data}: not a folder")
     if _is_synth(data):
-        try:
-            from training.count_eval import main_counting
-        except ImportError:
-            raise InputError(
-                f"{data}: a synth folder (truth.json), but counting evaluation "
-                "(training.count_eval) is not installed"
-            ) from None
+        from training.count_eval import main_counting
+
         return int(main_counting(args) or 0)
     model = Path(args.model) if getattr(args, "model", None) else _default_model()
     voc = is_voc(data)
