@@ -62,7 +62,7 @@ def expand_image_arg(arg: str) -> list[Path]:
             found.extend(sorted(p for p in d.iterdir()
                                 if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
         if not found:
-            raise InputError(f"{arg}: no files match")
+            raise InputError(f"{arg}: no images match this pattern")
         return found
     if path.exists():
         raise InputError(f"{arg}: not a file or folder")

@@ -20,7 +20,6 @@ tests can inject a fake ``cv2.VideoCapture``-like object.
 from __future__ import annotations
 
 import contextlib
-import glob
 import importlib.util
 import logging
 import os
@@ -36,11 +35,11 @@ import numpy as np
 
 from detector.core import Frame
 from detector.errors import InputError
+from stream.images import IMAGE_EXTENSIONS, expand_image_arg, read_image
 
 log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".webm", ".wmv"}
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 URL_RE = re.compile(r"^(rtsp|rtsps|http|https)://", re.IGNORECASE)
 
 #: Defaults for network streams (milliseconds).
@@ -615,19 +614,11 @@ def open_source(
 
     # Files, folders and globs
     path = Path(text).expanduser()
-    if any(ch in text for ch in "*?["):
-        paths = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file()
-                       and Path(p).suffix.lower() in IMAGE_EXTENSIONS)
+    if path.is_dir() or (not path.exists() and any(ch in text for ch in "*?[")):
+        paths = [p for p in expand_image_arg(text) if p.suffix.lower() in IMAGE_EXTENSIONS]
         if not paths:
             raise InputError(f"{text}: no images match this pattern")
         return _open_images(text, paths, realtime=realtime, fps=fps)
-    if path.is_dir():
-        paths = sorted(p for p in path.iterdir()
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not paths:
-            raise InputError(f"{path}: folder holds no images "
-                             f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
-        return _open_images(str(path), paths, realtime=realtime, fps=fps)
     if not path.exists():
         raise InputError(f"{path}: no such file, folder, camera or URL")
     if path.suffix.lower() in IMAGE_EXTENSIONS:
@@ -783,17 +774,9 @@ def _as_bgr(img: np.ndarray | None) -> np.ndarray | None:
 
 
 def _read_image(path: Path) -> np.ndarray | None:
-    """Read an image file as BGR (stream.images.read_image when available: 16-bit, RGBA...)."""
+    """An image file as BGR (16-bit, RGBA, grey handled); None, with a warning, if unreadable."""
     try:
-        from stream.images import read_image  # RUNTIME's robust reader
-    except ImportError:
-        read_image = None
-    if read_image is not None:
-        try:
-            return _as_bgr(np.asarray(read_image(path)))
-        except Exception as exc:  # noqa: BLE001 - an unreadable image is skipped, not fatal
-            log.warning("%s: %s", path, exc)
-            return None
-    data = np.fromfile(str(path), dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    return _as_bgr(img)
+        return _as_bgr(np.asarray(read_image(path)))
+    except InputError as exc:
+        log.warning("%s", exc)
+        return None

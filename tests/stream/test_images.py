@@ -65,7 +65,7 @@ def test_expand_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no such file or folder") as info:
         iter_image_paths([missing])
     assert str(info.value).startswith(missing)
-    with pytest.raises(InputError, match="no files match"):
+    with pytest.raises(InputError, match="no images match"):
         iter_image_paths([str(tmp_path / "*.jpg")])
 
 
