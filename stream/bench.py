@@ -74,38 +74,12 @@ def time_streaming(analyzer: Analyzer, video: Path) -> tuple[int, float, float]:
     return n, time.process_time() - c0, time.perf_counter() - t0
 
 
-def _synth_hash() -> str:
-    """Short hash of the simulator's source (a changed simulator renders a new clip)."""
-    import hashlib
-    import importlib.util
-
-    spec = importlib.util.find_spec("training.synth")
-    if spec is None or not spec.origin or not Path(spec.origin).is_file():
-        return "0"
-    return hashlib.sha1(Path(spec.origin).read_bytes()).hexdigest()[:8]
-
-
 def bench_clip() -> Path:
     """The reference clip, rendered by the simulator on first use and cached."""
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    folder = base / "hematovision" / f"bench-{BENCH_VERSION}-{_synth_hash()}"
-    video = folder / "video.mp4"
-    if video.is_file() and video.stat().st_size > 0:
-        return video
-    try:
-        from training import synth
-    except ImportError as exc:
-        raise InputError(f"bench needs the smear simulator (training.synth): {exc}") from None
-    tmp = Path(tempfile.mkdtemp(prefix="bench-", dir=base / "hematovision"
-                                if (base / "hematovision").is_dir() else None))
-    log.info("rendering the reference clip into %s (first use)", folder)
-    synth.render_video(tmp, seconds=CLIP_SECONDS, fps=CLIP_FPS, seed=CLIP_SEED, size=CLIP_SIZE,
-                       progress=False, **CLIP_SETTINGS)
-    folder.mkdir(parents=True, exist_ok=True)
-    for item in tmp.iterdir():
-        os.replace(item, folder / item.name)
-    tmp.rmdir()
-    return video
+    from training import synth
+
+    return synth.cached_video(f"bench-{BENCH_VERSION}", seconds=CLIP_SECONDS, fps=CLIP_FPS,
+                              seed=CLIP_SEED, size=CLIP_SIZE, **CLIP_SETTINGS)
 
 
 def decode_all(video: Path) -> tuple[list[np.ndarray], float, float]:

@@ -20,9 +20,7 @@ tests can inject a fake ``cv2.VideoCapture``-like object.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
-import os
 import re
 import threading
 import time
@@ -504,51 +502,12 @@ def _open_video_file(path: Path) -> Device:
 # The demo video
 
 
-def demo_cache_dir() -> Path:
-    """Where the demo video is cached (~/.cache/hematovision/demo-<version>/)."""
-    try:
-        from importlib.metadata import version
-
-        pkg = version("hematovision")
-    except Exception:  # noqa: BLE001 - not installed: running from a checkout
-        pkg = "dev"
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "hematovision" / f"demo-{pkg}.{DEMO_VERSION}-{_synth_fingerprint()}"
-
-
-def _synth_fingerprint() -> str:
-    """Short hash of the simulator's source: a changed simulator renders a new demo."""
-    import hashlib
-
-    spec = importlib.util.find_spec("training.synth")
-    origin = Path(spec.origin) if spec is not None and spec.origin else None
-    if origin is None or not origin.is_file():
-        return "0"
-    return hashlib.sha1(origin.read_bytes()).hexdigest()[:8]
-
-
 def demo_video_path() -> Path:
-    """The simulator's demo video, rendered on first use (needs training.synth) and cached."""
-    folder = demo_cache_dir()
-    video = folder / "video.mp4"
-    if video.is_file() and video.stat().st_size > 0:
-        return video
-    try:
-        from training import synth
-    except ImportError as exc:
-        raise InputError(f"the demo needs the smear simulator (training.synth): {exc}") from None
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    log.warning("rendering the demo video into %s (first use only, about a minute)", folder)
-    synth.render_video(tmp, seconds=DEMO_SECONDS, fps=DEMO_FPS, seed=0, size=DEMO_SIZE,
-                       progress=False)
-    for item in tmp.iterdir():
-        os.replace(item, folder / item.name)
-    tmp.rmdir()
-    if not video.is_file():
-        raise InputError(f"the simulator did not write {video}")
-    return video
+    """The simulator's demo video, rendered on first use (about a minute) and cached."""
+    from training import synth
+
+    return synth.cached_video(f"demo-{DEMO_VERSION}", seconds=DEMO_SECONDS, fps=DEMO_FPS,
+                              seed=0, size=DEMO_SIZE)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1242,6 +1242,37 @@ def render_video(out_dir: str | Path, seconds: float = 60.0, fps: float = 30.0, 
     return out
 
 
+def cache_root() -> Path:
+    """Where rendered clips are cached: $XDG_CACHE_HOME/hematovision (default ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hematovision"
+
+
+def cached_video(name: str, seconds: float, fps: float = 30.0, seed: int = 0,
+                 size: tuple[int, int] = (640, 480), **settings: Any) -> Path:
+    """``video.mp4`` of a clip rendered once and cached (the demo, the bench's reference clip).
+
+    The cache folder's name carries a hash of the parameters and of this module's source, so a
+    changed simulator or clip renders anew instead of replaying a stale file. Rendering goes to a
+    temporary folder first, so an interrupted render never leaves a half-written clip behind.
+    """
+    import hashlib
+
+    key = json.dumps([seconds, fps, seed, list(size), sorted(settings.items())], default=str)
+    digest = hashlib.sha1(key.encode() + Path(__file__).read_bytes()).hexdigest()[:10]
+    folder = cache_root() / f"{name}-{digest}"
+    video = folder / "video.mp4"
+    if video.is_file() and video.stat().st_size > 0:
+        return video
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    log.warning("rendering the %s clip into %s (first use only)", name, folder)
+    render_video(tmp, seconds=seconds, fps=fps, seed=seed, size=size, progress=False, **settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in tmp.iterdir():
+        os.replace(item, folder / item.name)
+    tmp.rmdir()
+    return video
+
+
 def _fail(path: Path, what: str) -> InputError:
     return InputError(f"{path}: not a valid synth truth file: {what}")
 
