@@ -49,6 +49,13 @@ def _total(page) -> int:  # noqa: ANN001
     return int(text) if text.strip().isdigit() else -1
 
 
+def _stable_total(page) -> bool:  # noqa: ANN001
+    """The total shown stays the same across two page refreshes (the timer ticks every second)."""
+    a = _total(page)
+    time.sleep(2.5)
+    return a >= 0 and _total(page) == a
+
+
 def _wait(pred, timeout: float, step: float = 0.25):  # noqa: ANN001, ANN202
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -120,10 +127,18 @@ def test_live_page_shows_video_counts_and_reset(served: str, tmp_path: Path) -> 
             assert _wait(lambda: _total(page) >= 1, 90), "no cell counted on the page"
             page.screenshot(path=str(tmp_path / "live.png"), full_page=True)
 
-            # reset returns them to zero
+            # pause holds the count; reset then returns it to zero (paused, so no cell in view
+            # can be counted again before the page refreshes, however slow the machine)
+            page.click("#hv-pause")
+            held = _wait(lambda: _stable_total(page), 10)
+            assert held, "the count kept changing while paused"
             page.click("#hv-reset")
             assert _wait(lambda: _total(page) == 0, 10), f"total after reset: {_total(page)}"
             page.screenshot(path=str(tmp_path / "after-reset.png"), full_page=True)
+            page.click("#hv-start")  # resume: the video moves again
+            before = page.evaluate(FRAME_SIGNATURE_JS)[2]
+            assert _wait(lambda: page.evaluate(FRAME_SIGNATURE_JS)[2] != before, 20), \
+                "the video did not resume after start"
 
             # the export offers the report files for download
             page.click("#hv-export")
