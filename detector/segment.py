@@ -28,7 +28,9 @@ image set):
    off the red-cell direction (any hue: lilac, blue or eosinophil-orange cytoplasm) above
    ``cell_level``, connected to the nucleus and within ``max_cytoplasm`` red-cell diameters of
    it; a body shared by two cells is split between them by distance to each nucleus. The box is
-   the body's bounding box.
+   the body's bounding box. A body reaching the frame border is checked at a firmer level: when
+   only faint stain (a vignetted corner, a pale neighbour) joins it to the border, that stain is
+   dropped, so a cell standing clear of the border is not flagged ``touches_edge``.
 
 Scale: all sizes are in red-cell diameters. The diameter is estimated per frame from the red-cell
 mask by granulometry (the disc radius whose morphological opening keeps 60 % of the red-cell area,
@@ -44,7 +46,10 @@ Deliberate handling of the things that are not white cells:
 
 - **Platelets** are purple like nuclei but tiny: a nucleus group smaller than ``min_nucleus_area``
   red-cell areas is rejected (a platelet is ~0.05 red-cell areas, the smallest lymphocyte nucleus
-  ~0.35). Platelet clumps right next to a white cell are not merged into it unless they are within
+  ~0.35), and so is one with little nuclear stain (``min_nucleus_mass``: pale granular giant
+  platelets); a nucleus with between half and all of that stain is kept only inside a white
+  cell's cytoplasm (``min_weak_cytoplasm``), which keeps small-lobed nuclei in defocused frames.
+  Platelet clumps right next to a white cell are not merged into it unless they are within
   the merge distance.
 - **Stain debris / precipitate and dust** are small or not blue-shifted (dark grey dirt absorbs all
   channels alike and scores ~0 on the nucleus channel); groups larger than ``max_cell_diameter``
@@ -91,6 +96,9 @@ _GRANULOMETRY_KEEP = 0.6
 #: direction (Romanowsky nuclei are violet, not pure blue), and how far a frame may move it.
 _NUCLEUS_ANGLE = float(np.radians(-35.0))
 _ANGLE_CONE = float(np.radians(70.0))
+#: Least share of a border-reaching body that must be firm cytoplasm (``edge_level``) for the
+#: faint rest to be judged stain beyond the cell (BCCD's cells at the border: 0.7-0.95).
+_FIRM_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,16 @@ class SegmenterOptions:
         min_nucleus_mass: least nuclear stain: the core's stain above ``nucleus_level`` summed
             over its area, in red-cell areas x ``nucleus_level``. Separates dense nuclei from
             pale granular giant platelets and platelet clumps of similar area.
+        weak_nucleus_mass: a nucleus with less stain than ``min_nucleus_mass`` but at least
+            this fraction of it is still a white cell when a cell body surrounds it (see
+            ``min_weak_cytoplasm``): defocus and motion blur spread the stain below
+            ``nucleus_level`` and so cut the mass of small-lobed nuclei, and a red-cell size read
+            large (crisp cells with filled centres) makes the rule stricter.
+        min_weak_cytoplasm: cytoplasm (body beyond the nucleus core), in red-cell areas, that
+            such a faint nucleus needs; platelets and platelet clumps have none.
+        edge_level: a cell whose body reaches the frame border is cut by it only when its body
+            at ``edge_level`` x ``cell_level`` (firm cytoplasm) reaches the border too; faint
+            stain beyond (vignetted corners, pale neighbours) neither cuts it nor widens its box.
         max_cell_diameter: largest nucleus group extent; bigger stained areas are smears or clumps
             (generous, so that an underestimated red-cell size never drops a large cell).
         min_edge_depth: a cell cut by the frame border is reported only when it reaches at least
@@ -137,6 +155,9 @@ class SegmenterOptions:
     merge_distance: float = 0.2
     min_nucleus_area: float = 0.15
     min_nucleus_mass: float = 0.22
+    weak_nucleus_mass: float = 0.5
+    min_weak_cytoplasm: float = 1.0
+    edge_level: float = 1.5
     max_cell_diameter: float = 5.0
     min_edge_depth: float = 0.6
     max_cytoplasm: float = 0.5
@@ -206,6 +227,17 @@ def _percentile_u8(hist: np.ndarray, q: float) -> float:
     """q-th percentile of a 256-bin histogram."""
     cdf = np.cumsum(hist)
     return float(np.searchsorted(cdf, cdf[-1] * q / 100.0))
+
+
+def _connected_to(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """The parts of boolean ``mask`` (8-connected) that touch the boolean ``seed`` pixels."""
+    nb, lab = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    if nb <= 2:
+        return mask
+    connected = np.zeros(nb, dtype=bool)
+    connected[lab[seed & mask]] = True
+    connected[0] = False
+    return connected[lab]
 
 
 class Segmenter:
@@ -389,13 +421,14 @@ class Segmenter:
             i
             for i in range(1, n)
             if core_area[i] >= opt.min_nucleus_area * rbc_area
-            and mass[i] >= opt.min_nucleus_mass
+            and mass[i] >= opt.weak_nucleus_mass * opt.min_nucleus_mass
             and max(stats[i, 2], stats[i, 3]) - 2 * rm <= opt.max_cell_diameter * d
         ]
         if not keep:
             return _no_cells()
         # Cytoplasm is faint but wide: average before thresholding (thin red-cell rims drop out).
-        body = (cv2.blur(off, (5, 5)) > opt.cell_level).astype(np.uint8)
+        smooth = cv2.blur(off, (5, 5))
+        body = (smooth > opt.cell_level).astype(np.uint8)
         body = cv2.morphologyEx(body, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
         body |= core
         reach = max(1, int(round(opt.max_cytoplasm * d)))
@@ -413,15 +446,36 @@ class Segmenter:
                 dist_oth = cv2.distanceTransform((~others).astype(np.uint8), cv2.DIST_L2, 3)
                 region &= dist_own <= dist_oth
             # Keep the part of the body connected to this nucleus.
-            nb, blab = cv2.connectedComponents(region.astype(np.uint8), connectivity=8)
-            if nb > 2:
-                connected = np.zeros(nb, dtype=bool)
-                connected[blab[own]] = True
-                connected[0] = False
-                region = connected[blab]
+            region = _connected_to(region, own)
+            if mass[i] < opt.min_nucleus_mass and (
+                np.count_nonzero(region) - np.count_nonzero(own) < opt.min_weak_cytoplasm * rbc_area
+            ):
+                continue  # faint nucleus without a white cell's cytoplasm around it
             ys, xs = np.nonzero(region)
             bx1, bx2 = int(xs.min()) + x1, int(xs.max()) + x1 + 1
             by1, by2 = int(ys.min()) + y1, int(ys.max()) + y1 + 1
+            if bx1 <= 0 or by1 <= 0 or bx2 >= ws or by2 >= hs:
+                # Reaching the border: is that the cell, or faint stain next to it (a vignetted
+                # corner, a pale neighbour)? Only body at a confident level counts as cut.
+                firm = region & (smooth[y1:y2, x1:x2] > opt.edge_level * opt.cell_level)
+                firm = _connected_to(firm | own, own)
+                fy, fx = np.nonzero(firm)
+                # (a cell whose cytoplasm is faint all over keeps its whole body: nothing tells
+                # its faint stain from faint stain beyond it)
+                if fx.size >= _FIRM_FRACTION * np.count_nonzero(region) and not (
+                    fx.min() + x1 <= 0
+                    or fy.min() + y1 <= 0
+                    or fx.max() + x1 + 1 >= ws
+                    or fy.max() + y1 + 1 >= hs
+                ):
+                    # The cell stands clear of the border: its mask is the firm body with the
+                    # faint rim around it (0.1 red-cell diameters), not the faint stain beyond.
+                    g = max(1, int(round(0.1 * d)))
+                    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * g + 1,) * 2)
+                    region = region & (cv2.dilate(firm.astype(np.uint8), disc) > 0)
+                    ys, xs = np.nonzero(region)
+                    bx1, bx2 = int(xs.min()) + x1, int(xs.max()) + x1 + 1
+                    by1, by2 = int(ys.min()) + y1, int(ys.max()) + y1 + 1
             depth = []
             if bx1 <= 0 or bx2 >= ws:
                 depth.append(bx2 - bx1)

@@ -102,6 +102,63 @@ def test_cell_cut_by_border_is_reported_touching_edge() -> None:
     assert det.xyxy[0, 0] == 0.0
 
 
+def small_lobed_cell(cytoplasm: bool, blur: float = 3.0) -> np.ndarray:
+    """A neutrophil with three small lobes (16x13 px) in a 180 px lilac cytoplasm at the centre
+    of a smear, defocused; without ``cytoplasm`` the lobes lie on bare glass (like a loose clump
+    of platelets)."""
+    img = smear(cells=()).astype(np.float32)
+    img[150:330, 230:410] = BG
+    if cytoplasm:
+        cv2.circle(img, (320, 240), 90, (200, 140, 180), -1, cv2.LINE_AA)
+    for dx, dy in ((-30, -10), (0, 20), (30, -10)):
+        cv2.ellipse(img, (320 + dx, 240 + dy), (16, 13), 30, 0, 360, NUC, -1)
+    img = cv2.GaussianBlur(img, (0, 0), blur)
+    img += np.random.default_rng(0).normal(0, 3, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_faint_small_lobed_nucleus_counts_only_inside_cytoplasm() -> None:
+    # Regression: small lobes in a defocused frame carry less than min_nucleus_mass (the cell was
+    # never detected); inside a white cell's cytoplasm they are still a cell ...
+    det = Segmenter().find(small_lobed_cell(cytoplasm=True))
+    assert len(det) == 1
+    assert box_iou(det.xyxy, cell_box(320, 240))[0, 0] > 0.7
+    assert det.data["nucleus_mass"][0] < SegmenterOptions().min_nucleus_mass
+    # ... while the same faint stain on bare glass is not.
+    assert len(Segmenter().find(small_lobed_cell(cytoplasm=False))) == 0
+
+
+def _synth_frame(seed: int, index: int, cell_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """One simulator frame and the truth box of one of its white cells."""
+    synth = pytest.importorskip("training.synth")
+    bgr, truth = synth.SlideSimulator(seed=seed).frame(index)
+    box = [c["box"] for c in truth["cells"] if int(c["id"]) == cell_id]
+    assert box, f"simulator no longer shows cell {cell_id} in frame {index} of seed {seed}"
+    return bgr, np.array(box, np.float32)
+
+
+def test_cell_clear_of_the_border_is_not_cut_by_faint_stain_beyond_it() -> None:
+    # Regression (simulator seed 13, frame 1351): a neutrophil 29 px below the top border, with
+    # faint stain (vignetted corner) joining its cytoplasm to the border; it was boxed up to the
+    # border and flagged touches_edge, so the tracker never judged it.
+    bgr, truth = _synth_frame(13, 1351, 6)
+    assert truth[0, 1] > 20
+    det = Segmenter().find(bgr)
+    iou = box_iou(det.xyxy, truth)[:, 0]
+    k = int(iou.argmax())
+    assert iou[k] > 0.85
+    assert not det.touches_edge[k]
+    assert det.xyxy[k, 1] > 8
+
+
+def test_defocused_small_lobed_neutrophil_in_simulator_frame_is_found() -> None:
+    # Regression (simulator seed 11, frame 905): a small-lobed neutrophil in a defocused frame
+    # (blur ~1.7 px) was never detected while in view.
+    bgr, truth = _synth_frame(11, 905, 8)
+    det = Segmenter().find(bgr)
+    assert len(det) and box_iou(det.xyxy, truth)[:, 0].max() > 0.7
+
+
 def test_boxes_are_in_full_resolution_pixels_at_any_frame_size() -> None:
     # A 960x720 frame at 1.5x the magnification (red cells 150 px), analysed 160 px wide.
     seg = Segmenter(SegmenterOptions(working_width=160))
