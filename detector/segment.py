@@ -39,7 +39,9 @@ estimate is implausible (outside 0.4-2.5x), the configured ``rbc_diameter`` is u
 magnifications and cameras work without retuning. The opening radius is calibrated to BCCD's
 annotated red-cell boxes (x1.42: red cells with open pale centres read small as binary masks);
 on BCCD 90 % of frames fall within -16 % / +20 % of the annotated size. Crisp cells with filled
-centres read up to ~1/3 large, which only makes the size rules stricter by that much.
+centres read up to ~1/3 large (the simulator's red cells read 1.2-1.4x), which makes the nucleus
+size and stain rules stricter by up to ~2x in area terms; the cytoplasm rule for faint nuclei
+(``weak_nucleus_mass``) keeps such frames' small-lobed cells.
 Overexposed frames (clipped glass) use the configured diameter.
 
 Deliberate handling of the things that are not white cells:
