@@ -366,6 +366,19 @@ class CellClassifier:
         q = np.clip(np.round(x / scale) + zero, info.min, info.max).astype(self._in_dtype)
         return q.view(np.uint8)  # cv2.LUT maps 8-bit to 8-bit; the int8 bytes are viewed back
 
+    # -- read-only views ------------------------------------------------------------------------
+
+    @property
+    def input_details(self) -> dict[str, Any]:
+        """The interpreter's input tensor details (dtype, shape at the current batch size,
+        quantization ...), for checks and tools; a copy, changing it changes nothing."""
+        return dict(self._interp.get_input_details()[0])
+
+    @property
+    def output_details(self) -> dict[str, Any]:
+        """The interpreter's output tensor details (see :attr:`input_details`)."""
+        return dict(self._interp.get_output_details()[0])
+
     # -- inference ------------------------------------------------------------------------------
 
     def _preprocess(self, crops_bgr: np.ndarray) -> np.ndarray:

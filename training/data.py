@@ -15,7 +15,7 @@ Two kinds of data set are read:
   main one and the labelled cell is the larger in BCCD's convention; we take the largest). The crop
   comes from the *segmenter's* box for that cell (the detection whose centre lies inside the GT box,
   the best IoU if several), so training sees the boxes the run time produces; if the segmenter
-  misses it (or is not installed) the GT box is used and counted in ``DataSet.info``.
+  misses it the GT box is used and counted in ``DataSet.info``.
 
 Every sample keeps its image id as ``group``: splits are made by group, never by crop or copy.
 """
@@ -88,13 +88,10 @@ class DataSet:
 # ----------------------------------------------------------------------------------- segmenter
 
 
-def default_box_finder() -> BoxFinder | None:
-    """The run-time segmenter as a box finder, or None when detector/segment.py is not available."""
-    try:
-        from detector.segment import Segmenter
-    except ImportError:
-        log.warning("detector.segment not available: using ground-truth / central boxes")
-        return None
+def default_box_finder() -> BoxFinder:
+    """The run-time segmenter as a box finder (training crops come from the boxes users get)."""
+    from detector.segment import Segmenter
+
     seg = Segmenter()
 
     def find(bgr: np.ndarray) -> np.ndarray:

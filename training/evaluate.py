@@ -321,11 +321,17 @@ def evaluate_classification(
         "crop_box_sources": dict(ds.info.get("sources", {})),
         "classification": fig,
     }
-    float_model = float_model or find_float_model(model)
-    if float_model is not None:
-        from training.export import TFLiteRunner
+    from detector.classify import CellClassifier
 
-        pf = TFLiteRunner(float_model).classify_crops(x)
+    pf, float_missing = None, "no float export found (runs/NAME/NAME.float.tflite)"
+    if float_model is not None:  # asked for: a model that does not load is an error
+        pf = CellClassifier(float_model).classify_crops(x)
+    elif (float_model := find_float_model(model)) is not None:
+        try:
+            pf = CellClassifier(float_model).classify_crops(x)
+        except ModelError as exc:  # e.g. an export from before float cards were written
+            float_missing = f"found float export not loadable: {exc}"
+    if pf is not None:
         report["float_vs_int8"] = {
             "float_model": str(float_model),
             "compared": "float32 TFLite export of the same Keras weights vs the int8 file, "
@@ -335,8 +341,7 @@ def evaluate_classification(
             "float_accuracy": round(float(np.mean(pf.argmax(1) == y)), 4),
         }
     else:
-        report["float_vs_int8"] = {"available": False,
-                                   "reason": "no float export found (runs/NAME/NAME.float.tflite)"}
+        report["float_vs_int8"] = {"available": False, "reason": float_missing}
     if voc:
         report["end_to_end"] = _end_to_end(clf, kept, label_index)
     from training.export import measure_latency
@@ -370,6 +375,8 @@ def print_summary(report: dict[str, Any]) -> None:
     if "top1_agreement" in fv:
         print(f"  float vs int8 top-1 agreement: {fv['top1_agreement']:.3f} "
               f"(max |dp| {fv['max_abs_prob_diff']:.3f})")
+    elif fv:
+        print(f"  float vs int8: not compared ({fv.get('reason')})")
     e2e = report.get("end_to_end")
     if e2e and e2e.get("available"):
         print(f"  end-to-end (segment+classify): {e2e['correct']}/{e2e['images']} = "

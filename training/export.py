@@ -1,10 +1,14 @@
-"""Full-integer int8 TFLite export, a small TFLite runner, latency measurement and the model card.
+"""Full-integer int8 TFLite export, the float reference export, latency and the model cards.
 
 The int8 model takes RGB crops scaled to [-1, 1] (x/127.5 - 1) and quantized with the input
 tensor's scale/zero point, and outputs int8 softmax probabilities. Calibration uses REAL training
 crops preprocessed exactly as at run time plus photometric variants of the same crops (other
 stains/microscopes), never random noise; one auto-levels copy of a real crop makes the
 input range [-1, 1] (step 2/255), so no pixel level clips.
+
+Both exports get a card beside them (``NAME.json``, ``NAME.float.json``), so the run-time
+``detector.classify.CellClassifier`` loads either: every figure training and evaluation publish
+comes from the code users run.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from typing import Any
 import numpy as np
 
 from detector.crop import CropRule
-from detector.errors import ModelError
 from training.data import preprocess
 
 log = logging.getLogger(__name__)
@@ -146,7 +149,10 @@ def export_int8(
 
 
 def export_float(model: Any, out: str | Path) -> Path:
-    """Write a float32 .tflite of the same Keras model (for float-vs-int8 comparisons)."""
+    """Write a float32 .tflite of the same Keras model (for float-vs-int8 comparisons).
+
+    Give it a card with ``write_card(out, float_card(card))`` before loading it.
+    """
     data = _converter(model).convert()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -154,102 +160,23 @@ def export_float(model: Any, out: str | Path) -> Path:
     return out
 
 
-def _interpreter_class() -> Any:
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:  # pragma: no cover - fallbacks as in DESIGN.md
-        try:
-            from tflite_runtime.interpreter import Interpreter
-        except ImportError:
-            import tensorflow as tf
-
-            Interpreter = tf.lite.Interpreter  # noqa: N806
-    return Interpreter
-
-
-class TFLiteRunner:
-    """Minimal .tflite runner (int8/uint8 or float input) on BGR uint8 crops -> probabilities.
-
-    Same contract as detector.classify.CellClassifier.classify_crops; used by training code so the
-    exported file itself is what gets measured.
-    """
-
-    def __init__(self, path: str | Path, num_threads: int = 1) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ModelError(f"{self.path}: model file not found")
-        self._interp = _interpreter_class()(model_path=str(self.path), num_threads=num_threads)
-        self._interp.allocate_tensors()
-        self._in = self._interp.get_input_details()[0]
-        self._out = self._interp.get_output_details()[0]
-        self.size = int(self._in["shape"][1])
-        self.num_classes = int(self._out["shape"][-1])
-        self._batch = 1
-
-    @property
-    def input_details(self) -> dict:
-        return self._in
-
-    @property
-    def output_details(self) -> dict:
-        return self._out
-
-    def _resize(self, n: int) -> None:
-        if n != self._batch:
-            self._interp.resize_tensor_input(self._in["index"], [n, self.size, self.size, 3])
-            self._interp.allocate_tensors()
-            self._in = self._interp.get_input_details()[0]
-            self._out = self._interp.get_output_details()[0]
-            self._batch = n
-
-    def quantize_input(self, crops_bgr: np.ndarray) -> np.ndarray:
-        dtype = self._in["dtype"]
-        if dtype in (np.int8, np.uint8):
-            # the same float64 table as detector.classify (pixel level -> input code)
-            scale, zero = self._in["quantization"]
-            info = np.iinfo(dtype)
-            x = np.arange(256, dtype=np.float64) / 127.5 - 1.0
-            lut = np.clip(np.round(x / scale) + zero, info.min, info.max).astype(dtype)
-            return lut[np.ascontiguousarray(crops_bgr[..., ::-1])]
-        return preprocess(crops_bgr).astype(dtype)
-
-    def invoke_raw(self, x: np.ndarray) -> np.ndarray:
-        self._resize(len(x))
-        self._interp.set_tensor(self._in["index"], x)
-        self._interp.invoke()
-        return self._interp.get_tensor(self._out["index"]).copy()
-
-    def classify_crops(self, crops_bgr: np.ndarray, batch: int = 32) -> np.ndarray:
-        """(N, S, S, 3) BGR uint8 -> (N, C) float32 probabilities."""
-        outs = []
-        for i in range(0, len(crops_bgr), batch):
-            y = self.invoke_raw(self.quantize_input(crops_bgr[i : i + batch]))
-            if self._out["dtype"] in (np.int8, np.uint8):
-                scale, zero = self._out["quantization"]
-                y = (y.astype(np.float32) - zero) * scale
-            outs.append(y.astype(np.float32))
-        if not outs:
-            return np.zeros((0, self.num_classes), np.float32)
-        return np.concatenate(outs)
-
-
 def measure_latency(path: str | Path, batch: int = 1, threads: int = 1, runs: int = 50) -> float:
-    """Median milliseconds per crop of invoking ``path`` with ``batch`` crops on ``threads``."""
-    r = TFLiteRunner(path, num_threads=threads)
-    r._resize(batch)
+    """Median milliseconds per crop of ``CellClassifier.classify_crops`` on ``batch`` crops.
+
+    The run-time path itself (colour conversion + LUT, one invoke, dequantization), on random
+    uint8 crops, ``threads`` interpreter threads, after 5 warm-up calls.
+    """
+    from detector.classify import CellClassifier
+
+    clf = CellClassifier(path, num_threads=threads)
     rng = np.random.default_rng(0)
-    dtype = r.input_details["dtype"]
-    if dtype in (np.int8, np.uint8):
-        info = np.iinfo(dtype)
-        x = rng.integers(info.min, info.max, (batch, r.size, r.size, 3)).astype(dtype)
-    else:
-        x = rng.uniform(-1, 1, (batch, r.size, r.size, 3)).astype(dtype)
+    crops = rng.integers(0, 256, (batch, clf.size, clf.size, 3), dtype=np.uint8)
     for _ in range(5):
-        r.invoke_raw(x)
+        clf.classify_crops(crops)
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        r.invoke_raw(x)
+        clf.classify_crops(crops)
         times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1000.0 / batch)
 
@@ -287,3 +214,13 @@ def write_card(tflite_path: str | Path, card: dict) -> Path:
     path = Path(tflite_path).with_suffix(".json")
     path.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def float_card(card: dict) -> dict:
+    """The card of the float32 reference export: the int8 card with a float32 input, marked."""
+    out = json.loads(json.dumps(card))  # deep copy
+    out["name"] = f"{card['name']}.float"
+    out["input"]["dtype"] = "float32"
+    out["note"] = ("float32 reference export of the same Keras weights, for float-vs-int8 "
+                   "comparisons only; not for shipping (the int8 model is the product)")
+    return out

@@ -191,12 +191,13 @@ def train(cfg: TrainConfig) -> dict:
     """
     import keras
 
+    from detector.classify import CellClassifier
     from training.evaluate import bootstrap_ci, classification_figures
     from training.export import (
-        TFLiteRunner,
         build_card,
         export_float,
         export_int8,
+        float_card,
         measure_latency,
         write_card,
     )
@@ -286,12 +287,17 @@ def train(cfg: TrainConfig) -> dict:
     model.save(run_dir / "final.keras")
     export_int8(model, calib, out, max_samples=cfg.calib_max, augmented_copies=cfg.calib_copies)
     float_path = export_float(model, run_dir / f"{out.stem}.float.tflite")
+    # provisional cards (no evaluation yet) so the run-time CellClassifier loads both files;
+    # rewritten in full below
+    card = build_card(out.stem, classes, rule, cfg.min_score, {}, {}, {}, {})
+    write_card(out, card)
+    write_card(float_path, float_card(card))
 
     # ---- held-out evaluation of the exported int8 file itself
     evaluation: dict[str, Any] = {"on": "held-out validation split (images never trained on)"}
     if len(y_va):
-        p_int8 = TFLiteRunner(out).classify_crops(x_va)
-        p_float = TFLiteRunner(float_path).classify_crops(x_va)
+        p_int8 = CellClassifier(out).classify_crops(x_va)
+        p_float = CellClassifier(float_path).classify_crops(x_va)
         p_keras = model.predict(preprocess(x_va), verbose=0)
         evaluation["int8"] = classification_figures(y_va, p_int8, classes, cfg.min_score,
                                                     MAIN_CLASSES)
@@ -368,6 +374,7 @@ def train(cfg: TrainConfig) -> dict:
     card = build_card(out.stem, classes, rule, cfg.min_score, trained_on, split, recipe,
                       evaluation)
     write_card(out, card)
+    write_card(float_path, float_card(card))
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     return card
 

@@ -70,6 +70,7 @@ def test_evaluate_class_folders_prints_and_writes_report(tmp_path, capsys):
     assert main(_args(t["data"], t["model"], tmp_path / "rep", float_model)) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "macro-F1" in out and "neutrophil" in out
+    assert "float vs int8 top-1 agreement" in out
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert rep["classification"]["n"] == 4  # the 2 held-out originals x 2 copies only
     assert (tmp_path / "rep" / "confusion.png").stat().st_size > 1000

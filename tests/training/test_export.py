@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from training.export import PREPROCESSING, TFLiteRunner
+from detector.classify import CellClassifier
+from training.export import PREPROCESSING
 
 
 @pytest.mark.train
@@ -15,7 +16,7 @@ def test_int8_model_tensors_and_card():
     from tests.training.tiny_data import tiny_training
 
     t = tiny_training()
-    r = TFLiteRunner(t["model"])
+    r = CellClassifier(t["model"])
     assert r.input_details["dtype"] == np.int8 and r.output_details["dtype"] == np.int8
     assert list(r.input_details["shape"]) == [1, 32, 32, 3]
     assert r.output_details["shape"][-1] == 2
@@ -27,7 +28,7 @@ def test_int8_model_tensors_and_card():
     assert lo <= -1.0 + scale and hi >= 1.0 - scale
     assert scale <= 2.0 / 255.0 * 1.02
     pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, 3)
-    codes = r.quantize_input(pixels)[..., 0].ravel().astype(np.float64)
+    codes = r._preprocess(pixels)[..., 0].ravel().astype(np.float64)  # the run-time LUT
     # x/127.5 - 1 with a step of 2/255 lands on half steps: 255 distinct codes (only the top
     # level shares one), each pixel within half a step of its exact value, none clipped
     assert len(np.unique(codes)) >= 255
@@ -67,8 +68,8 @@ def test_int8_output_agrees_with_float_model_on_real_crops():
     t = tiny_training()
     ds = load_datasets([t["data"]], CropRule(size=32), finder=None, min_images=2)
     crops, _ = cut_crops(ds.samples, CropRule(size=32))
-    p8 = TFLiteRunner(t["model"]).classify_crops(crops)
-    pf = TFLiteRunner(t["run_dir"] / "tiny.float.tflite").classify_crops(crops)
+    p8 = CellClassifier(t["model"]).classify_crops(crops)
+    pf = CellClassifier(t["run_dir"] / "tiny.float.tflite").classify_crops(crops)
     assert p8.shape == pf.shape == (16, 2)
     np.testing.assert_allclose(p8.sum(1), 1.0, atol=0.03)
     assert np.abs(p8 - pf).max() < 0.1
@@ -77,13 +78,18 @@ def test_int8_output_agrees_with_float_model_on_real_crops():
 
 
 @pytest.mark.train
-def test_cell_classifier_loads_the_exported_model():
-    classify = pytest.importorskip("detector.classify")
+def test_float_export_has_its_own_card():
     from tests.training.tiny_data import tiny_training
 
     t = tiny_training()
-    clf = classify.CellClassifier(t["model"])
-    assert tuple(clf.labels) == ("neutrophil", "lymphocyte")
-    crops = np.zeros((3, 32, 32, 3), np.uint8)
-    probs = clf.classify_crops(crops)
-    np.testing.assert_allclose(probs, TFLiteRunner(t["model"]).classify_crops(crops), atol=1e-6)
+    clf = CellClassifier(t["run_dir"] / "tiny.float.tflite")
+    assert clf.card.input_dtype == "float32" and clf.input_details["dtype"] == np.float32
+    assert clf.labels == ("neutrophil", "lymphocyte")
+    int8_card = json.loads(t["model"].with_suffix(".json").read_text())
+    float_card = json.loads((t["run_dir"] / "tiny.float.json").read_text())
+    assert "not for shipping" in float_card["note"]
+    for key in ("labels", "crop", "preprocessing", "min_score", "split", "evaluation"):
+        assert float_card[key] == int8_card[key]
+    probs = clf.classify_crops(np.zeros((3, 32, 32, 3), np.uint8))
+    assert probs.shape == (3, 2) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)

@@ -7,15 +7,15 @@ import json
 import numpy as np
 import pytest
 
+from detector.classify import CellClassifier
 from detector.core import CELL_TYPES
 from detector.crop import CropRule, crop_cells
 from training.data import read_image, read_voc
-from training.export import TFLiteRunner
 
 
 def test_card_matches_tensors(shipped_model):
     card = json.loads(shipped_model.with_suffix(".json").read_text())
-    r = TFLiteRunner(shipped_model)
+    r = CellClassifier(shipped_model)
     assert r.input_details["dtype"] == np.int8 and r.output_details["dtype"] == np.int8
     size = card["input"]["size"]
     assert list(r.input_details["shape"]) == [1, size, size, 3]
@@ -36,8 +36,7 @@ def test_card_matches_tensors(shipped_model):
 
 
 def test_cell_classifier_loads_shipped_model(shipped_model):
-    classify = pytest.importorskip("detector.classify")
-    clf = classify.CellClassifier(shipped_model)
+    clf = CellClassifier(shipped_model)
     card = json.loads(shipped_model.with_suffix(".json").read_text())
     assert list(clf.labels) == card["labels"] and clf.crop_rule.size == card["input"]["size"]
 
@@ -52,7 +51,7 @@ def test_classifies_real_validation_crops(shipped_model, bccd_dir):
     assert len(samples) >= 40
     crops = np.concatenate([crop_cells(read_image(s.image), np.array([s.box]), rule)
                             for s in samples])
-    probs = TFLiteRunner(shipped_model).classify_crops(crops)
+    probs = CellClassifier(shipped_model).classify_crops(crops)
     pred = [card["labels"][i] for i in probs.argmax(1)]
     truth = [s.label for s in samples]
     acc = np.mean([p == t for p, t in zip(pred, truth, strict=True)])
