@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -251,10 +250,10 @@ class Session:
     def reset(self) -> None:
         """Start a new count: fresh tracker and tally (same model and settings)."""
         with self._lock:
-            if hasattr(self._analyzer, "reset"):
-                self._analyzer.reset()
-            else:
+            if self._analyzer is None:
                 self._analyzer = self._build_analyzer()
+            else:
+                self._analyzer.reset()
             self._cells.clear()
             self._log_event({"event": "reset"})
             with self._cond:
@@ -266,7 +265,8 @@ class Session:
             raise HematoVisionError(f"target must be >= 1, got {n}")
         with self._lock:
             self.settings.target = n
-            _apply_target(self._analyzer, n)
+            if self._analyzer is not None:
+                self._analyzer.set_target(n)
             self._log_event({"event": "target", "target": n})
 
     def set_min_score(self, value: float) -> None:
@@ -275,7 +275,8 @@ class Session:
             raise HematoVisionError(f"min score must be between 0 and 1, got {value}")
         with self._lock:
             self.settings.min_score = value
-            _apply_min_score(self._analyzer, value)
+            if self._analyzer is not None:
+                self._analyzer.set_min_score(value)
             self._log_event({"event": "min_score", "min_score": value})
 
     def switch_model(self, model: str | None) -> None:
@@ -525,7 +526,7 @@ class Session:
             t0 = time.perf_counter()
             result = analyzer.process(frame)
             t1 = time.perf_counter()
-            annotated = _render(analyzer, result, self.fps)
+            annotated = analyzer.render(result, fps=self.fps or None)
             t2 = time.perf_counter()
             summary = dict(getattr(result, "summary", {}) or {})
             counted = list(getattr(result, "counted", []) or [])
@@ -634,15 +635,7 @@ class Session:
                 self._recording = False
 
 
-# -------------------------------------------------------------------- analyzer duck-typing
-
-
-def _render(analyzer: Any, result: Any, fps: float) -> np.ndarray:
-    try:
-        takes_fps = "fps" in inspect.signature(analyzer.render).parameters
-    except (TypeError, ValueError):
-        takes_fps = False
-    return analyzer.render(result, fps=fps or None) if takes_fps else analyzer.render(result)
+# -------------------------------------------------------------------- helpers
 
 
 def _labels_of(analyzer: Any) -> list[str]:
@@ -651,24 +644,6 @@ def _labels_of(analyzer: Any) -> list[str]:
     if labels and UNIDENTIFIED not in labels:
         labels.append(UNIDENTIFIED)
     return labels
-
-
-def _apply_target(analyzer: Any, n: int) -> None:
-    if hasattr(analyzer, "set_target"):
-        analyzer.set_target(n)
-        return
-    tally = getattr(analyzer, "tally", None)
-    if tally is not None and hasattr(tally, "target"):
-        tally.target = n
-
-
-def _apply_min_score(analyzer: Any, value: float) -> None:
-    if hasattr(analyzer, "set_min_score"):
-        analyzer.set_min_score(value)
-        return
-    clf = getattr(analyzer, "classifier", None)
-    if clf is not None and hasattr(clf, "min_score"):
-        clf.min_score = value
 
 
 def _thumbnail(bgr: np.ndarray, box: Any, side: int = 96) -> bytes | None:

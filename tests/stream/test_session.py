@@ -56,6 +56,12 @@ class FakeAnalyzer:
     def set_target(self, n: int) -> None:
         self.target = n
 
+    def set_min_score(self, value: float) -> None:
+        self.classifier.min_score = value
+
+    def finish(self) -> list[dict]:
+        return []
+
     def process(self, frame: Frame) -> FakeResult:
         self.processed += 1
         counted = []
@@ -70,7 +76,7 @@ class FakeAnalyzer:
                                     for k, v in self.counts.items()}}
         return FakeResult(frame, Detections.empty(), counted, summary, {"segment": 0.001})
 
-    def render(self, result: FakeResult) -> np.ndarray:
+    def render(self, result: FakeResult, fps: float | None = None) -> np.ndarray:
         self.renders += 1
         return result.frame.bgr.copy()
 
