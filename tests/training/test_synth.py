@@ -300,32 +300,44 @@ def test_cli_handler(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert synth.main(ns) == 0
 
 
-def test_segmenter_finds_the_white_cells_of_synthetic_frames() -> None:
-    """The runtime segmenter, unchanged, works on simulator frames as on real photographs."""
+def _segmenter_score(sim: SlideSimulator, cells: list, rng: np.random.Generator,
+                     jitter: tuple[float, float], blur: tuple[float, float],
+                     frame_index: bool = False) -> tuple[int, int, int]:
+    """Views around ``cells`` (off centre by up to ``jitter`` px, focus blur sigma in ``blur``):
+    (white cells > 95% in view, how many of them the segmenter found, its unmatched detections)."""
     from detector.segment import Segmenter
     from training.detection_eval import match_centres
 
     seg = Segmenter()
     found = total = false = 0
+    for cell in cells:
+        x1, y1, x2, y2 = cell.box
+        x0 = (x1 + x2) / 2 - 320 + rng.uniform(-jitter[0], jitter[0])
+        y0 = (y1 + y2) / 2 - 240 + rng.uniform(-jitter[1], jitter[1])
+        sigma = float(rng.uniform(*blur))
+        index = int(rng.integers(100)) if frame_index else 0
+        bgr = sim.view(x0, y0, sigma=sigma, index=index)
+        in_view = sim.cells_in_view(x0, y0, sigma)
+        gt = np.array([c["box"] for c in in_view], float).reshape(-1, 4)
+        pairs, unmatched_pred, _ = match_centres(seg.find(bgr).xyxy, gt)
+        hit = {j for _, j in pairs}
+        for j, c in enumerate(in_view):
+            if c["visible_fraction"] > 0.95:
+                total += 1
+                found += j in hit
+        false += len(unmatched_pred)
+    return total, found, false
+
+
+def test_segmenter_finds_the_white_cells_of_synthetic_frames() -> None:
+    """The runtime segmenter, unchanged, works on simulator frames as on real photographs."""
+    found = total = false = 0
     rng = np.random.default_rng(0)
     for seed in (0, 3):
         sim = SlideSimulator(seed=seed, size=(640, 480), fps=10)
-        for cell in sim.cells:  # a view around every white cell, off centre
-            x1, y1, x2, y2 = cell.box
-            x0 = (x1 + x2) / 2 - 320 + rng.uniform(-120, 120)
-            y0 = (y1 + y2) / 2 - 240 + rng.uniform(-80, 80)
-            sigma = float(rng.uniform(0.5, 2.0))
-            bgr = sim.view(x0, y0, sigma=sigma, index=int(rng.integers(100)))
-            cells = sim.cells_in_view(x0, y0, sigma)
-            det = seg.find(bgr)
-            gt = np.array([c["box"] for c in cells], float).reshape(-1, 4)
-            pairs, unmatched_pred, _ = match_centres(det.xyxy, gt)
-            hit = {j for _, j in pairs}
-            for j, c in enumerate(cells):
-                if c["visible_fraction"] > 0.95:
-                    total += 1
-                    found += j in hit
-            false += len(unmatched_pred)
+        # a view around every white cell, off centre
+        t, f, x = _segmenter_score(sim, sim.cells, rng, (120, 80), (0.5, 2.0), frame_index=True)
+        total, found, false = total + t, found + f, false + x
     assert total >= 10
     assert found / total >= 0.9
     assert false <= 2
@@ -335,26 +347,8 @@ def test_segmenter_finds_the_white_cells_of_synthetic_frames() -> None:
 def test_segmenter_finds_each_cell_type_alone(label: str) -> None:
     """Frames holding one type only (e.g. eosinophils, whose granules could pull the
     segmenter's stain estimate) still give the segmenter every white cell."""
-    from detector.segment import Segmenter
-    from training.detection_eval import match_centres
-
-    seg = Segmenter()
     sim = SlideSimulator(seed=8, size=(640, 480), fps=10, wbc_mix={label: 1.0}, all_types=False)
     rng = np.random.default_rng(1)
-    found = total = 0
-    for cell in sim.cells[:6]:
-        x1, y1, x2, y2 = cell.box
-        x0 = (x1 + x2) / 2 - 320 + rng.uniform(-100, 100)
-        y0 = (y1 + y2) / 2 - 240 + rng.uniform(-70, 70)
-        sigma = float(rng.uniform(0.5, 1.5))
-        cells = sim.cells_in_view(x0, y0, sigma)
-        det = seg.find(sim.view(x0, y0, sigma=sigma))
-        gt = np.array([c["box"] for c in cells], float).reshape(-1, 4)
-        pairs, _, _ = match_centres(det.xyxy, gt)
-        hit = {j for _, j in pairs}
-        for j, c in enumerate(cells):
-            if c["visible_fraction"] > 0.95:
-                total += 1
-                found += j in hit
+    total, found, _ = _segmenter_score(sim, sim.cells[:6], rng, (100, 70), (0.5, 1.5))
     assert total >= 4
     assert found / total >= 0.8, f"{label}: {found}/{total}"
