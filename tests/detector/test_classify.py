@@ -210,32 +210,23 @@ def test_corrupt_tflite(tmp_path: Path, content: bytes) -> None:
 
 
 @train
-def test_labels_count_mismatch(tiny_models: Path, tmp_path: Path) -> None:  # noqa: F811
-    path = _copy(tiny_models, "int8", tmp_path,
-                 card_for("m", dtype="int8", labels=("neutrophil", "lymphocyte")))
+@pytest.mark.parametrize(
+    ("variant", "card", "expected"),
+    [
+        ("int8", dict(dtype="int8", labels=("neutrophil", "lymphocyte")),
+         "outputs 3 classes but the card lists 2 labels"),
+        ("int8", dict(dtype="int8", size=64), "32x32 but the card says input.size 64"),
+        ("int8", dict(dtype="uint8"), "input tensor is int8 but the card says uint8"),
+        ("int32in", None, "unsupported input tensor dtype int32"),
+    ],
+    ids=["labels-count", "input-size", "dtype", "unsupported-dtype"],
+)
+def test_card_and_tensors_disagree(tiny_models: Path, tmp_path: Path, variant: str,  # noqa: F811
+                                   card: dict | None, expected: str) -> None:
+    """A card that disagrees with the tensors is a ModelError naming the model file."""
+    path = _copy(tiny_models, variant, tmp_path, card_for("m", **card) if card else "same")
     msg = _error(path)
-    assert msg.startswith(str(path)) and "outputs 3 classes but the card lists 2 labels" in msg
-
-
-@train
-def test_input_size_mismatch(tiny_models: Path, tmp_path: Path) -> None:  # noqa: F811
-    path = _copy(tiny_models, "int8", tmp_path, card_for("m", dtype="int8", size=64))
-    msg = _error(path)
-    assert msg.startswith(str(path)) and "32x32 but the card says input.size 64" in msg
-
-
-@train
-def test_dtype_mismatch(tiny_models: Path, tmp_path: Path) -> None:  # noqa: F811
-    path = _copy(tiny_models, "int8", tmp_path, card_for("m", dtype="uint8"))
-    msg = _error(path)
-    assert msg.startswith(str(path)) and "input tensor is int8 but the card says uint8" in msg
-
-
-@train
-def test_unsupported_tensor_dtype(tiny_models: Path, tmp_path: Path) -> None:  # noqa: F811
-    path = _copy(tiny_models, "int32in", tmp_path)
-    msg = _error(path)
-    assert msg.startswith(str(path)) and "unsupported input tensor dtype int32" in msg
+    assert msg.startswith(str(path)) and expected in msg
 
 
 @train
