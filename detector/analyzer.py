@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import cv2
 import numpy as np
 
-from detector.core import UNIDENTIFIED, Detections, Frame
-from detector.focus import SharpGate, cell_sharpness, frame_sharpness
+from detector.core import Detections, Frame
+from detector.focus import SharpGate, cell_sharpness, sharpness
 from detector.tally import Tally
 from detector.track import Track, Tracker, finalize_track
 
@@ -99,7 +99,6 @@ class Analyzer:
         self.clock = clock
         self._label_of: Callable[[np.ndarray], tuple[str, float]] = classifier.label_of
         self._last_index: int | None = None
-        self.frames = 0
 
     def reset(self) -> None:
         """Start a new slide: tracks, counts and focus statistics forgotten."""
@@ -107,7 +106,6 @@ class Analyzer:
         self.tally.reset()
         self.frame_gate.reset()
         self._last_index = None
-        self.frames = 0
 
     def process(self, frame: Frame | np.ndarray, still: bool = False) -> FrameResult:
         """Analyse one frame (BGR image or Frame).
@@ -144,7 +142,6 @@ class Analyzer:
         summary = self.tally.summary()
         thumbs = self._thumbs(counted, finished)
         timings["tally"] = clock() - t3
-        self.frames += 1
         return FrameResult(frame=frame, detections=dets, counted=counted, summary=summary,
                            timings=timings, classified=n_cls, thumbs=thumbs)
 
@@ -182,7 +179,6 @@ class Analyzer:
         t3 = clock()
         dets.data["label"] = names
         dets.data["judged"] = full
-        self.frames += 1
         return FrameResult(frame=frame, detections=dets, counted=counted,
                            summary=self.tally.summary(),
                            timings={"segment": t1 - t0, "track": t2 - t1, "classify": t3 - t2,
@@ -236,7 +232,7 @@ class Analyzer:
         grey = self.tracker.small_grey
         frame_ok = True
         if grey is not None:
-            frame_ok = self.frame_gate.check(frame_sharpness(grey))
+            frame_ok = self.frame_gate.check(sharpness(grey))  # on the tracker's small grey frame
         due: list[Track] = self.tracker.due_for_vote()
         if not due or not frame_ok:
             return 0
@@ -298,8 +294,3 @@ def _thumb(bgr: np.ndarray, box: np.ndarray, side: int = THUMB) -> np.ndarray | 
     if c - a < 2 or d - b < 2:
         return None
     return cv2.resize(bgr[b:d, a:c], (side, side), interpolation=cv2.INTER_AREA)
-
-
-def label_names(labels: Sequence[str]) -> tuple[str, ...]:
-    """Labels of a model plus ``unidentified`` (the order the tally and reports use)."""
-    return tuple(labels) + (() if UNIDENTIFIED in labels else (UNIDENTIFIED,))

@@ -8,7 +8,7 @@ made with a message that names the expected and the actual shape.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +17,12 @@ import numpy as np
 #: a given model can output; ``UNIDENTIFIED`` is added by the runtime for low-confidence cells.
 CELL_TYPES: tuple[str, ...] = ("neutrophil", "eosinophil", "lymphocyte", "monocyte", "basophil")
 UNIDENTIFIED = "unidentified"
+
+
+def with_unidentified(labels: Sequence[str]) -> tuple[str, ...]:
+    """A model's labels plus ``unidentified``: the order the tally and reports use."""
+    names = tuple(str(x) for x in labels)
+    return names if UNIDENTIFIED in names else (*names, UNIDENTIFIED)
 
 
 @dataclass(frozen=True)

@@ -51,11 +51,6 @@ def cell_sharpness(image: np.ndarray, box: np.ndarray, side: int = PATCH_SIDE) -
     return sharpness(patch)
 
 
-def frame_sharpness(small_grey: np.ndarray) -> float:
-    """Focus measure of a frame, taken on the small grey patch the tracker already made."""
-    return sharpness(small_grey)
-
-
 class SharpGate:
     """Says whether a focus value is sharp enough, relative to the recent values it has seen.
 

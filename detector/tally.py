@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from detector.core import UNIDENTIFIED
+from detector.core import UNIDENTIFIED, with_unidentified
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,7 @@ class Tally:
     def __init__(self, labels: Sequence[str], target: int = 100) -> None:
         if target < 1:
             raise ValueError(f"target must be >= 1, got {target}")
-        names = [str(x) for x in labels]
-        if UNIDENTIFIED not in names:
-            names.append(UNIDENTIFIED)
-        self.labels: tuple[str, ...] = tuple(names)
+        self.labels: tuple[str, ...] = with_unidentified(labels)
         self.target = int(target)
         self.counts: dict[str, int] = {}
         self.events: list[dict[str, Any]] = []

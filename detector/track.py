@@ -84,9 +84,7 @@ class Track:
     box: np.ndarray
     first_frame: int
     last_frame: int
-    hits: int = 1
     misses: int = 0
-    age: int = 1
     confirmed: bool = False
     seen_now: bool = True
     full_now: bool = False
@@ -105,19 +103,6 @@ class Track:
     size: np.ndarray | None = None
     last_box: np.ndarray | None = None
     thumb: np.ndarray | None = None
-
-    @property
-    def state(self) -> str:
-        """tentative, confirmed, lost or deleted."""
-        if self.deleted:
-            return "deleted"
-        if not self.confirmed:
-            return "tentative"
-        return "confirmed" if self.misses == 0 else "lost"
-
-    @property
-    def decided(self) -> bool:
-        return self.label is not None
 
     def add_vote(self, probs: np.ndarray) -> None:
         """Add one sighting's class probabilities (ignored once the label is locked)."""
@@ -359,7 +344,6 @@ class Tracker:
             t.full_now = bool(full[di])
             t.box = self._unclipped(detections.xyxy[di], t, bool(t.full_now))
             t.last_box = detections.xyxy[di].copy()
-            t.hits += 1
             t.misses = t.misses_in_view = 0
             t.last_frame = self.frame_index
             t.seen_now, t.det_index = True, di
@@ -367,7 +351,6 @@ class Tracker:
             t.recent.append(True)
             track_id[di] = t.id
         for ti, t in enumerate(self.tracks):
-            t.age += period
             if ti not in matched_tracks:
                 t.misses += period
                 t.seen_now, t.det_index, t.full_now = False, -1, False

@@ -32,6 +32,7 @@ import numpy as np
 
 from detector.core import UNIDENTIFIED, Frame
 from detector.errors import HematoVisionError
+from detector.tally import Tally
 from detector.tally import wilson_interval as _wilson
 from stream.sources import Source, open_source
 
@@ -484,10 +485,9 @@ class Session:
         return self._factory(dataclasses.replace(self.settings))
 
     def _empty_summary(self) -> dict[str, Any]:
-        labels = _labels_of(self._analyzer)
-        counts = {label: 0 for label in labels}
-        return {"counts": counts, "total": 0, "target": self.settings.target,
-                "differential": {label: 0.0 for label in labels}}
+        labels = getattr(getattr(self._analyzer, "classifier", None), "labels", ())
+        return Tally(labels, self.settings.target).summary() if labels else {
+            "counts": {}, "total": 0, "target": self.settings.target, "differential": {}}
 
     def _current_min_score(self) -> float | None:
         clf = getattr(self._analyzer, "classifier", None)
@@ -636,14 +636,6 @@ class Session:
 
 
 # -------------------------------------------------------------------- helpers
-
-
-def _labels_of(analyzer: Any) -> list[str]:
-    clf = getattr(analyzer, "classifier", None)
-    labels = list(getattr(clf, "labels", ()) or ())
-    if labels and UNIDENTIFIED not in labels:
-        labels.append(UNIDENTIFIED)
-    return labels
 
 
 def _thumbnail(bgr: np.ndarray, box: Any, side: int = 96) -> bytes | None:
