@@ -63,11 +63,11 @@ Deliberate handling of the things that are not white cells:
 - **Blank, dark or unstained frames** (no glass background, nothing blue-shifted) give no cells.
 
 ``score`` is a segmentation confidence in [0, 1] from the nucleus contrast and how plausible its
-size is. ``data["sharpness"]`` is the variance of the Laplacian of the working-resolution grey
-image inside the box (a cheap focus measure, for choosing sharp sightings);
-``data["nucleus_area"]`` (full-res px) and ``data["nucleus_mass"]`` are the nucleus size and
-stain figures the filters used. Diagnostics of the last frame: ``last_rbc_diameter`` (full-res
-px), ``last_rbc_measured``, ``last_stain_density``, ``last_background``, ``last_nucleus_angle``.
+size is. Focus is not measured here: the analyzer measures it only for the cells it may
+classify (``detector.focus``). ``data["nucleus_area"]`` (full-res px) and ``data["nucleus_mass"]``
+are the nucleus size and stain figures the filters used. Diagnostics of the last frame:
+``last_rbc_diameter`` (full-res px), ``last_rbc_measured``, ``last_stain_density``,
+``last_background``, ``last_nucleus_angle``.
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def _no_cells() -> Detections:
     """Empty result with the same ``data`` keys as a non-empty one."""
     return Detections(
         xyxy=np.empty((0, 4), np.float32),
-        data={k: np.empty(0, np.float32) for k in ("sharpness", "nucleus_area", "nucleus_mass")},
+        data={k: np.empty(0, np.float32) for k in ("nucleus_area", "nucleus_mass")},
     )
 
 
@@ -434,7 +434,7 @@ class Segmenter:
         body = cv2.morphologyEx(body, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
         body |= core
         reach = max(1, int(round(opt.max_cytoplasm * d)))
-        boxes, scores, areas, edges, sharp, nuc, con = [], [], [], [], [], [], []
+        boxes, scores, areas, edges, nuc, con = [], [], [], [], [], []
         for i in keep:
             x, y, bw, bh = (int(v) for v in stats[i, :4])
             x1, y1 = max(0, x - reach), max(0, y - reach)
@@ -492,15 +492,12 @@ class Segmenter:
             nuc.append(core_area[i] * sxy[0] * sxy[1])
             con.append(mass[i])
             scores.append(float(1.0 - 0.5 ** (mass[i] / opt.min_nucleus_mass)))
-            patch = cv2.cvtColor(small[by1:by2, bx1:bx2], cv2.COLOR_BGR2GRAY)
-            sharp.append(float(cv2.Laplacian(patch, cv2.CV_32F).var()) if patch.size > 4 else 0.0)
         return Detections(
             xyxy=np.asarray(boxes, dtype=np.float32),
             score=np.asarray(scores, dtype=np.float32),
             area=np.asarray(areas, dtype=np.float32),
             touches_edge=np.asarray(edges, dtype=bool),
             data={
-                "sharpness": np.asarray(sharp, dtype=np.float32),
                 "nucleus_area": np.asarray(nuc, dtype=np.float32),
                 "nucleus_mass": np.asarray(con, dtype=np.float32),
             },

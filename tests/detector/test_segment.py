@@ -72,7 +72,7 @@ def test_one_lobed_neutrophil_gives_one_box_covering_the_cell() -> None:
     assert 0.5 < det.score[0] <= 1.0
     assert det.area[0] > 0.6 * np.pi * 90**2  # mask covers the cytoplasm, not just the nucleus
     assert det.xyxy.dtype == np.float32
-    assert "sharpness" in det.data and det.data["sharpness"][0] > 0
+    assert det.data["nucleus_area"][0] > 0 and det.data["nucleus_mass"][0] > 0
 
 
 def test_two_separate_cells_stay_two() -> None:
