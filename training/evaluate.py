@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from detector.classify import CellClassifier
 from detector.core import UNIDENTIFIED
 from detector.errors import InputError, ModelError
 
@@ -165,36 +166,6 @@ def _default_model() -> Path:
     return Path(default_model_path())
 
 
-def load_card(model: Path) -> dict:
-    card_path = model.with_suffix(".json")
-    if not model.is_file():
-        raise ModelError(f"{model}: model file not found")
-    if not card_path.is_file():
-        raise ModelError(f"{card_path}: model card missing (NAME.json beside NAME.tflite)")
-    try:
-        return json.loads(card_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{card_path}: not valid JSON ({exc})") from None
-
-
-class _Classifier:
-    """The run-time CellClassifier, so the figures are those of the exported .tflite itself."""
-
-    def __init__(self, model: Path, card: dict) -> None:
-        from detector.classify import CellClassifier
-
-        self.backend = "detector.classify.CellClassifier"
-        self._c = CellClassifier(model, num_threads=1)
-        self.labels = tuple(self._c.labels)
-        self.min_score = float(self._c.min_score)
-        self.rule = self._c.crop_rule
-
-    def classify_crops(self, crops: np.ndarray) -> np.ndarray:
-        if not len(crops):
-            return np.zeros((0, len(self.labels)), np.float32)
-        return np.asarray(self._c.classify_crops(crops), dtype=np.float32)
-
-
 def find_float_model(model: Path) -> Path | None:
     """The float .tflite export of the same training run, if kept (not shipped)."""
     for p in (model.with_name(model.stem + ".float.tflite"),
@@ -214,7 +185,7 @@ def _progress(it: Any, total: int, desc: str) -> Any:
     return tqdm(it, total=total, desc=desc, unit="img", leave=False)
 
 
-def _classify_dataset(clf: _Classifier, ds: Any, label_index: dict[str, int]) -> tuple:
+def _classify_dataset(clf: CellClassifier, ds: Any, label_index: dict[str, int]) -> tuple:
     from training.data import ImageCache, cut_crops
 
     keep = [s for s in ds.samples if s.label in label_index]
@@ -222,15 +193,15 @@ def _classify_dataset(clf: _Classifier, ds: Any, label_index: dict[str, int]) ->
     cache = ImageCache()
     crops = []
     for s in _progress(keep, len(keep), "cropping"):
-        crops.append(cut_crops([s], clf.rule, cache=cache)[0])
-    x = np.concatenate(crops) if crops else np.zeros((0, clf.rule.size, clf.rule.size, 3), np.uint8)
+        crops.append(cut_crops([s], clf.crop_rule, cache=cache)[0])
+    side = clf.crop_rule.size
+    x = np.concatenate(crops) if crops else np.zeros((0, side, side, 3), np.uint8)
     y = np.array([label_index[s.label] for s in keep], dtype=np.int64)
-    probs = np.concatenate([clf.classify_crops(x[i:i + 32]) for i in range(0, len(x), 32)]) \
-        if len(x) else np.zeros((0, len(clf.labels)), np.float32)
+    probs = clf.classify_crops(x)  # batches by itself; (0, C) for no crops
     return x, y, probs, keep, skipped
 
 
-def _end_to_end(clf: _Classifier, samples: list, label_index: dict[str, int]) -> dict[str, Any]:
+def _end_to_end(clf: CellClassifier, samples: list, label_index: dict[str, int]) -> dict[str, Any]:
     """Segment each image, classify every found cell, score the one matched to the main GT WBC."""
     from detector.crop import crop_cells
     from detector.segment import Segmenter
@@ -247,7 +218,7 @@ def _end_to_end(clf: _Classifier, samples: list, label_index: dict[str, int]) ->
         if m is None:
             missed += 1
             continue
-        probs = clf.classify_crops(crop_cells(img, m[None], clf.rule))[0]
+        probs = clf.classify_crops(crop_cells(img, m[None], clf.crop_rule))[0]
         label = clf.labels[int(probs.argmax())] if probs.max() >= clf.min_score else UNIDENTIFIED
         y_true.append(s.label)
         y_pred.append(label)
@@ -292,16 +263,15 @@ def evaluate_classification(
     """Classification (+ end-to-end for VOC) figures of the .tflite file on ``data``."""
     from training.data import read_class_folders, read_voc
 
-    card = load_card(model)
-    clf = _Classifier(model, card)
+    clf = CellClassifier(model, num_threads=1)  # the exported .tflite itself, as users run it
     label_index = {c: i for i, c in enumerate(clf.labels)}
     from training.data import default_box_finder
 
     # the same boxes as training: the segmenter's (GT / central-square fallback)
     finder = default_box_finder()
-    ds = read_voc(data, finder) if voc else read_class_folders(data, clf.rule, finder)
-    trained = card.get("trained_on", {}).get("datasets", [])
-    val_images = card.get("split", {}).get("val_images")
+    ds = read_voc(data, finder) if voc else read_class_folders(data, clf.crop_rule, finder)
+    trained = clf.card.trained_on.get("datasets", [])
+    val_images = clf.card.split.get("val_images")
     subset = "all images (not the model's training set)"
     if data.name in trained and val_images:
         ds = ds.subset(val_images)
@@ -314,15 +284,13 @@ def evaluate_classification(
     report: dict[str, Any] = {
         "data": str(data),
         "model": str(model),
-        "classifier": clf.backend,
+        "classifier": "detector.classify.CellClassifier",
         "subset": subset,
         "images": len(kept),
         "classes_not_in_model": skipped,
         "crop_box_sources": dict(ds.info.get("sources", {})),
         "classification": fig,
     }
-    from detector.classify import CellClassifier
-
     pf, float_missing = None, "no float export found (runs/NAME/NAME.float.tflite)"
     if float_model is not None:  # asked for: a model that does not load is an error
         pf = CellClassifier(float_model).classify_crops(x)
