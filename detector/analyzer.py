@@ -283,6 +283,17 @@ class Analyzer:
         return draw.draw_panel(img, result.summary, fps, inplace=True)
 
 
+def build_analyzer(model: str | None = None, *, target: int = 100, min_score: float | None = None,
+                   threads: int = 1) -> Analyzer:
+    """The default pipeline: classical segmenter + TFLite classifier (``model``, default the
+    shipped one) + tracker + tally. ``run``, ``serve`` and the evaluations all build it here."""
+    from detector.classify import CellClassifier
+    from detector.segment import Segmenter
+
+    classifier = CellClassifier(model, num_threads=threads, min_score=min_score)
+    return Analyzer(Segmenter(), classifier, target=target)
+
+
 def _thumb(bgr: np.ndarray, box: np.ndarray, side: int = THUMB) -> np.ndarray | None:
     """Square crop around a box, resized to ``side`` (None when it lies outside the frame)."""
     h, w = bgr.shape[:2]

@@ -66,12 +66,9 @@ def colour_hex(label: str) -> str:
 
 def default_analyzer_factory(settings: SessionSettings) -> Any:
     """Segmenter + CellClassifier + tracker + tally, as ``hematovision run`` builds them."""
-    from detector.analyzer import Analyzer
-    from detector.classify import CellClassifier
-    from detector.segment import Segmenter
+    from detector.analyzer import build_analyzer
 
-    classifier = CellClassifier(settings.model, num_threads=1, min_score=settings.min_score)
-    return Analyzer(Segmenter(), classifier, target=settings.target)
+    return build_analyzer(settings.model, target=settings.target, min_score=settings.min_score)
 
 
 def list_models(extra: str | None = None) -> dict[str, str]:

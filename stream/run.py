@@ -24,7 +24,7 @@ from typing import IO, Any
 import cv2
 import numpy as np
 
-from detector.analyzer import STAGES, Analyzer, FrameResult
+from detector.analyzer import STAGES, Analyzer, FrameResult, build_analyzer
 from detector.core import UNIDENTIFIED, Frame
 from detector.errors import HematoVisionError, InputError
 
@@ -194,14 +194,6 @@ def write_report(path: str | None, report: dict[str, Any]) -> None:
         raise InputError(f"{path}: cannot write the report ({exc.strerror})") from None
 
 
-def make_analyzer(model: str | None, target: int, threads: int = 1) -> Analyzer:
-    """The default pipeline: classical segmenter + TFLite classifier + tracker + tally."""
-    from detector.classify import CellClassifier
-    from detector.segment import Segmenter
-
-    return Analyzer(Segmenter(), CellClassifier(model, num_threads=threads), target=target)
-
-
 def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str, Any]:
     """Count ``args.source``; returns the report (also written to ``--report``).
 
@@ -220,7 +212,7 @@ def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str,
     still, mode = False, "video"
     try:
         if analyzer is None:
-            analyzer = make_analyzer(args.model, args.target)
+            analyzer = build_analyzer(args.model, target=args.target)
         model_path = getattr(analyzer.classifier, "model_path", None)
         model_name = str(model_path) if model_path else model_name
         outputs = _Outputs(args.events, args.record)

@@ -39,7 +39,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from detector.analyzer import Analyzer
+from detector.analyzer import Analyzer, build_analyzer
 from detector.core import UNIDENTIFIED, Frame, box_iou
 from detector.crop import crop_cell
 from detector.errors import InputError
@@ -330,14 +330,13 @@ def evaluate_counting(path: Path, make: Callable[[], Analyzer],
 
 def main_counting(args: argparse.Namespace) -> int:
     """``hematovision evaluate SYNTH_DIR``: counting figures per video and overall."""
-    from stream.run import make_analyzer
 
     path = Path(args.data)
     if not path.is_dir():
         raise InputError(f"{path}: not a folder")
     model = getattr(args, "model", None)
-    make_analyzer(model, 100)  # fail early with a clear message if the model is unusable
-    report = evaluate_counting(path, lambda: make_analyzer(model, 100))
+    build_analyzer(model)  # fail early with a clear message if the model is unusable
+    report = evaluate_counting(path, lambda: build_analyzer(model))
     print(format_table(report))
     out = getattr(args, "out", None)
     if out:

@@ -98,10 +98,8 @@ def test_perfect_detections_count_every_cell_once(clips):
 def test_parent_folder_overall_table_and_json(clips, tmp_path, monkeypatch, capsys):
     folders = count_eval.synth_folders(clips)
     assert [f.name for f in folders] == ["seed3", "seed3copy"]
-    import stream.run
-
     # no model needed: the analyzer of each video is replaced by the truth-box one below
-    monkeypatch.setattr(stream.run, "make_analyzer", lambda model, target: None)
+    monkeypatch.setattr(count_eval, "build_analyzer", lambda model: None)
     made = []
     orig = count_eval.evaluate_video
 
