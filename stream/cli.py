@@ -155,10 +155,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     module_name, func_name = _HANDLERS[args.command].split(":")
     try:
-        if args.command == "bench" and args.serve:
-            from stream import bench_serve
-
-            return int(bench_serve.main(["--json"] if args.json else []) or 0)
         handler = getattr(importlib.import_module(module_name), func_name)
         return int(handler(args) or 0)
     except HematoVisionError as exc:
