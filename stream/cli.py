@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     y.add_argument("--size", type=_size, default=(640, 480),
                    help="frame size WxH (default 640x480)")
+    y.add_argument("--wbc-per-frame", type=float, default=None,
+                   help="white-cell density: mean cells per frame area (default 1.5, range 0-5)")
 
     t = sub.add_parser("train", help="train a MobileNetV2 cell classifier and export int8 TFLite")
     t.add_argument("data", nargs="+", help="folder-per-class trees and/or Pascal VOC folders "

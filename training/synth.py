@@ -1324,8 +1324,10 @@ def main(args: Any) -> int:
     """``hematovision synth OUT_DIR [--seconds S] [--fps F] [--seed N] [--size WxH]``."""
     # FFmpeg reads this once, at OpenCV's first video I/O: keeps the H.264 probe quiet.
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    density = getattr(args, "wbc_per_frame", None)
+    settings = {} if density is None else {"wbc_per_frame": float(density)}
     out = render_video(args.out_dir, seconds=args.seconds, fps=args.fps, seed=args.seed,
-                       size=tuple(args.size), progress=None)
+                       size=tuple(args.size), progress=None, **settings)
     truth = load_truth(out)
     labels = {c["id"]: c["label"] for c in truth["cells"]}
     seen = {c["id"] for f in truth["frame_truth"] for c in f["cells"]}
