@@ -128,7 +128,7 @@ def test_mjpeg_stream_ends_cleanly_when_clients_disconnect(tmp_path: Path) -> No
                         got += chunk
                         if got.count(b"--frame") >= 4:
                             break
-                assert s.viewers in (0, 1)
+                assert s.viewers <= 1  # never more than the one client we opened
             deadline = time.monotonic() + 5
             while (s.viewers or s.listener_count) and time.monotonic() < deadline:
                 time.sleep(0.05)

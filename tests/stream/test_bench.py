@@ -37,6 +37,7 @@ def test_bench_figures(short_clip, tiny_models, capsys):  # noqa: F811
     assert set(r["cpu_ms_per_frame"]) == {"decode", "segment", "track", "classify", "tally",
                                           "draw"}
     assert all(v >= 0 for v in r["cpu_ms_per_frame"].values())
+    assert r["cpu_ms_per_frame"]["segment"] > 0 and r["cpu_ms_per_frame"]["decode"] > 0
     assert r["fps_end_to_end"] > 0 and r["fps_naive"] > 0
     assert r["crops_classified_naive"] >= r["crops_classified"]
     assert r["peak_rss_mb_run"] is not None and 30 < r["peak_rss_mb_run"] < 2000

@@ -172,7 +172,7 @@ def test_truncated_video_keeps_counts(tmp_path, slide):
         assert len(events) == saved["total"] > 0
     else:  # a container that hides the cut: then at least the counts are right so far
         saved = json.loads((tmp_path / "report.json").read_text())
-        assert saved["total"] == len(read_events(tmp_path / "events.jsonl"))
+        assert saved["total"] == len(read_events(tmp_path / "events.jsonl")) > 0
 
 
 class InterruptingSegmenter(FakeSegmenter):
