@@ -173,7 +173,7 @@ class Analyzer:
                                       dets.xyxy[i])
                 if ev is not None:
                     counted.append(ev)
-                    thumb = _thumb(frame.bgr, dets.xyxy[i])
+                    thumb = cell_thumbnail(frame.bgr, dets.xyxy[i])
                     if thumb is not None:
                         thumbs[int(ids[i])] = thumb
         t3 = clock()
@@ -246,7 +246,7 @@ class Analyzer:
             if s >= self.cell_ratio * best:
                 sharp.append(t)
                 if s >= best:
-                    t.thumb = _thumb(frame.bgr, t.box)
+                    t.thumb = cell_thumbnail(frame.bgr, t.box)
         if not sharp:
             return 0
         boxes = np.stack([t.box for t in sharp]).astype(np.float32)
@@ -294,8 +294,9 @@ def build_analyzer(model: str | None = None, *, target: int = 100, min_score: fl
     return Analyzer(Segmenter(), classifier, target=target)
 
 
-def _thumb(bgr: np.ndarray, box: np.ndarray, side: int = THUMB) -> np.ndarray | None:
-    """Square crop around a box, resized to ``side`` (None when it lies outside the frame)."""
+def cell_thumbnail(bgr: np.ndarray, box: np.ndarray, side: int = THUMB) -> np.ndarray | None:
+    """Square crop around a box for the gallery, resized to ``side`` (None when it lies outside
+    the frame). Clipped at the frame, not padded: a picture for people, not a model input."""
     h, w = bgr.shape[:2]
     x1, y1, x2, y2 = (float(v) for v in box)
     r = max(x2 - x1, y2 - y1) * 0.6

@@ -30,6 +30,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from detector.analyzer import cell_thumbnail
 from detector.core import UNIDENTIFIED, Frame
 from detector.errors import HematoVisionError
 from detector.tally import Tally
@@ -594,7 +595,7 @@ class Session:
         if crop is not None:  # the analyzer's sharpest sighting (the cell may have left view)
             thumb = _encode_thumb(crop)
         elif box is not None:
-            thumb = _thumbnail(frame.bgr, box)
+            thumb = _encode_thumb(cell_thumbnail(frame.bgr, np.asarray(box, dtype=np.float32)[:4]))
         else:
             return
         if thumb is not None:
@@ -638,23 +639,7 @@ class Session:
 # -------------------------------------------------------------------- helpers
 
 
-def _thumbnail(bgr: np.ndarray, box: Any, side: int = 96) -> bytes | None:
-    """A square JPEG crop around ``box`` (x1, y1, x2, y2), ``side`` pixels."""
-    try:
-        x1, y1, x2, y2 = (float(v) for v in list(box)[:4])
-    except (TypeError, ValueError):
-        return None
-    h, w = bgr.shape[:2]
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    half = max(x2 - x1, y2 - y1) * 0.6 + 2
-    a, b = int(max(0, cx - half)), int(max(0, cy - half))
-    c, d = int(min(w, cx + half)), int(min(h, cy + half))
-    if c <= a or d <= b:
-        return None
-    return _encode_thumb(bgr[b:d, a:c], side)
-
-
-def _encode_thumb(crop: np.ndarray, side: int = 96) -> bytes | None:
+def _encode_thumb(crop: np.ndarray | None, side: int = 96) -> bytes | None:
     """A BGR crop as a ``side`` px square JPEG."""
     if crop is None or crop.size == 0 or crop.ndim != 3:
         return None

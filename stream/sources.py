@@ -367,7 +367,6 @@ class ImageFolderSource(Source):
             img = _read_image(path)
             if img is None:
                 self.skipped += 1
-                log.warning("skipping unreadable image %s", path)
                 continue
             return Frame(img, index, float(index))
         self.state = "stopped"
@@ -735,7 +734,7 @@ def _as_bgr(img: np.ndarray | None) -> np.ndarray | None:
 def _read_image(path: Path) -> np.ndarray | None:
     """An image file as BGR (16-bit, RGBA, grey handled); None, with a warning, if unreadable."""
     try:
-        return _as_bgr(np.asarray(read_image(path)))
+        return read_image(path)
     except InputError as exc:
-        log.warning("%s", exc)
+        log.warning("skipping %s", exc)
         return None
