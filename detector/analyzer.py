@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from detector.core import Detections, Frame
+from detector.crop import CropRule
 from detector.focus import SharpGate, cell_sharpness, sharpness
 from detector.tally import Tally
 from detector.track import Track, Tracker, finalize_track
@@ -34,6 +35,8 @@ class SegmenterLike(Protocol):
 
 class ClassifierLike(Protocol):
     labels: tuple[str, ...]
+    crop_rule: CropRule
+    min_score: float
 
     def classify_boxes(self, frame_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray: ...
 

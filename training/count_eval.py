@@ -97,7 +97,7 @@ def evaluate_video(folder: Path, analyzer: Analyzer,
     fw, fh = truth["size"]
     label_of_truth = {int(c["id"]): c["label"] for c in truth["cells"]}
     classifier = analyzer.classifier
-    rule = getattr(classifier, "crop_rule", None)
+    rule = classifier.crop_rule
 
     overlap: dict[int, dict[int, float]] = defaultdict(lambda: defaultdict(float))
     best_iou: dict[tuple[int, int], float] = defaultdict(float)
@@ -134,7 +134,7 @@ def evaluate_video(folder: Path, analyzer: Analyzer,
                         best_iou[key] = max(best_iou[key], float(iou[j, k]))
             for c in ft["cells"]:
                 cid = int(c["id"])
-                if (rule is not None and cid in eligible and n % 3 == 0
+                if (cid in eligible and n % 3 == 0
                         and fully_visible(c, fw, fh)):
                     blur = float(c.get("blur", ft.get("blur", 0.0)))
                     kept = best_crops[cid]
@@ -178,7 +178,7 @@ def evaluate_video(folder: Path, analyzer: Analyzer,
     # classifier on truth crops
     crop_acc = None
     crop_right: dict[int, bool] = {}  # truth id -> classifier right on most of its crops
-    if crops:  # (fake classifiers without a crop rule get none)
+    if crops:
         probs = classifier.classify_crops(np.stack(crops))
         got = [classifier.label_of(row)[0] for row in probs]
         ok = [g == label_of_truth[c] for g, c in zip(got, crop_ids, strict=True)]
