@@ -76,7 +76,7 @@ def time_streaming(analyzer: Analyzer, video: Path) -> tuple[int, float, float]:
 
 def bench_clip() -> Path:
     """The reference clip, rendered by the simulator on first use and cached."""
-    from training import synth
+    from stream import synth
 
     return synth.cached_video(f"bench-{BENCH_VERSION}", seconds=CLIP_SECONDS, fps=CLIP_FPS,
                               seed=CLIP_SEED, size=CLIP_SIZE, **CLIP_SETTINGS)

@@ -503,7 +503,7 @@ def _open_video_file(path: Path) -> Device:
 
 def demo_video_path() -> Path:
     """The simulator's demo video, rendered on first use (about a minute) and cached."""
-    from training import synth
+    from stream import synth
 
     return synth.cached_video(f"demo-{DEMO_VERSION}", seconds=DEMO_SECONDS, fps=DEMO_FPS,
                               seed=0, size=DEMO_SIZE)

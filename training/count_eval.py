@@ -86,7 +86,7 @@ def truth_cells(truth: dict[str, Any]) -> dict[int, dict[str, Any]]:
 def evaluate_video(folder: Path, analyzer: Analyzer,
                    max_frames: int | None = None) -> dict[str, Any]:
     """Count one synth video with ``analyzer`` and compare with its truth -> figures."""
-    from training.synth import load_truth
+    from stream.synth import load_truth
 
     truth = load_truth(folder)
     video = folder / truth.get("video", {}).get("file", "video.mp4")

@@ -130,7 +130,7 @@ def test_faint_small_lobed_nucleus_counts_only_inside_cytoplasm() -> None:
 
 def _synth_frame(seed: int, index: int, cell_id: int) -> tuple[np.ndarray, np.ndarray]:
     """One simulator frame and the truth box of one of its white cells."""
-    synth = pytest.importorskip("training.synth")
+    synth = pytest.importorskip("stream.synth")
     bgr, truth = synth.SlideSimulator(seed=seed).frame(index)
     box = [c["box"] for c in truth["cells"] if int(c["id"]) == cell_id]
     assert box, f"simulator no longer shows cell {cell_id} in frame {index} of seed {seed}"

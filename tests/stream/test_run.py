@@ -202,7 +202,7 @@ def test_cli_one_line_error(tmp_path, capsys):
 
 def test_real_segmenter_on_synth_clip(tmp_path):
     """The real segmenter and tracker run over a short simulator clip (accuracy: count_eval)."""
-    synth = pytest.importorskip("training.synth")
+    synth = pytest.importorskip("stream.synth")
     folder = synth.render_video(tmp_path / "clip", seconds=4.0, fps=30.0, seed=2,
                                 progress=False)
     from detector.segment import Segmenter

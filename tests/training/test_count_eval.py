@@ -19,7 +19,7 @@ from detector.core import CELL_TYPES, UNIDENTIFIED, Detections
 from detector.crop import CropRule
 from training import count_eval
 
-synth = pytest.importorskip("training.synth")
+synth = pytest.importorskip("stream.synth")
 
 
 class TruthSegmenter:

@@ -15,8 +15,8 @@ import pytest
 
 from detector.core import CELL_TYPES
 from detector.errors import InputError
+from stream.synth import SlideSimulator, iter_frames, load_truth, make_slide, render_video
 from training import synth
-from training.synth import SlideSimulator, iter_frames, load_truth, make_slide, render_video
 
 SMALL = (320, 240)
 
@@ -352,3 +352,27 @@ def test_segmenter_finds_each_cell_type_alone(label: str) -> None:
     total, found, _ = _segmenter_score(sim, sim.cells[:6], rng, (100, 70), (0.5, 1.5))
     assert total >= 4
     assert found / total >= 0.8, f"{label}: {found}/{total}"
+
+
+def test_progress_as_log_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Without a terminal (a server's first ``serve``), rendering says how far it is."""
+    with caplog.at_level("WARNING", logger="stream.synth.video"):
+        render_video(tmp_path / "p", seconds=2.0, fps=10, size=SMALL, progress="log",
+                     desc="rendering the demo clip")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "rendering the demo clip: 10% (2 of 20 frames)"
+    assert lines[-1] == "rendering the demo clip: 90% (18 of 20 frames)"
+    assert len(lines) == 9
+
+
+def test_demo_needs_no_training_package() -> None:
+    """The runtime's demo source renders with the simulator alone (no ``training`` import)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, stream.sources, stream.synth as s; next(s.iter_frames(seconds=0.2, "
+            "size=(320, 240))); print(sorted(m for m in sys.modules if m.split('.')[0] == "
+            "'training'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[2])
+    assert out.stdout.strip() == "[]"
