@@ -209,6 +209,12 @@ class Session:
                     f"{type(exc).__name__}: {exc}")
                 log.info("source %s: %s", self.source_spec, self._error)
                 raise
+            self._launch(source)
+
+    def _launch(self, source: Source) -> None:
+        """Run an opened source in a new worker thread."""
+        with self._lock:
+            self._error = None
             self._source = source
             self._stop.clear()
             self._paused.clear()
@@ -296,16 +302,24 @@ class Session:
             self._log_event({"event": "model", "model": model})
 
     def switch_source(self, spec: str | int) -> None:
-        """Stop, switch to another source and start again with a new count."""
-        running = self._thread is not None and self._thread.is_alive()
+        """Open another source, then stop the old one and run the new one with a new count.
+
+        The new source is opened first: if that fails (a camera that does not exist, a dead URL)
+        the exception propagates and the running source, its count and its state are untouched.
+        """
+        source = self._opener(spec, realtime=self.realtime)
+        try:
+            analyzer = self._build_analyzer()
+        except Exception:
+            source.close()
+            raise
         self.stop()
         with self._lock:
             self.source_spec = spec
-            self._analyzer = self._build_analyzer()
+            self._analyzer = analyzer
             self._cells.clear()
             self._log_event({"event": "source", "source": str(spec)})
-        if running:
-            self.start()
+            self._launch(source)
 
     def set_recording(self, on: bool) -> Path | None:
         """Record the annotated video from the next frame (on) or close the file (off)."""
