@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import cv2
@@ -286,10 +287,11 @@ class Analyzer:
         return draw.draw_panel(img, result.summary, fps, inplace=True)
 
 
-def build_analyzer(model: str | None = None, *, target: int = 100, min_score: float | None = None,
+def build_analyzer(model: str | Path, *, target: int = 100, min_score: float | None = None,
                    threads: int = 1) -> Analyzer:
-    """The default pipeline: classical segmenter + TFLite classifier (``model``, default the
-    shipped one) + tracker + tally. ``run``, ``serve`` and the evaluations all build it here."""
+    """The default pipeline: classical segmenter + TFLite classifier (``model``; the command
+    layer picks the default) + tracker + tally. ``run``, ``serve`` and the evaluations all build
+    it here."""
     from detector.classify import CellClassifier
     from detector.segment import Segmenter
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,17 +48,6 @@ SUPPORTED_PREPROCESSING = ("mobilenet_v2",)
 SUPPORTED_OUTPUTS = ("probabilities", "logits")
 #: Largest batch sent to one invoke; bigger calls are split into chunks of this size.
 MAX_BATCH = 32
-
-_REPO = Path(__file__).resolve().parent.parent
-
-
-def default_model_path() -> Path:
-    """The model to load when none is given: ``$HEMATOVISION_MODEL``, else the shipped one."""
-    env = os.environ.get("HEMATOVISION_MODEL")
-    if env:
-        return Path(env).expanduser()
-    return _REPO / "models" / "hematovision.tflite"
-
 
 def card_path_for(model_path: str | Path) -> Path:
     """``NAME.json`` beside ``NAME.tflite``."""
@@ -263,8 +251,8 @@ class CellClassifier:
     """Names white-cell crops with a TFLite model and its card.
 
     Args:
-        model_path: ``NAME.tflite`` (its card ``NAME.json`` beside it); default
-            :func:`default_model_path`.
+        model_path: ``NAME.tflite`` (its card ``NAME.json`` beside it). Which model to load
+            by default is the command layer's choice (``stream.default_model_path``).
         num_threads: CPU threads for the interpreter (XNNPACK).
         min_score: Override the card's ``min_score`` (top scores below it -> ``unidentified``).
         pad_batches: Pad each batch up to a power of two so the interpreter re-allocates only
@@ -272,13 +260,12 @@ class CellClassifier:
             padded crops' inference (see the module docstring).
     """
 
-    def __init__(self, model_path: str | Path | None = None, num_threads: int = 1,
+    def __init__(self, model_path: str | Path, num_threads: int = 1,
                  min_score: float | None = None, pad_batches: bool = False) -> None:
-        path = Path(model_path).expanduser() if model_path is not None else default_model_path()
+        path = Path(model_path).expanduser()
         self.model_path = path
         if not path.is_file():
-            hint = "" if model_path is not None else " (set HEMATOVISION_MODEL or pass --model)"
-            raise ModelError(f"{path}: model file not found{hint}")
+            raise ModelError(f"{path}: model file not found")
         self.card = ModelCard.load(card_path_for(path))
         self.labels: tuple[str, ...] = self.card.labels
         self.crop_rule: CropRule = self.card.crop

@@ -40,13 +40,14 @@ from fastapi.security.utils import get_authorization_scheme_param
 
 from detector.core import CELL_TYPES, UNIDENTIFIED, Frame
 from detector.errors import HematoVisionError, InputError
+from hematovision_models import shipped_model
+from stream import resolve_model
 from stream.mjpeg import make_router
 from stream.session import AnalyzerFactory, Session, SessionSettings
 from stream.sources import URL_RE
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
 MAX_FILE_SIZE = "500mb"
 TIMER_SECONDS = 1.0
 #: Display order of labels in tables and charts.
@@ -68,12 +69,13 @@ def default_analyzer_factory(settings: SessionSettings) -> Any:
     """Segmenter + CellClassifier + tracker + tally, as ``hematovision run`` builds them."""
     from detector.analyzer import build_analyzer
 
-    return build_analyzer(settings.model, target=settings.target, min_score=settings.min_score)
+    return build_analyzer(resolve_model(settings.model), target=settings.target,
+                          min_score=settings.min_score)
 
 
 def list_models(extra: str | None = None) -> dict[str, str]:
-    """Model name -> path: models/*.tflite of the repo (and the folder of ``extra``)."""
-    folders = [REPO / "models"]
+    """Model name -> path: the shipped models (and those in the folder of ``extra``)."""
+    folders = [shipped_model().parent]
     env = os.environ.get("HEMATOVISION_MODEL")
     for p in (extra, env):
         if p:
@@ -266,7 +268,7 @@ class ImageAnalyzer:
     """
 
     def __init__(self, model: str | None) -> None:
-        self.model = model
+        self.model = resolve_model(model)
         self._lock = threading.Lock()
         self._seg: Any = None
         self._clf: Any = None

@@ -42,6 +42,7 @@ import numpy as np
 from detector.analyzer import Analyzer
 from detector.core import Frame
 from detector.errors import InputError
+from stream import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def run_bench(threads: int = 1, model: str | None = None,
     video = bench_clip()
     frames, decode_wall, decode_cpu = decode_all(video)
     n = len(frames)
-    clf = CellClassifier(model, num_threads=threads)
+    clf = CellClassifier(resolve_model(model), num_threads=threads)
     analyzer = Analyzer(Segmenter(), clf, clock=time.thread_time)
     passes = [time_pass(analyzer, frames, draw=False) for _ in range(2)]
     best = min(passes, key=lambda p: p["cpu"])

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from detector.errors import HematoVisionError
+from stream import resolve_model
 
 log = logging.getLogger("hematovision")
 
@@ -155,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if hasattr(args, "model"):  # --model, else $HEMATOVISION_MODEL, else the shipped model
+        args.model = resolve_model(args.model)
     module_name, func_name = _HANDLERS[args.command].split(":")
     try:
         handler = getattr(importlib.import_module(module_name), func_name)

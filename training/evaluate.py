@@ -161,9 +161,9 @@ def save_confusion_png(fig: dict[str, Any], path: Path, title: str) -> None:
 
 
 def _default_model() -> Path:
-    from detector.classify import default_model_path
+    from hematovision_models import shipped_model
 
-    return Path(default_model_path())
+    return shipped_model()
 
 
 def find_float_model(model: Path) -> Path | None:

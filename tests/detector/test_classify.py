@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detector.classify import CellClassifier, ModelCard, card_path_for, default_model_path
+from detector.classify import CellClassifier, ModelCard, card_path_for
 from detector.core import UNIDENTIFIED
 from detector.crop import CropRule
 from detector.errors import ModelError
@@ -239,15 +239,10 @@ def test_wrong_channel_count(tiny_models: Path, tmp_path: Path) -> None:  # noqa
     assert msg.startswith(str(tmp_path / "b" / "m.json")) and "input.channels must be 3" in msg
 
 
-def test_default_model_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("HEMATOVISION_MODEL", raising=False)
-    repo = Path(__file__).resolve().parents[2]
-    assert default_model_path() == repo / "models" / "hematovision.tflite"
-    monkeypatch.setenv("HEMATOVISION_MODEL", str(tmp_path / "x.tflite"))
-    assert default_model_path() == tmp_path / "x.tflite"
+def test_card_path_and_missing_model(tmp_path: Path) -> None:
     assert card_path_for(tmp_path / "x.tflite") == tmp_path / "x.json"
-    msg = _error(None)
-    assert str(tmp_path / "x.tflite") in msg and "not found" in msg
+    msg = _error(tmp_path / "x.tflite")
+    assert msg == f"{tmp_path / 'x.tflite'}: model file not found"
 
 
 @train
