@@ -1,19 +1,23 @@
 """``hematovision detect IMAGE... [--model M] [--json] [--save-dir D]``: name white cells in stills.
 
-Each image is segmented, then all its cells are classified in one batch. ``--json`` prints one
-JSON object per image per line (the DESIGN.md contract)::
+Each image goes through the one still-image analysis (``detector.still``, also behind ``run`` on
+photos and the page's image tab): segmented, then all its cells classified in one batch.
+``--json`` prints one JSON object per image per line::
 
     {"image": PATH, "width": W, "height": H,
      "cells": [{"box": [x1, y1, x2, y2], "label": "neutrophil", "score": 0.97,
-                "scores": {"neutrophil": 0.97, ...}}]}
+                "scores": {"neutrophil": 0.97, ...}, "cut": false}]}
 
 Boxes are integer pixels of the original image; scores are rounded to 4 decimals; cells are listed
 top to bottom, then left to right; ``label`` is ``unidentified`` when the top score is below the
-model card's ``min_score``. Without ``--json`` a readable table per image is printed.
+model card's ``min_score``; ``cut`` is true for a cell the photo's edge cuts (named and counted
+all the same: a photo has no next frame that shows it whole). Without ``--json`` a readable
+table per image is printed; ``--save-dir`` draws cut cells with a dashed box and a "cut" tag.
 
 A bad input (missing, empty folder, not an image, too small ...) prints one line on stderr,
 ``hematovision detect: PATH: problem``, and the other images are still processed; the exit code is
-then 1. A missing or broken model is one line and exit code 2. Never a traceback.
+then 1. A greyscale photo is such a bad input (no stain colour to find or name cells by). A missing
+or broken model is one line and exit code 2. Never a traceback.
 """
 
 from __future__ import annotations
@@ -33,11 +37,11 @@ import cv2
 import numpy as np
 
 from detector.classify import CellClassifier
-from detector.core import UNIDENTIFIED, Detections
-from detector.draw import draw_cells
+from detector.core import UNIDENTIFIED
 from detector.errors import HematoVisionError, InputError
 from detector.segment import Segmenter
-from stream.images import expand_image_arg, read_image
+from detector.still import StillCells, analyse_still, draw_still
+from stream.images import expand_image_arg, read_still
 
 log = logging.getLogger(__name__)
 
@@ -70,36 +74,23 @@ def _native_stderr_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def analyse(image_bgr: np.ndarray, segmenter: Segmenter, classifier: CellClassifier
-            ) -> tuple[Detections, np.ndarray]:
-    """Segment and classify one BGR image -> (cells sorted top-left first, with ``class_id``
-    (-1 = unidentified) and ``score`` set; (N, C) probabilities)."""
-    dets = segmenter.find(image_bgr)
-    if len(dets):
-        order = np.lexsort((dets.xyxy[:, 0], dets.xyxy[:, 1]))
-        dets = dets[order]
-    scores = classifier.classify_boxes(image_bgr, dets.xyxy)
-    class_id, top = classifier.decide(scores)
-    dets.class_id = class_id
-    dets.score = top
-    return dets, scores
-
-
-def image_record(path: Path | str, image_bgr: np.ndarray, dets: Detections, scores: np.ndarray,
-                 labels: tuple[str, ...]) -> dict[str, Any]:
-    """The JSON object of one image (DESIGN.md ``detect --json``)."""
+def image_record(path: Path | str, image_bgr: np.ndarray, cells: StillCells) -> dict[str, Any]:
+    """The JSON object of one image (``detect --json``; the page's image table reads it too)."""
     h, w = image_bgr.shape[:2]
-    cells = []
+    dets, labels, cut = cells.detections, cells.labels, cells.cut
+    out = []
     for i in range(len(dets)):
         x1, y1, x2, y2 = (int(round(float(v))) for v in dets.xyxy[i])
         cid = int(dets.class_id[i])
-        cells.append({
+        out.append({
             "box": [max(x1, 0), max(y1, 0), min(x2, w), min(y2, h)],
             "label": labels[cid] if cid >= 0 else UNIDENTIFIED,
             "score": round(float(dets.score[i]), 4),
-            "scores": {lab: round(float(p), 4) for lab, p in zip(labels, scores[i], strict=True)},
+            "scores": {lab: round(float(p), 4)
+                       for lab, p in zip(labels, cells.scores[i], strict=True)},
+            "cut": bool(cut[i]),
         })
-    return {"image": str(path), "width": int(w), "height": int(h), "cells": cells}
+    return {"image": str(path), "width": int(w), "height": int(h), "cells": out}
 
 
 def format_table(record: dict[str, Any]) -> str:
@@ -112,7 +103,8 @@ def format_table(record: dict[str, Any]) -> str:
         lines.append(f"  {'#':>3}  {'box x1,y1,x2,y2':<22} {'label':<14} {'score':>5}")
         for i, c in enumerate(cells, 1):
             box = ",".join(str(v) for v in c["box"])
-            lines.append(f"  {i:>3}  {box:<22} {c['label']:<14} {c['score']:>5.2f}")
+            edge = "  cut by the edge" if c["cut"] else ""
+            lines.append(f"  {i:>3}  {box:<22} {c['label']:<14} {c['score']:>5.2f}{edge}")
     return "\n".join(lines)
 
 
@@ -143,8 +135,7 @@ def main(args: argparse.Namespace) -> int:
             _err(f"error: {save_dir}: cannot create output folder ({exc.strerror or exc})")
             return 2
     segmenter = Segmenter()
-    labels = classifier.labels
-    draw_labels = (*labels, UNIDENTIFIED)
+    draw_labels = (*classifier.labels, UNIDENTIFIED)
     as_json = bool(getattr(args, "json", False))
 
     failed = 0
@@ -165,8 +156,8 @@ def main(args: argparse.Namespace) -> int:
                 continue
             seen.add(key)
             try:
-                image = read_image(path)
-                dets, scores = analyse(image, segmenter, classifier)
+                image = read_still(path)
+                cells = analyse_still(image, segmenter, classifier)
             except HematoVisionError as exc:
                 _err(str(exc))
                 failed += 1
@@ -176,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
                 _err(f"{path}: analysis failed ({type(exc).__name__}: {exc})")
                 failed += 1
                 continue
-            record = image_record(path, image, dets, scores, labels)
+            record = image_record(path, image, cells)
             done += 1
             totals.update(c["label"] for c in record["cells"])
             if as_json:
@@ -184,12 +175,8 @@ def main(args: argparse.Namespace) -> int:
             else:
                 print(format_table(record), flush=True)
             if save_dir is not None:
-                shown = Detections(
-                    xyxy=dets.xyxy, score=dets.score,
-                    class_id=np.where(dets.class_id < 0, len(labels), dets.class_id),
-                )
                 out = save_dir / _save_name(path, used_names)
-                ok, buf = cv2.imencode(".png", draw_cells(image, shown, draw_labels))
+                ok, buf = cv2.imencode(".png", draw_still(image, cells))
                 try:
                     if not ok:
                         raise OSError("PNG encoding failed")

@@ -14,6 +14,10 @@ smaller than ``MIN_SIDE`` pixels on a side ("too small"), larger than ``MAX_PIXE
 Huge images are refused rather than silently downscaled: the segmenter's cell sizes are in pixels
 at the microscope's usual magnification, so shrinking a whole-slide scan would not give a
 trustworthy answer. EXIF orientation is not applied (microscope cameras don't rotate).
+
+``read_still`` is the reader of every still photo to analyse (``detect``, ``run`` on images, the
+page's image tab): ``read_image`` plus a refusal of greyscale pictures, in which no cell can be
+found or named (the segmenter and the classifier both work on the stain's colours).
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ IMAGE_EXTENSIONS = frozenset(
 MIN_SIDE = 32
 #: Largest accepted image in pixels (40 megapixels).
 MAX_PIXELS = 40_000_000
+#: An image whose 99th percentile of per-pixel colour spread (max - min channel) stays below
+#: this is greyscale. Stained smears measure 85-128 on BCCD; a grey photo saved as JPEG, 0-3.
+GREY_SPREAD = 12
 
 _GLOB_CHARS = set("*?[")
 
@@ -157,3 +164,20 @@ def read_image(path: str | Path) -> np.ndarray:
                          f"most {MAX_PIXELS / 1e6:.0f}): crop or downscale it to the "
                          "microscope's usual field of view first")
     return normalize_image(img, path)
+
+
+def is_greyscale(bgr: np.ndarray) -> bool:
+    """True when the image has (almost) no colour: all three channels nearly equal."""
+    small = bgr[::4, ::4].astype(np.int16)
+    spread = small.max(axis=2) - small.min(axis=2)
+    return bool(spread.size) and float(np.percentile(spread, 99)) < GREY_SPREAD
+
+
+def read_still(path: str | Path) -> np.ndarray:
+    """Read a photo to analyse -> BGR uint8; InputError naming the file when it is unreadable,
+    out of the size limits, or greyscale (cells are found and named by their stain colours)."""
+    bgr = read_image(path)
+    if is_greyscale(bgr):
+        raise InputError(f"{path}: greyscale image: white cells are found and named by their "
+                         "stain, so a colour photo of a stained smear is needed")
+    return bgr

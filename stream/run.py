@@ -3,6 +3,11 @@
 Analysis mode: every frame is analysed (none dropped). A folder of images is either the frames
 of one moving field (tracked like a video) or unrelated photos, each counted on its own ("stills"
 mode); the first two images decide (``detector.track.same_scene``), the report says which.
+Stills go through the same still-image analysis as ``detect`` (``detector.still``): every cell is
+named and counted, those cut by the photo's edge too (flagged ``"cut": true`` in their event),
+so ``run`` and ``detect`` count the same cells. An image that cannot be used (not an image, too
+large, greyscale) is reported on one line as ``detect`` does, the others are counted, and the
+exit code is 1.
 Each counted cell is appended to the ``--events`` JSON Lines file and flushed at once, so a
 crash loses nothing already counted. The
 ``--report`` JSON is written at the end, also after an error in the middle of the input (a
@@ -27,6 +32,7 @@ import numpy as np
 from detector.analyzer import STAGES, Analyzer, FrameResult, build_analyzer
 from detector.core import UNIDENTIFIED, Frame
 from detector.errors import HematoVisionError, InputError
+from detector.still import StillCells, analyse_still, draw_still
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,11 @@ class RunStats:
         self.classified += result.classified
         for k, v in result.timings.items():
             self.stage_s[k] = self.stage_s.get(k, 0.0) + v
+
+    def add_still(self, cells: int, seconds: float) -> None:
+        self.frames += 1
+        self.classified += cells
+        self.stage_s["still"] = self.stage_s.get("still", 0.0) + seconds
 
 
 def _expected_frames(spec: str) -> int | None:
@@ -140,6 +151,22 @@ def _stills_or_sequence(frames: Iterator[Frame], max_frames: int | None
     return itertools.chain(head, frames), still
 
 
+def count_still(analyzer: Analyzer, frame: Frame, first_id: int
+                ) -> tuple[StillCells, list[dict[str, Any]]]:
+    """Name every cell of one photo (``detector.still``) and count each once -> (cells, events).
+
+    Cells get ids ``first_id, first_id + 1, ...``; each event carries ``cut``."""
+    cells = analyse_still(frame, analyzer.segmenter, analyzer.classifier)
+    dets, cut = cells.detections, cells.cut
+    events = []
+    for i, name in enumerate(cells.names):
+        event = analyzer.tally.count(first_id + i, name, float(dets.score[i]), frame.index,
+                                     frame.index, dets.xyxy[i])
+        if event is not None:
+            events.append({**event, "cut": bool(cut[i])})
+    return cells, events
+
+
 class _Outputs:
     """Events file (appended, flushed per cell) and the annotated recording."""
 
@@ -147,6 +174,12 @@ class _Outputs:
         self.events_fh: IO[str] | None = None
         self.record_path = record
         self.writer: cv2.VideoWriter | None = None
+        if record:
+            try:
+                Path(record).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise InputError(f"{record}: cannot write the video there "
+                                 f"({exc.strerror or exc})") from None
         if events:
             try:
                 Path(events).parent.mkdir(parents=True, exist_ok=True)
@@ -210,6 +243,7 @@ def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str,
     outputs: _Outputs | None = None
     pending: BaseException | None = None
     still, mode = False, "video"
+    skipped: list[str] = []
     try:
         if analyzer is None:
             analyzer = build_analyzer(args.model, target=args.target)
@@ -227,18 +261,29 @@ def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str,
             if not src.fps:  # images: consecutive frames of one field, or unrelated photos?
                 frames, still = _stills_or_sequence(frames, args.max_frames)
                 mode = "stills" if still else "sequence"
+            next_id = 1
             with tqdm(total=total, unit="frame", file=sys.stderr, disable=None, leave=False,
                       desc="counting") as bar:
                 for frame in frames:
-                    result = analyzer.process(frame, still=still)
-                    stats.add(result)
-                    for ev in result.counted:
+                    if still:
+                        t = time.perf_counter()
+                        cells, counted = count_still(analyzer, frame, next_id)
+                        next_id += len(cells)
+                        stats.add_still(len(cells), time.perf_counter() - t)
+                    else:
+                        result = analyzer.process(frame)
+                        stats.add(result)
+                        counted = result.counted
+                    for ev in counted:
                         outputs.event(ev)
                     if outputs.record_path:
                         t = time.perf_counter()
-                        outputs.frame(analyzer.render(result, fps=None), source_fps or 30.0)
+                        annotated = (_draw_still(frame, cells, analyzer) if still
+                                     else analyzer.render(result, fps=None))
+                        outputs.frame(annotated, source_fps or 30.0)
                         stats.stage_s["draw"] += time.perf_counter() - t
                     bar.update(1)
+            skipped = list(getattr(src, "errors", ()))
         # (a container's frame count can be an estimate: allow a few percent)
         short = (expected is not None and args.max_frames is None
                  and stats.frames < 0.97 * expected - 1)
@@ -263,6 +308,7 @@ def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str,
         report = build_report(analyzer, stats, source=source_name, model=model_name,
                               source_fps=source_fps, error=error, interrupted=interrupted)
         report["mode"] = mode
+        report["skipped"] = skipped
         write_report(args.report, report)
     if isinstance(pending, KeyboardInterrupt):
         print(format_summary(report), file=sys.stdout)
@@ -274,8 +320,18 @@ def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str,
     return report
 
 
+def _draw_still(frame: Frame, cells: StillCells, analyzer: Analyzer) -> np.ndarray:
+    from detector.draw import draw_panel
+
+    return draw_panel(draw_still(frame.bgr, cells), analyzer.tally.summary(), None, inplace=True)
+
+
 def main(args: argparse.Namespace) -> int:
-    """CLI handler of ``hematovision run``."""
+    """CLI handler of ``hematovision run``: 1 when some images could not be used (each named on
+    one line, as ``detect`` does), else 0."""
     report = run(args)
-    print(format_summary(report))
-    return 0
+    if report["frames"] or not report["skipped"]:
+        print(format_summary(report))
+    for message in report["skipped"]:
+        print(f"hematovision run: {message}", file=sys.stderr, flush=True)
+    return 1 if report["skipped"] else 0

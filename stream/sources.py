@@ -33,7 +33,7 @@ import numpy as np
 
 from detector.core import Frame
 from detector.errors import InputError
-from stream.images import IMAGE_EXTENSIONS, expand_image_arg, read_image
+from stream.images import IMAGE_EXTENSIONS, expand_image_arg, read_still
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +346,8 @@ class FileSource(Source):
 
 
 class ImageFolderSource(Source):
-    """Images from a folder or glob, sorted by name; unreadable files are skipped with a warning."""
+    """Images from a folder or glob, sorted by name. A file that cannot be used (unreadable, out
+    of the size limits, greyscale) is skipped; ``errors`` keeps its one-line message."""
 
     is_live = False
     monotonic_clock = False
@@ -356,7 +357,7 @@ class ImageFolderSource(Source):
         self.name = name
         self.paths = paths
         self.fps = 0.0
-        self.skipped = 0
+        self.errors: list[str] = []
         self._i = 0
 
     def read(self, timeout: float | None = None) -> Frame | None:
@@ -364,9 +365,11 @@ class ImageFolderSource(Source):
             path = self.paths[self._i]
             index = self._i
             self._i += 1
-            img = _read_image(path)
-            if img is None:
-                self.skipped += 1
+            try:
+                img = read_still(path)
+            except InputError as exc:
+                log.info("skipping %s", exc)
+                self.errors.append(str(exc))
                 continue
             return Frame(img, index, float(index))
         self.state = "stopped"
@@ -732,9 +735,9 @@ def _as_bgr(img: np.ndarray | None) -> np.ndarray | None:
 
 
 def _read_image(path: Path) -> np.ndarray | None:
-    """An image file as BGR (16-bit, RGBA, grey handled); None, with a warning, if unreadable."""
+    """An image file to analyse as BGR; None, with a warning, if it cannot be used."""
     try:
-        return read_image(path)
+        return read_still(path)
     except InputError as exc:
         log.warning("skipping %s", exc)
         return None

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from detector.core import Detections
+from detector.draw import colour_of
 from stream import cli, detect
 from tests.tiny_models import (
     BLUE_BGR,
@@ -22,6 +23,7 @@ from tests.tiny_models import (
 
 REPO = Path(__file__).resolve().parents[2]
 BG = 200  # background grey of the synthetic images
+PINK = (200, 185, 225)  # a cell-free stained background (BGR): colour, but no blob
 
 
 class SquareSegmenter:
@@ -68,7 +70,7 @@ def fake_seg(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_json_schema_one_line_per_image(tiny_models: Path, tmp_path: Path,  # noqa: F811
                                         capsys: pytest.CaptureFixture, fake_seg: None) -> None:
     a = _write(tmp_path / "a.png", _smear())
-    b = _write(tmp_path / "b.png", np.full((100, 120, 3), BG, np.uint8))  # no cells
+    b = _write(tmp_path / "b.png", np.full((100, 120, 3), PINK, np.uint8))  # no cells
     code, out, err = _run(capsys, str(a), str(b), "--json", "--model",
                           str(tiny_models / "int8.tflite"))
     assert code == 0 and err == []
@@ -82,7 +84,7 @@ def test_json_schema_one_line_per_image(tiny_models: Path, tmp_path: Path,  # no
     assert [c["label"] for c in cells] == ["lymphocyte", "eosinophil"]
     assert cells[0]["box"] == [30, 40, 70, 80] and cells[1]["box"] == [130, 60, 170, 100]
     for c in cells:
-        assert set(c) == {"box", "label", "score", "scores"}
+        assert set(c) == {"box", "label", "score", "scores", "cut"} and c["cut"] is False
         assert all(isinstance(v, int) for v in c["box"])
         assert list(c["scores"]) == list(TINY_LABELS)
         assert c["score"] == max(c["scores"].values()) and c["score"] > 0.95
@@ -122,12 +124,36 @@ def test_odd_image_formats(tiny_models: Path, tmp_path: Path,  # noqa: F811
     deep = _write(tmp_path / "deep.png", _smear().astype(np.uint16) * 257)
     code, out, err = _run(capsys, str(gray), str(rgba_path), str(deep), "--json",
                           "--model", str(tiny_models / "float32.tflite"))
-    assert code == 0 and err == []
+    # a greyscale photo has no stain colour: said so, instead of "0 white cells"
+    assert code == 1 and err == [
+        f"hematovision detect: {gray}: greyscale image: white cells are found and named by "
+        "their stain, so a colour photo of a stained smear is needed"]
     recs = {Path(r["image"]).name: r for r in map(json.loads, out)}
+    assert set(recs) == {"rgba.png", "deep.png"}
     assert [c["label"] for c in recs["rgba.png"]["cells"]] == ["lymphocyte", "eosinophil"]
     assert [c["label"] for c in recs["deep.png"]["cells"]] == ["lymphocyte", "eosinophil"]
-    # gray has no colour: both squares found, neither red nor blue -> unidentified
-    assert [c["label"] for c in recs["gray.png"]["cells"]] == ["unidentified"] * 2
+
+
+@pytest.mark.train
+def test_cell_cut_by_the_edge_named_flagged_and_drawn(
+        tiny_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture,  # noqa: F811
+        fake_seg: None) -> None:
+    img = _smear()
+    img[130:160, 200:240] = RED_BGR  # a red cell cut by the bottom-right corner
+    path = _write(tmp_path / "edge.png", img)
+    code, out, err = _run(capsys, str(path), "--json", "--save-dir", str(tmp_path / "drawn"),
+                          "--model", str(tiny_models / "int8.tflite"))
+    assert code == 0 and err == []
+    cells = json.loads(out[0])["cells"]
+    assert [(c["label"], c["box"], c["cut"]) for c in cells] == [
+        ("lymphocyte", [30, 40, 70, 80], False), ("eosinophil", [130, 60, 170, 100], False),
+        ("eosinophil", [200, 130, 240, 160], True)]
+    drawn = cv2.imread(str(tmp_path / "drawn" / "edge.png"))
+    # the cut cell's box is dashed: down its left side, box colour alternates with the cell's
+    side = drawn[136:158, 200].astype(int)
+    box_colour = np.array(colour_of("eosinophil"))
+    assert (np.abs(side - box_colour).sum(axis=1) < 30).sum() >= 4
+    assert (np.abs(side - RED_BGR).sum(axis=1) < 30).sum() >= 4
 
 
 @pytest.mark.train

@@ -90,9 +90,62 @@ def test_folder_of_unrelated_photos_counts_each(tmp_path, slide):
     assert report["mode"] == "stills" and report["frames"] == 3
     from tests.detector.fakes import truth_boxes
 
-    expected = sum(int((~truth_boxes(slide, x, y)[1]).sum()) for x, y in far)
-    assert report["total"] == expected > 0
-    assert len(read_events(tmp_path / "events.jsonl")) == expected
+    # a photo has no next frame: cells cut by its edge are counted too, and flagged
+    cut = [bool(c) for x, y in far for c in truth_boxes(slide, x, y)[1]]
+    assert report["total"] == len(cut) > sum(cut) > 0
+    events = read_events(tmp_path / "events.jsonl")
+    assert [e["cut"] for e in events] == cut
+
+
+def test_run_and_detect_count_the_same_cells(tmp_path, bccd_dir, shipped_model, capsys):
+    """Real BCCD photos, two of them with a cell cut by the edge: one still-image analysis."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for n in (0, 1, 2, 8):
+        name = f"BloodImage_{n:05d}.jpg"
+        (folder / name).write_bytes((bccd_dir / "JPEGImages" / name).read_bytes())
+    assert cli.main(["detect", str(folder), "--json", "--model", str(shipped_model)]) == 0
+    cells = [c for line in capsys.readouterr().out.splitlines()
+             for c in json.loads(line)["cells"]]
+    assert cli.main(["run", str(folder), "--model", str(shipped_model),
+                     "--report", str(tmp_path / "r.json"),
+                     "--events", str(tmp_path / "e.jsonl")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    events = read_events(tmp_path / "e.jsonl")
+    assert report["mode"] == "stills" and report["total"] == len(cells) == len(events) == 4
+    assert [(e["label"], e["cut"]) for e in events] == [(c["label"], c["cut"]) for c in cells]
+    assert sum(c["cut"] for c in cells) == 2
+    for e, c in zip(events, cells, strict=True):
+        assert np.allclose(e["box"], c["box"], atol=1)
+
+
+def test_unusable_images_one_line_each_exit_1(tmp_path, capsys, slide):
+    """Not an image, greyscale: the message detect gives, the other photos counted, exit 1."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a_fake.jpg").write_text("this is not a jpeg")
+    cv2.imwrite(str(folder / "b_grey.png"), np.full((240, 320, 3), 128, np.uint8))
+    code = cli.main(["run", str(folder / "a_fake.jpg"), "--report", str(tmp_path / "r.json")])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ""
+    assert err.splitlines() == [f"hematovision run: {folder / 'a_fake.jpg'}: not a readable image"]
+    code = cli.main(["run", str(folder)])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ""
+    assert err.splitlines() == [
+        f"hematovision run: {folder / 'a_fake.jpg'}: not a readable image",
+        f"hematovision run: {folder / 'b_grey.png'}: greyscale image: white cells are found and "
+        "named by their stain, so a colour photo of a stained smear is needed"]
+
+
+def test_record_where_a_file_is_in_the_way(tmp_path, capsys, slide):
+    folder = write_frames(slide, tmp_path / "frames", n=3)
+    (tmp_path / "afile").write_text("x")
+    code = cli.main(["run", str(folder), "--record", str(tmp_path / "afile" / "out.mp4")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines() == [
+        f"hematovision run: error: {tmp_path / 'afile' / 'out.mp4'}: cannot write the video "
+        "there (File exists)"]
 
 
 class SpySegmenter(FakeSegmenter):

@@ -164,22 +164,28 @@ def test_file_replay_in_realtime_mode_is_paced(tmp_path: Path) -> None:
 
 def test_folder_source_sorted_and_glob(tmp_path: Path) -> None:
     for name, value in [("b.png", 2), ("a.png", 1), ("c.jpg", 3)]:
-        cv2.imwrite(str(tmp_path / name), np.full((40, 48, 3), value * 40, np.uint8))
+        cv2.imwrite(str(tmp_path / name), np.full((40, 48, 3), (value * 40, 0, 200), np.uint8))
     (tmp_path / "notes.txt").write_text("not an image")
     with open_source(str(tmp_path), realtime=False) as src:
         frames = list(src)
     assert [f.index for f in frames] == [0, 1, 2]
-    assert [int(f.bgr[0, 0, 0]) // 40 for f in frames] == [1, 2, 3]  # a.png, b.png, c.jpg
+    assert [round(f.bgr[0, 0, 0] / 40) for f in frames] == [1, 2, 3]  # a.png, b.png, c.jpg
     with open_source(str(tmp_path / "*.png"), realtime=False) as src:
         assert len(list(src)) == 2
 
 
 def test_grayscale_and_corrupt_images_in_a_folder(tmp_path: Path) -> None:
+    """Unusable photos are skipped, each with the one-line message ``detect`` gives."""
     cv2.imwrite(str(tmp_path / "a.png"), np.full((40, 48), 90, np.uint8))  # grayscale
     (tmp_path / "b.jpg").write_bytes(b"not a jpeg at all")
+    cv2.imwrite(str(tmp_path / "c.png"), np.full((40, 48, 3), (90, 40, 200), np.uint8))
     with open_source(str(tmp_path), realtime=False) as src:
         frames = list(src)
     assert len(frames) == 1 and frames[0].bgr.shape == (40, 48, 3)
+    assert src.errors == [
+        f"{tmp_path / 'a.png'}: greyscale image: white cells are found and named by their "
+        "stain, so a colour photo of a stained smear is needed",
+        f"{tmp_path / 'b.jpg'}: not a readable image"]
 
 
 def test_missing_path_empty_folder_corrupt_file(tmp_path: Path) -> None:
