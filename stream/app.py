@@ -263,8 +263,8 @@ LIVE_IMG = ("<div class='hv-live'><img id='hv-video' src='/video.mjpg' "
 class ImageAnalyzer:
     """Segmenter + classifier for still images (the "Image" tab); built on first use.
 
-    Reuses ``hematovision detect``'s code (stream.images.read_image, stream.detect.analyse),
-    so the page and the CLI give the same cells for the same photo.
+    The one still-image analysis of ``detect`` and ``run`` (stream.images.read_still,
+    detector.still), so the page and the CLI give the same cells for the same photo.
     """
 
     def __init__(self, model: str | None) -> None:
@@ -274,23 +274,22 @@ class ImageAnalyzer:
         self._clf: Any = None
 
     def analyze(self, path: str | Path) -> tuple[np.ndarray, list[list[Any]]]:
-        """-> (annotated RGB image, rows [cell, label, score, x1, y1, x2, y2])."""
-        from detector import draw
+        """-> (annotated RGB image, rows [cell, label, score, x1, y1, x2, y2, cut])."""
         from detector.classify import CellClassifier
         from detector.segment import Segmenter
-        from stream.detect import analyse, image_record
-        from stream.images import read_image
+        from detector.still import analyse_still, draw_still
+        from stream.detect import image_record
+        from stream.images import read_still
 
-        bgr = read_image(path)
+        bgr = read_still(path)
         with self._lock:
             if self._seg is None:
                 self._seg, self._clf = Segmenter(), CellClassifier(self.model)
-            dets, scores = analyse(bgr, self._seg, self._clf)
-        rec = image_record(Path(path).name, bgr, dets, scores, self._clf.labels)
-        rows = [[i + 1, c["label"], c["score"], *c["box"]] for i, c in enumerate(rec["cells"])]
-        dets.data["label"] = np.array([c["label"] for c in rec["cells"]], dtype=object)
-        out = draw.draw_cells(bgr, dets, self._clf.labels, show_track_ids=False)
-        return cv2.cvtColor(out, cv2.COLOR_BGR2RGB), rows
+            cells = analyse_still(bgr, self._seg, self._clf)
+        rec = image_record(Path(path).name, bgr, cells)
+        rows = [[i + 1, c["label"], c["score"], *c["box"], "cut" if c["cut"] else ""]
+                for i, c in enumerate(rec["cells"])]
+        return cv2.cvtColor(draw_still(bgr, cells), cv2.COLOR_BGR2RGB), rows
 
 
 # ------------------------------------------------------------------------------ sources
@@ -414,7 +413,8 @@ def build_page(session: Session, *, models: dict[str, str], image_model: str | N
             with gr.Row():
                 img_in = gr.Image(type="filepath", label="smear photo", sources=["upload"])
                 img_out = gr.Image(type="numpy", label="annotated", interactive=False)
-            img_table = gr.Dataframe(headers=["cell", "label", "score", "x1", "y1", "x2", "y2"],
+            img_table = gr.Dataframe(headers=["cell", "label", "score", "x1", "y1", "x2", "y2",
+                                              "edge"],
                                      interactive=False, label="cells")
 
         with gr.Tab("Browser webcam"):
