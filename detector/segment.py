@@ -87,6 +87,14 @@ log = logging.getLogger(__name__)
 #: point, refined per frame.
 _RBC_DIR0 = np.array([0.64, 0.67, 0.37], dtype=np.float32)
 _RBC_DIR0 /= np.linalg.norm(_RBC_DIR0)
+#: Starting points for the red-cell direction: pink (eosin-rich), grey and blue-grey/teal red
+#: cells (other stains, buffers and cameras).
+_RBC_PRIORS = [
+    d / np.linalg.norm(d)
+    for d in (
+        _RBC_DIR0, np.array([1.0, 1.0, 1.0], np.float32), np.array([0.45, 0.55, 0.7], np.float32)
+    )
+]
 #: "Absorbs more red light, less blue light" in BGR OD space.
 _BLUE_SHIFT = np.array([-1.0, 0.0, 1.0], dtype=np.float32)
 _ONES3 = np.ones(3, dtype=np.float32)
@@ -301,21 +309,38 @@ class Segmenter:
 
     @staticmethod
     def _rbc_direction(od2: np.ndarray) -> tuple[np.ndarray, float]:
-        """OD direction and median density of the red cells (the dominant stained pixels)."""
+        """OD direction and median density of the red cells (the commonest stain direction).
+
+        Red cells may be pink, grey or blue-grey/teal depending on stain and camera, so the mode
+        of the stained pixels' directions is sought from each of those priors (mean shift in a
+        narrowing cone) and the mode holding most pixels wins. Pixels count as stained above
+        half the typical stained density, so a large white cell filling a crop (its dense
+        nucleus) does not set the bar above the pale red cells around it.
+        """
         px = od2.reshape(-1, 3)[::2]  # every 8th working pixel is plenty for two statistics
         dens = px @ _ONES3
-        sel = dens > max(0.1, 0.4 * _quantile(dens, 0.95))
-        if sel.sum() < 30:
+        stained = dens > 0.1
+        if np.count_nonzero(stained) < 30:
             return _RBC_DIR0.copy(), 1.0
+        sel = dens > max(0.1, 0.45 * _quantile(dens, 0.8))
         v = px[sel]
         vd = v / np.sqrt(np.einsum("ij,ij->i", v, v))[:, None]
-        u = _RBC_DIR0.copy()
-        for cone in (0.9, 0.95, 0.98):  # narrowing cone: converge on the mode, not the mean
-            inside = vd @ u > cone
-            if inside.sum() < 30:
-                return _RBC_DIR0.copy(), max(_quantile(v @ _RBC_DIR0, 0.5), 0.1)
-            u = inside.astype(np.float32) @ vd  # sum of the directions inside the cone
-            u /= float(np.linalg.norm(u))
+        best: tuple[int, np.ndarray, np.ndarray] | None = None
+        for u0 in _RBC_PRIORS:
+            u = u0.copy()
+            inside = None
+            for cone in (0.9, 0.95, 0.98):  # narrowing cone: converge on the mode, not the mean
+                inside = vd @ u > cone
+                if inside.sum() < 30:
+                    inside = None
+                    break
+                u = inside.astype(np.float32) @ vd  # sum of the directions inside the cone
+                u /= float(np.linalg.norm(u))
+            if inside is not None and (best is None or int(inside.sum()) > best[0]):
+                best = (int(inside.sum()), u, inside)
+        if best is None:
+            return _RBC_DIR0.copy(), max(_quantile(v @ _RBC_DIR0, 0.5), 0.1)
+        _, u, inside = best
         return u.astype(np.float32), max(_quantile(v[inside] @ u, 0.5), 0.1)
 
     def _nucleus_direction(
