@@ -73,7 +73,11 @@ class ModelCard:
         format_version: Card format version (1).
         date: Date the model was made (``YYYY-MM-DD``).
         trained_on, split, recipe, evaluation: Descriptive dicts, kept as they are.
+        note: Free text (e.g. marks a float reference export), written only when set.
         path: The card file it was read from, if any.
+
+    Training builds this same object and writes it with :meth:`to_dict`; loading reads it back
+    with :meth:`from_dict`: one schema.
     """
 
     name: str
@@ -92,11 +96,8 @@ class ModelCard:
     split: dict[str, Any] = field(default_factory=dict)
     recipe: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
     path: Path | None = None
-
-    @property
-    def preprocessing_scheme(self) -> str:
-        return self.preprocessing.split(":", 1)[0].strip().lower()
 
     @classmethod
     def load(cls, path: str | Path) -> ModelCard:
@@ -195,13 +196,14 @@ class ModelCard:
             min_score=float(min_score),
             format_version=1,
             date=str(data.get("date", "")),
+            note=str(data.get("note", "")),
             path=Path(source) if isinstance(source, Path) else None,
             **extras,
         )
 
     def to_dict(self) -> dict[str, Any]:
         """The card as JSON-ready data (the format ``load`` reads)."""
-        return {
+        out = {
             "name": self.name,
             "format_version": self.format_version,
             "labels": list(self.labels),
@@ -217,6 +219,9 @@ class ModelCard:
             "evaluation": self.evaluation,
             "date": self.date,
         }
+        if self.note:
+            out["note"] = self.note
+        return out
 
 
 def _interpreter_class() -> tuple[type, str]:

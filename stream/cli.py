@@ -51,6 +51,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
+    return v
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -88,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", type=str, default="127.0.0.1", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     s.add_argument("--auth", type=_auth, default=None, help="require a login USER:PASS")
+    s.add_argument("--allow-url-sources", action="store_true",
+                   help="let page users switch to rtsp:// and http(s):// sources (the server "
+                   "then opens URLs they type; off by default)")
 
     r = sub.add_parser("run", help="headless count of a video, folder of images or 'demo'")
     r.add_argument("source", help="video file, image folder or glob, URL, camera index or 'demo'")
@@ -117,25 +130,32 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a MobileNetV2 cell classifier and export int8 TFLite")
     t.add_argument("data", nargs="+", help="folder-per-class trees and/or Pascal VOC folders "
                    "with wbc_types.csv")
-    t.add_argument("--out", type=str, default="models/hematovision.tflite", help="output .tflite")
-    t.add_argument("--input-size", type=int, default=112, choices=[96, 112, 128, 160, 192, 224],
-                   help="model input side in pixels (default 112, the shipped model)")
+    t.add_argument("--out", type=str, default=None, help="output .tflite (default: "
+                   "RUN_DIR/hematovision.tflite; the shipped model only when named here)")
+    t.add_argument("--input-size", type=int, default=128, choices=[96, 112, 128, 160, 192, 224],
+                   help="model input side in pixels (default 128)")
     t.add_argument("--weights", type=str, default="imagenet",
                    help="imagenet (download via Keras), none, or a local .weights.h5 file")
-    t.add_argument("--epochs", type=int, default=None,
-                   help="max fine-tuning epochs (early stopping may end sooner; default 15)")
-    t.add_argument("--frozen-epochs", type=int, default=None,
-                   help="head-only epochs with the base frozen (default 5)")
+    t.add_argument("--epochs", type=_non_negative_int, default=None,
+                   help="max fine-tuning epochs (default 8)")
+    t.add_argument("--frozen-epochs", type=_non_negative_int, default=None,
+                   help="head-only epochs with the base frozen (default 2)")
     t.add_argument("--copies", type=_positive_int, default=None,
-                   help="crops per training image, extra ones with jittered box (default 3)")
+                   help="crops per folder-per-class training image (default 1)")
+    t.add_argument("--voc-copies", type=_positive_int, default=None,
+                   help="crops per VOC training image, extra ones with jittered box (default 6)")
+    t.add_argument("--batch-size", type=_positive_int, default=None, help="default 32")
+    t.add_argument("--steps-per-epoch", type=_positive_int, default=None,
+                   help="batches per epoch (default: the whole training set; small = timing)")
     t.add_argument("--min-images", type=_positive_int, default=None,
                    help="drop classes with fewer images (default 5)")
-    t.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    t.add_argument("--seed", type=_non_negative_int, default=None, help="random seed (default 0)")
     t.add_argument("--run-dir", type=str, default=None,
-                   help="keep checkpoint, float .tflite and history here (default runs/NAME)")
+                   help="checkpoints, float .tflite, history and log (default runs/hv-DATE-TIME)")
 
     e = sub.add_parser("evaluate", help="measure detection, classification or counting figures")
-    e.add_argument("data", help="Pascal VOC folder, folder-per-class tree, or synth folder(s)")
+    e.add_argument("data", nargs="+", help="Pascal VOC folder(s), folder-per-class tree(s) or "
+                   "synth folder(s); each reported on its own")
     e.add_argument("--model", type=str, default=None, help=model_help)
     e.add_argument("--out", type=str, default=None, help="write the report (JSON, PNG) here")
     e.add_argument("--float-model", type=str, default=None,

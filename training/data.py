@@ -2,27 +2,31 @@
 
 Two kinds of data set are read:
 
-* **Folder per class** (the Kaggle "blood cell images" layout, e.g. ``TRAIN/EOSINOPHIL/*.jpg``):
+* **Folder per class** (PBC, the Kaggle "blood cell images" layout, e.g. ``eosinophil/*.jpg``):
   the class is the folder name, lower-cased and made singular (``EOSINOPHILS`` -> ``eosinophil``).
   These images are already centred on the cell. When a segmenter is available and finds a cell
   whose centre is near the image centre (within 20 % of the shorter side), that cell's box is cut
-  with the crop rule, as at run time; otherwise the central square of the image is used (a box
-  chosen so that the rule's margin makes the window exactly the central square: no padding, no
-  distortion). The group of an image (for splitting) is its original id: Kaggle's augmented copies
-  ``_0_1169.jpeg``, ``_1_1169.jpeg`` share the number ``1169``; any other name is its own group.
-* **Pascal VOC with wbc_types.csv** (like BCCD): one labelled white cell per image. The "main"
-  white cell is the largest ground-truth ``WBC`` box (where an image holds two, the csv names the
-  main one and the labelled cell is the larger in BCCD's convention; we take the largest). The crop
+  with the crop rule, as at run time. Otherwise a centred box is used whose side is the median
+  side of the segmenter's boxes in that class folder (so a missed basophil is framed like a found
+  one: the crop's scale never tells the class), or, with no segmenter, the central square of the
+  image (a box whose crop-rule window is exactly that square). The group of an image (for
+  splitting) is the hash of its bytes, so byte-identical copies fall on one side of a split;
+  Kaggle's augmented copies ``_0_1169.jpeg``, ``_1_1169.jpeg`` share the number ``1169``.
+* **Pascal VOC with wbc_types.csv** (BCCD), read with :func:`training.voc.read_voc`: one labelled
+  white cell per image. The "main" white cell is the largest ground-truth ``WBC`` box. The crop
   comes from the *segmenter's* box for that cell (the detection whose centre lies inside the GT box,
   the best IoU if several), so training sees the boxes the run time produces; if the segmenter
-  misses it the GT box is used and counted in ``DataSet.info``.
+  misses it the GT box is used and counted in ``DataSet.info``. Optionally the image's platelet
+  boxes give ``platelet`` samples and a few red-cell boxes ``artefact`` samples (``extra=True``:
+  trained on, but the per-source figures score the main white cells only).
 
 Every sample keeps its image id as ``group``: splits are made by group, never by crop or copy.
 """
 
 from __future__ import annotations
 
-import csv
+import hashlib
+import json
 import logging
 import re
 from collections import Counter
@@ -33,13 +37,22 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from detector.core import CELL_TYPES, box_iou
+from detector.core import box_iou
 from detector.crop import CropRule, crop_cell
 from detector.errors import InputError
+from training.voc import IMAGE_EXTS
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = IMAGE_EXTS
+#: The labels a model may name, in output order: the six white-cell kinds, the nucleated red
+#: cell, and the two kinds that veto a candidate (platelet, artefact).
+LABEL_ORDER: tuple[str, ...] = (
+    "neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte", "immature_granulocyte",
+    "erythroblast", "platelet", "artefact",
+)
+#: Red-cell boxes taken as ``artefact`` samples per VOC image (when extras are asked for).
+RBC_PER_IMAGE = 2
 #: Fraction of the shorter image side within which a segmented cell counts as "the centred cell"
 #: of a folder-per-class image.
 CENTRE_TOLERANCE = 0.2
@@ -56,7 +69,9 @@ class Sample:
     box: tuple[float, float, float, float]
     label: str
     group: str
-    source: str  # "segmenter", "gt_box" or "central_square"
+    source: str  # "segmenter", "gt_box", "central_square" or "class_median_box"
+    dataset: str = ""  # name of the data folder it came from (figures are per data set)
+    extra: bool = False  # a VOC platelet/red-cell box, not the image's labelled white cell
 
 
 @dataclass
@@ -83,6 +98,16 @@ class DataSet:
     def subset(self, groups: Sequence[str]) -> DataSet:
         keep = set(groups)
         return DataSet([s for s in self.samples if s.group in keep], self.classes, dict(self.info))
+
+    def where(self, dataset: str | None = None, main_only: bool = False) -> DataSet:
+        """Samples of one data folder (all if None), optionally without the VOC extras."""
+        return DataSet([s for s in self.samples
+                        if (dataset is None or s.dataset == dataset)
+                        and not (main_only and s.extra)], self.classes, dict(self.info))
+
+    @property
+    def datasets(self) -> list[str]:
+        return sorted({s.dataset for s in self.samples})
 
 
 # ----------------------------------------------------------------------------------- segmenter
@@ -121,7 +146,7 @@ def match_box(found: np.ndarray, gt: np.ndarray) -> np.ndarray | None:
 def singular_label(name: str) -> str:
     """Folder name -> cell label: lower-case, singular (``EOSINOPHILS`` -> ``eosinophil``)."""
     label = name.strip().lower().replace(" ", "_")
-    if label.endswith("s") and label[:-1] in CELL_TYPES:
+    if label.endswith("s") and label[:-1] in LABEL_ORDER:
         label = label[:-1]
     return label
 
@@ -134,8 +159,22 @@ def read_image(path: str | Path) -> np.ndarray:
     return img
 
 
+def decode_image(data: bytes, name: str | Path) -> np.ndarray:
+    """Decode image bytes to BGR uint8 or raise InputError naming the file."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise InputError(f"{name}: cannot read image")
+    return img
+
+
 def is_voc(folder: Path) -> bool:
     return (folder / "Annotations").is_dir() and (folder / "wbc_types.csv").is_file()
+
+
+def centred_box(width: int, height: int, side: float) -> tuple[float, ...]:
+    """A square box of ``side`` pixels at the image centre."""
+    cx, cy = width / 2.0, height / 2.0
+    return (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
 
 
 def central_square_box(width: int, height: int, rule: CropRule) -> tuple[float, ...]:
@@ -148,23 +187,35 @@ def central_square_box(width: int, height: int, rule: CropRule) -> tuple[float, 
 _KAGGLE_COPY = re.compile(r"^_\d+_(\d+)$")
 
 
+def content_group(root: Path, label: str, path: Path, data: bytes) -> str:
+    """Split group of a folder-per-class image: Kaggle copy number, else the hash of its bytes."""
+    m = _KAGGLE_COPY.match(path.stem)
+    if m:
+        return f"{root.name}/{m.group(1)}"
+    return f"{root.name}/{hashlib.sha1(data).hexdigest()[:16]}"
+
+
 def read_class_folders(
     root: str | Path, rule: CropRule, finder: BoxFinder | None = None
 ) -> DataSet:
     """Read a folder-per-class tree (class = folder name, singular, lower-case)."""
     root = Path(root)
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    samples: list[Sample] = []
-    sources: Counter = Counter()
+    rows: list[tuple[Path, str, str, int, int, tuple[float, ...] | None]] = []
     for d in class_dirs:
         label = singular_label(d.name)
-        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                       and not p.name.startswith("."))
         for p in files:
-            m = _KAGGLE_COPY.match(p.stem)
-            group = f"{root.name}/{m.group(1)}" if m else f"{root.name}/{label}/{p.stem}"
-            img = read_image(p)
+            data = p.read_bytes()
+            group = content_group(root, label, p, data)
+            try:
+                img = decode_image(data, p)
+            except InputError as exc:
+                log.warning("%s (skipped)", exc)
+                continue
             h, w = img.shape[:2]
-            box, source = None, "central_square"
+            box = None
             if finder is not None:
                 found = finder(img)
                 if len(found):
@@ -172,68 +223,84 @@ def read_class_folders(
                     dist = np.hypot(c[:, 0] - w / 2, c[:, 1] - h / 2)
                     i = int(np.argmin(dist))
                     if dist[i] <= CENTRE_TOLERANCE * min(w, h):
-                        box, source = tuple(float(v) for v in found[i]), "segmenter"
-            if box is None:
-                box = central_square_box(w, h, rule)
-            sources[source] += 1
-            samples.append(Sample(str(p), box, label, group, source))
-    if not samples:
+                        box = tuple(float(v) for v in found[i])
+            rows.append((p, label, group, w, h, box))
+    if not rows:
         raise InputError(f"{root}: no images found in class sub-folders")
+    # a missed cell is framed like the found ones of its class (median side), never by the
+    # whole image: the crop's scale must not tell the class
+    sides: dict[str, list[float]] = {}
+    for _, label, _, _, _, box in rows:
+        if box is not None:
+            sides.setdefault(label, []).append(max(box[2] - box[0], box[3] - box[1]))
+    median_side = {k: float(np.median(v)) for k, v in sides.items() if len(v) >= 3}
+    samples: list[Sample] = []
+    sources: Counter = Counter()
+    for p, label, group, w, h, box in rows:
+        source = "segmenter"
+        if box is None and label in median_side:
+            box, source = centred_box(w, h, min(median_side[label], min(w, h))), "class_median_box"
+        elif box is None:
+            box, source = central_square_box(w, h, rule), "central_square"
+        sources[source] += 1
+        samples.append(Sample(str(p), box, label, group, source, dataset=root.name))
     classes = tuple(sorted({s.label for s in samples}, key=_class_order))
-    info = {"kind": "class_folders", "sources": dict(sources)}
+    info = {"kind": "class_folders", "sources": dict(sources),
+            "median_box_side": {k: round(v, 1) for k, v in median_side.items()}}
     return DataSet(samples, classes, info)
 
 
-def _voc_wbc_boxes(xml_path: Path) -> list[tuple[float, float, float, float]]:
-    """GT WBC boxes of one Pascal VOC file (SEG's training.voc reader)."""
-    from training.voc import read_annotation
+def read_voc(root: str | Path, finder: BoxFinder | None = None, extras: bool = False,
+             seed: int = 0) -> DataSet:
+    """Read a Pascal VOC folder with wbc_types.csv: one sample (the main WBC) per labelled image.
 
-    return [tuple(float(v) for v in b) for b in read_annotation(xml_path)["wbc"]]
+    With ``extras`` each labelled image also gives its platelet boxes as ``platelet`` samples and
+    up to ``RBC_PER_IMAGE`` red-cell boxes (clear of the white cells) as ``artefact`` samples.
+    """
+    from training.voc import read_voc as read_voc_records
 
-
-def read_wbc_types(csv_path: Path) -> dict[str, str]:
-    """``image -> wbc_type`` from wbc_types.csv."""
-    out: dict[str, str] = {}
-    with open(csv_path, newline="") as f:
-        for row in csv.DictReader(f):
-            name = (row.get("image") or "").strip()
-            label = (row.get("wbc_type") or "").strip().lower()
-            if name and label:
-                out[name] = label
-    if not out:
-        raise InputError(f"{csv_path}: no rows with image,wbc_type")
-    return out
-
-
-def read_voc(root: str | Path, finder: BoxFinder | None = None) -> DataSet:
-    """Read a Pascal VOC folder with wbc_types.csv: one sample (the main WBC) per labelled image."""
     root = Path(root)
+    if not (root / "wbc_types.csv").is_file():
+        raise InputError(f"{root}: no wbc_types.csv (image,wbc_type) beside Annotations/")
+    records = read_voc_records(root)
+    stems = {r.image.stem for r in records}
+    from training.voc import read_wbc_types
+
     types = read_wbc_types(root / "wbc_types.csv")
+    if not types:
+        raise InputError(f"{root / 'wbc_types.csv'}: no rows with image,wbc_type")
+    rng = np.random.default_rng(seed)
     samples: list[Sample] = []
     sources: Counter = Counter()
-    skipped: list[str] = []
-    for name, label in sorted(types.items()):
-        img_path = root / "JPEGImages" / name
-        xml_path = root / "Annotations" / (Path(name).stem + ".xml")
-        if not img_path.is_file() or not xml_path.is_file():
-            skipped.append(name)
+    skipped = sorted(f"{k}.jpg" for k in types if k not in stems)
+    for r in records:
+        label = r.wbc_type
+        if label is None:
             continue
-        gts = _voc_wbc_boxes(xml_path)
-        if not gts:
-            skipped.append(name)
+        if not len(r.wbc):
+            skipped.append(r.image.name)
             continue
-        gt = np.array(max(gts, key=lambda b: (b[2] - b[0]) * (b[3] - b[1])), dtype=np.float32)
+        areas = (r.wbc[:, 2] - r.wbc[:, 0]) * (r.wbc[:, 3] - r.wbc[:, 1])
+        gt = r.wbc[int(np.argmax(areas))]
         box, source = None, "gt_box"
         if finder is not None:
-            m = match_box(finder(read_image(img_path)), gt)
+            m = match_box(finder(read_image(r.image)), gt)
             if m is not None:
                 box, source = m, "segmenter"
         if box is None:
             box = gt
         sources[source] += 1
-        samples.append(
-            Sample(str(img_path), tuple(float(v) for v in box), label, Path(name).stem, source)
-        )
+        group = r.image.stem
+        samples.append(Sample(str(r.image), tuple(float(v) for v in box), label, group, source,
+                              dataset=root.name))
+        if extras:
+            for b in r.platelets:
+                samples.append(Sample(str(r.image), tuple(float(v) for v in b), "platelet",
+                                      group, "gt_box", dataset=root.name, extra=True))
+            clear = [b for b in r.rbc if not len(r.wbc) or box_iou(b[None], r.wbc).max() == 0]
+            for i in rng.permutation(len(clear))[:RBC_PER_IMAGE]:
+                samples.append(Sample(str(r.image), tuple(float(v) for v in clear[i]),
+                                      "artefact", group, "gt_box", dataset=root.name, extra=True))
     if skipped:
         log.warning("%s: %d labelled images skipped (missing file or no WBC box)", root,
                     len(skipped))
@@ -242,13 +309,25 @@ def read_voc(root: str | Path, finder: BoxFinder | None = None) -> DataSet:
         "kind": "voc",
         "sources": dict(sources),
         "segmenter_missed": int(sources.get("gt_box", 0)) if finder is not None else None,
-        "skipped_images": skipped,
+        "skipped_images": sorted(skipped),
+        "extras": dict(Counter(s.label for s in samples if s.extra)),
     }
     return DataSet(samples, classes, info)
 
 
+def main_wbc_box(image: str | Path) -> np.ndarray:
+    """The main (largest) ground-truth WBC box of a VOC image, from its annotation."""
+    from training.voc import read_annotation
+
+    image = Path(image)
+    wbc = read_annotation(image.parent.parent / "Annotations" / f"{image.stem}.xml")["wbc"]
+    if not len(wbc):
+        raise InputError(f"{image}: no WBC box in its annotation")
+    return wbc[int(np.argmax((wbc[:, 2] - wbc[:, 0]) * (wbc[:, 3] - wbc[:, 1])))]
+
+
 def _class_order(label: str) -> tuple[int, str]:
-    return (CELL_TYPES.index(label) if label in CELL_TYPES else len(CELL_TYPES), label)
+    return (LABEL_ORDER.index(label) if label in LABEL_ORDER else len(LABEL_ORDER), label)
 
 
 def load_datasets(
@@ -256,16 +335,42 @@ def load_datasets(
     rule: CropRule,
     finder: BoxFinder | None | str = "default",
     min_images: int = 5,
+    voc_extras: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> DataSet:
-    """Read and merge data folders; drop classes with fewer than ``min_images`` images (groups)."""
+    """Read and merge data folders; drop classes with fewer than ``min_images`` images (groups).
+
+    With ``cache_dir`` and the default (run-time) segmenter, each folder's samples are kept in
+    ``cache_dir`` keyed by its files, the crop margin, the extras and the segmenter's source.
+    """
+    seg_key = None
     if finder == "default":
+        import detector.segment as segment
+
+        seg_key = hashlib.sha1(Path(segment.__file__).read_bytes()).hexdigest()
         finder = default_box_finder()
     parts: list[DataSet] = []
     for f in folders:
         p = Path(f)
         if not p.is_dir():
             raise InputError(f"{p}: not a folder")
-        parts.append(read_voc(p, finder) if is_voc(p) else read_class_folders(p, rule, finder))
+        cache = None
+        if cache_dir is not None and seg_key is not None:
+            key = _key([_folder_fingerprint(p), rule.margin, voc_extras and is_voc(p), seg_key])
+            cache = Path(cache_dir) / f"dataset-{p.name}-{key}.json"
+        if cache is not None and cache.is_file():
+            d = json.loads(cache.read_text())
+            parts.append(DataSet([Sample(**{**s, "box": tuple(s["box"])}) for s in d["samples"]],
+                                 tuple(d["classes"]), d["info"]))
+            log.info("%s: samples read from cache %s", p, cache)
+            continue
+        part = (read_voc(p, finder, extras=voc_extras) if is_voc(p)
+                else read_class_folders(p, rule, finder))
+        parts.append(part)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps({"samples": [s.__dict__ for s in part.samples],
+                                         "classes": list(part.classes), "info": part.info}))
     samples = [s for d in parts for s in d.samples]
     groups_per_class: dict[str, set[str]] = {}
     for s in samples:
@@ -284,6 +389,7 @@ def load_datasets(
         "datasets": [str(Path(f).name) for f in folders],
         "kinds": [d.info["kind"] for d in parts],
         "sources": dict(sources),
+        "per_dataset": {Path(f).name: d.info for f, d in zip(folders, parts, strict=True)},
         "dropped_classes": dropped,
         "min_images": min_images,
         "segmenter_used": finder is not None,
@@ -299,16 +405,17 @@ def split_by_group(
 ) -> tuple[list[str], list[str]]:
     """Stratified, seeded split of the groups (images) -> (rest, held_out) group lists.
 
-    Each group is stratified by its first sample's label; every class with >= 2 groups keeps at
-    least one in each part. Crops of one image never land on both sides.
+    Each group is stratified by its data folder and its first sample's label (the labelled cell;
+    VOC extras come after it); every stratum with >= 2 groups keeps at least one in each part.
+    Crops of one image (and byte-identical copies, which share a group) never land on both sides.
     """
     rng = np.random.default_rng(seed)
-    by_class: dict[str, list[str]] = {}
+    by_class: dict[tuple[str, str], list[str]] = {}
     seen: set[str] = set()
     for s in ds.samples:
         if s.group not in seen:
             seen.add(s.group)
-            by_class.setdefault(s.label, []).append(s.group)
+            by_class.setdefault((s.dataset, s.label), []).append(s.group)
     rest: list[str] = []
     held: list[str] = []
     for label in sorted(by_class):
@@ -382,3 +489,35 @@ def preprocess(crops_bgr: np.ndarray) -> np.ndarray:
     """BGR uint8 crops -> RGB float32 in [-1, 1] (MobileNetV2), exactly as the run time does."""
     rgb = np.ascontiguousarray(crops_bgr[..., ::-1]).astype(np.float32)
     return rgb / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------------- caches
+
+
+def _key(obj: object) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _folder_fingerprint(folder: Path) -> list:
+    root = Path(folder).resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return [str(root), [(str(p.relative_to(root)), p.stat().st_size, int(p.stat().st_mtime))
+                        for p in files]]
+
+
+def cut_crops_cached(
+    samples: Sequence[Sample], rule: CropRule, cache_dir: Path | None, copies: int = 1,
+    jitter: float = 0.0, seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`cut_crops`, kept as ``.npy`` in ``cache_dir`` (epochs and re-runs decode nothing)."""
+    if cache_dir is None:
+        return cut_crops(samples, rule, copies=copies, jitter=jitter, seed=seed)
+    key = _key([[(s.image, s.box) for s in samples], rule.to_dict(), copies, jitter, seed])
+    path = Path(cache_dir) / f"crops-{key}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return z["crops"], z["index"]
+    crops, index = cut_crops(samples, rule, copies=copies, jitter=jitter, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, crops=crops, index=index)
+    return crops, index

@@ -1,15 +1,20 @@
-"""``hematovision evaluate``: figures for a model on a data folder.
+"""``hematovision evaluate``: figures for a model on one or more data folders, each on its own.
 
-The kind of folder decides what is measured:
+The kind of folder decides what is measured (every source is reported separately, never pooled):
 
 * Pascal VOC with wbc_types.csv -> detection figures (training.detection_eval), classification of
   the exported .tflite itself on the model's held-out images (all images when the folder is not
-  the training set), and end-to-end accuracy (segment, classify, match to the main GT WBC).
-* folder per class -> classification figures.
+  one the model was trained on), and end to end (segment the photo, match the found cell to the
+  main GT WBC, classify it): accuracy, per-class recall, macro-F1, confusion.
+* folder per class (single-cell images, e.g. PBC) -> classification figures on the held-out
+  images (all images for a folder the model never saw).
 * a folder with truth.json (``hematovision synth`` output) -> counting figures
   (training.count_eval.main_counting).
 
-Prints a readable summary; with ``--out`` writes report.json, confusion.txt and confusion.png.
+Every classification report holds accuracy, per-class precision/recall/F1, macro-F1 over the
+classes present, the expected calibration error, float-vs-int8 agreement when the float export is
+found, and the confusion matrix. Prints a readable summary; with ``--out`` writes
+OUT/SOURCE/report.json, confusion.txt and confusion.png (and end_to_end_confusion.* for VOC).
 """
 
 from __future__ import annotations
@@ -41,9 +46,12 @@ def classification_figures(
     min_score: float = 0.0,
     main_classes: tuple[str, ...] = MAIN_CLASSES,
 ) -> dict[str, Any]:
-    """Accuracy, per-class precision/recall/F1, macro-F1 (main classes), confusion, unidentified.
+    """Accuracy, per-class precision/recall/F1, macro-F1, ECE, confusion, unidentified.
 
-    Top-1 figures use the arg-max label. Cells whose top score is below ``min_score`` are
+    ``macro_f1`` averages the F1 of every class with support; ``macro_f1_main`` that of the
+    ``main_classes`` with support. A row of zeros is a cell never classified (e.g. missed by the
+    segmenter): it counts as unidentified and wrong. Top-1 figures use the arg-max label.
+    Cells whose top score is below ``min_score`` are
     ``unidentified`` (as at run time): counted, and accuracy is given both over the identified
     cells and over all cells (unidentified counted as wrong). The confusion matrix has rows =
     true class, columns = predicted class plus a last ``unidentified`` column.
@@ -53,7 +61,8 @@ def classification_figures(
     k = len(classes)
     pred = probs.argmax(1) if len(y_true) else np.zeros(0, np.int64)
     top = probs.max(1) if len(y_true) else np.zeros(0, np.float32)
-    unid = top < min_score
+    pred = np.where(top > 0, pred, -1)
+    unid = (top < min_score) | (top <= 0)
     n = len(y_true)
     correct = pred == y_true
     per_class: dict[str, dict[str, float]] = {}
@@ -68,6 +77,11 @@ def classification_figures(
                         "support": int(np.sum(y_true == i))}
     mains = [c for c in main_classes if c in per_class and per_class[c]["support"] > 0]
     macro = float(np.mean([per_class[c]["f1"] for c in mains])) if mains else 0.0
+    present = [c for c in classes if per_class[c]["support"] > 0]
+    macro_all = float(np.mean([per_class[c]["f1"] for c in present])) if present else 0.0
+    from training.train import expected_calibration_error
+
+    seen = top > 0
     confusion = np.zeros((k, k + 1), dtype=np.int64)
     for t, p_, u in zip(y_true, pred, unid, strict=True):
         confusion[t, k if u else p_] += 1
@@ -75,8 +89,10 @@ def classification_figures(
     return {
         "n": n,
         "accuracy": round(float(correct.mean()) if n else 0.0, 4),
+        "macro_f1": round(macro_all, 4),
+        "macro_f1_classes": present,
         "macro_f1_main": round(macro, 4),
-        "macro_f1_classes": mains,
+        "ece": round(expected_calibration_error(y_true[seen], probs[seen]), 4),
         "per_class": per_class,
         "min_score": float(min_score),
         "unidentified": int(unid.sum()),
@@ -161,9 +177,9 @@ def save_confusion_png(fig: dict[str, Any], path: Path, title: str) -> None:
 
 
 def _default_model() -> Path:
-    from hematovision_models import shipped_model
+    from detector.classify import default_model_path
 
-    return shipped_model()
+    return Path(default_model_path())
 
 
 def find_float_model(model: Path) -> Path | None:
@@ -176,7 +192,7 @@ def find_float_model(model: Path) -> Path | None:
     return None
 
 
-# ----------------------------------------------------------------------------------- modes
+# ----------------------------------------------------------------------------------- sources
 
 
 def _progress(it: Any, total: int, desc: str) -> Any:
@@ -185,65 +201,104 @@ def _progress(it: Any, total: int, desc: str) -> Any:
     return tqdm(it, total=total, desc=desc, unit="img", leave=False)
 
 
-def _classify_dataset(clf: CellClassifier, ds: Any, label_index: dict[str, int]) -> tuple:
-    from training.data import ImageCache, cut_crops
-
-    keep = [s for s in ds.samples if s.label in label_index]
-    skipped = sorted({s.label for s in ds.samples if s.label not in label_index})
-    cache = ImageCache()
-    crops = []
-    for s in _progress(keep, len(keep), "cropping"):
-        crops.append(cut_crops([s], clf.crop_rule, cache=cache)[0])
-    side = clf.crop_rule.size
-    x = np.concatenate(crops) if crops else np.zeros((0, side, side, 3), np.uint8)
-    y = np.array([label_index[s.label] for s in keep], dtype=np.int64)
-    probs = clf.classify_crops(x)  # batches by itself; (0, C) for no crops
-    return x, y, probs, keep, skipped
-
-
 def _end_to_end(clf: CellClassifier, samples: list, label_index: dict[str, int]) -> dict[str, Any]:
-    """Segment each image, classify every found cell, score the one matched to the main GT WBC."""
+    """Segment each photo, match a found cell to the main GT WBC, classify its crop.
+
+    A cell the segmenter misses counts as wrong (a row of zeros in the figures).
+    """
     from detector.crop import crop_cells
     from detector.segment import Segmenter
-    from training.data import match_box, read_image
+    from training.data import main_wbc_box, match_box, read_image
 
     seg = Segmenter()
-    correct = missed = 0
-    y_true, y_pred = [], []
-    for s in _progress(samples, len(samples), "end-to-end"):
+    probs = np.zeros((len(samples), len(clf.labels)), np.float32)
+    missed = 0
+    for i, s in enumerate(_progress(samples, len(samples), "end-to-end")):
         img = read_image(s.image)
-        det = seg.find(img)
-        gt = np.asarray(_gt_box(s), np.float32)
-        m = match_box(det.xyxy, gt)
+        m = match_box(seg.find(img).xyxy, main_wbc_box(s.image))
         if m is None:
             missed += 1
             continue
-        probs = clf.classify_crops(crop_cells(img, m[None], clf.crop_rule))[0]
-        label = clf.labels[int(probs.argmax())] if probs.max() >= clf.min_score else UNIDENTIFIED
-        y_true.append(s.label)
-        y_pred.append(label)
-        correct += int(label == s.label)
-    n = len(samples)
-    return {
-        "available": True,
-        "images": n,
-        "wbc_found": n - missed,
-        "wbc_missed": missed,
-        "correct": correct,
-        "accuracy": round(correct / n, 4) if n else 0.0,
-        "accuracy_of_found": round(correct / (n - missed), 4) if n - missed else 0.0,
-        "note": "main GT WBC per image; a missed cell counts as wrong in 'accuracy'; "
-                "unidentified counts as wrong",
-    }
+        probs[i] = clf.classify_crops(crop_cells(img, m[None], clf.crop_rule))[0]
+    y = np.array([label_index[s.label] for s in samples], dtype=np.int64)
+    fig = classification_figures(y, probs, clf.labels, clf.min_score)
+    fig.update({"images": len(samples), "wbc_found": len(samples) - missed,
+                "wbc_missed": missed,
+                "note": "main GT WBC per image, segmented then classified; a missed cell and "
+                        "an arg-max label count as wrong/right in 'accuracy' (unidentified "
+                        "below min_score in 'accuracy_unidentified_as_wrong')"})
+    return fig
 
 
-def _gt_box(sample: Any) -> tuple[float, ...]:
-    """The main GT WBC box of a VOC sample (largest WBC box)."""
-    from training.data import _voc_wbc_boxes
+def source_report(clf: CellClassifier, ds: Any, kind: str,
+                  float_clf: CellClassifier | None = None) -> dict[str, Any]:
+    """Figures of one data source: its crops (cut at the training boxes) and, for VOC photos,
+    end to end. Only the labelled cells (no VOC platelet/red-cell extras) of the model's labels."""
+    from training.data import ImageCache, cut_crops
 
-    xml = Path(sample.image).parent.parent / "Annotations" / (Path(sample.image).stem + ".xml")
-    boxes = _voc_wbc_boxes(xml)
-    return max(boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
+    label_index = {c: i for i, c in enumerate(clf.labels)}
+    main = [s for s in ds.samples if not s.extra]
+    keep = [s for s in main if s.label in label_index]
+    skipped = sorted({s.label for s in main if s.label not in label_index})
+    if not keep:
+        raise InputError(f"no images of the model's classes {list(clf.labels)} "
+                         f"(found {skipped})")
+    cache = ImageCache()
+    x = np.concatenate([cut_crops([s], clf.crop_rule, cache=cache)[0]
+                        for s in _progress(keep, len(keep), "cropping")])
+    y = np.array([label_index[s.label] for s in keep], dtype=np.int64)
+    probs = clf.classify_crops(x)
+    fig = classification_figures(y, probs, clf.labels, clf.min_score)
+    fig["bootstrap"] = bootstrap_ci(y, probs, clf.labels)
+    report: dict[str, Any] = {"kind": kind, "images": len(keep), "classes_not_in_model": skipped,
+                              "crops": fig}
+    if float_clf is not None:
+        pf = float_clf.classify_crops(x)
+        report["float_vs_int8"] = {
+            "compared": "float32 TFLite export of the same weights vs the int8 file, same crops",
+            "top1_agreement": round(float(np.mean(pf.argmax(1) == probs.argmax(1))), 4),
+            "max_abs_prob_diff": round(float(np.abs(pf - probs).max()), 4),
+            "float_accuracy": round(float(np.mean(pf.argmax(1) == y)), 4),
+        }
+    if kind == "voc":
+        report["end_to_end"] = _end_to_end(clf, keep, label_index)
+    return report
+
+
+def _latency(model: Path) -> dict[str, Any]:
+    from training.export import measure_latency
+
+    return {"threads": 1, "batch1": round(measure_latency(model, batch=1), 3),
+            "batch8": round(measure_latency(model, batch=8), 3),
+            "note": "ms per crop, CellClassifier.classify_crops (LiteRT, XNNPACK), median"}
+
+
+def evaluate_split(model: Path, ds: Any, float_model: Path | None = None) -> dict[str, Any]:
+    """Per-source figures of an exported model on a split (e.g. the held-out one in training)."""
+    clf = CellClassifier(model, num_threads=1)
+    fclf = CellClassifier(float_model, num_threads=1) if float_model else None
+    kinds = ds.info.get("per_dataset", {})
+    sources = {name: source_report(clf, ds.where(name), kinds.get(name, {}).get("kind", "?"),
+                                   fclf)
+               for name in ds.datasets}
+    return {"on": "held-out validation split (images never trained on nor used to select)",
+            "sources": sources, "latency_ms_per_crop": _latency(model)}
+
+
+def _read_source(data: Path, clf: CellClassifier) -> tuple[Any, str, str]:
+    """A data folder read with the training boxes; the model's held-out part if it trained on it."""
+    from training.data import is_voc, load_datasets
+
+    cache = Path("runs") / "cache"
+    ds = load_datasets([data], clf.crop_rule, finder="default", min_images=1,
+                       cache_dir=cache if cache.is_dir() else None)
+    kind = "voc" if is_voc(data) else "class_folders"
+    subset = "all images (a data set the model never trained on)"
+    if data.name in clf.card.trained_on.get("datasets", []):
+        val = set(clf.card.split.get("val_images") or [])
+        ds = ds.subset([g for g in set(ds.groups) if g in val])
+        subset = f"the model's held-out validation split ({len(set(ds.groups))} images)"
+    return ds, kind, subset
 
 
 def _detection(data: Path) -> dict[str, Any]:
@@ -257,113 +312,45 @@ def _detection(data: Path) -> dict[str, Any]:
     return result
 
 
-def evaluate_classification(
-    data: Path, model: Path, voc: bool, float_model: Path | None = None
-) -> dict[str, Any]:
-    """Classification (+ end-to-end for VOC) figures of the .tflite file on ``data``."""
-    from training.data import read_class_folders, read_voc
-
-    clf = CellClassifier(model, num_threads=1)  # the exported .tflite itself, as users run it
-    label_index = {c: i for i, c in enumerate(clf.labels)}
-    from training.data import default_box_finder
-
-    # the same boxes as training: the segmenter's (GT / central-square fallback)
-    finder = default_box_finder()
-    ds = read_voc(data, finder) if voc else read_class_folders(data, clf.crop_rule, finder)
-    trained = clf.card.trained_on.get("datasets", [])
-    val_images = clf.card.split.get("val_images")
-    subset = "all images (not the model's training set)"
-    if data.name in trained and val_images:
-        ds = ds.subset(val_images)
-        subset = f"the model's held-out validation split ({len(val_images)} images)"
-    x, y, probs, kept, skipped = _classify_dataset(clf, ds, label_index)
-    if not len(y):
-        raise InputError(f"{data}: no images of the model's classes {list(clf.labels)}")
-    fig = classification_figures(y, probs, clf.labels, clf.min_score)
-    fig["bootstrap"] = bootstrap_ci(y, probs, clf.labels)
-    report: dict[str, Any] = {
-        "data": str(data),
-        "model": str(model),
-        "classifier": "detector.classify.CellClassifier",
-        "subset": subset,
-        "images": len(kept),
-        "classes_not_in_model": skipped,
-        "crop_box_sources": dict(ds.info.get("sources", {})),
-        "classification": fig,
-    }
-    pf, float_missing = None, "no float export found (runs/NAME/NAME.float.tflite)"
-    if float_model is not None:  # asked for: a model that does not load is an error
-        pf = CellClassifier(float_model).classify_crops(x)
-    elif (float_model := find_float_model(model)) is not None:
-        try:
-            pf = CellClassifier(float_model).classify_crops(x)
-        except ModelError as exc:  # e.g. an export from before float cards were written
-            float_missing = f"found float export not loadable: {exc}"
-    if pf is not None:
-        report["float_vs_int8"] = {
-            "float_model": str(float_model),
-            "compared": "float32 TFLite export of the same Keras weights vs the int8 file, "
-                        "same crops",
-            "top1_agreement": round(float(np.mean(pf.argmax(1) == probs.argmax(1))), 4),
-            "max_abs_prob_diff": round(float(np.abs(pf - probs).max()), 4),
-            "float_accuracy": round(float(np.mean(pf.argmax(1) == y)), 4),
-        }
-    else:
-        report["float_vs_int8"] = {"available": False, "reason": float_missing}
-    if voc:
-        report["end_to_end"] = _end_to_end(clf, kept, label_index)
-    from training.export import measure_latency
-
-    report["latency_ms_per_crop"] = {
-        "threads": 1,
-        "batch1": round(measure_latency(model, batch=1), 3),
-        "batch8": round(measure_latency(model, batch=8), 3),
-    }
-    return report
-
-
-def print_summary(report: dict[str, Any]) -> None:
-    fig = report["classification"]
-    print(f"model {report['model']} on {report['data']}: {report['subset']}")
-    print(f"  cells: {fig['n']}  accuracy: {fig['accuracy']:.3f}  macro-F1 "
-          f"({', '.join(fig['macro_f1_classes'])}): {fig['macro_f1_main']:.3f}")
+def _print_fig(title: str, fig: dict[str, Any]) -> None:
+    print(f"  {title}: cells {fig['n']}  accuracy {fig['accuracy']:.3f}  macro-F1 "
+          f"{fig['macro_f1']:.3f} ({len(fig['macro_f1_classes'])} classes)  ECE {fig['ece']:.3f}")
     if "bootstrap" in fig:
         b = fig["bootstrap"]
-        print(f"  95% bootstrap interval: accuracy {b['accuracy_95ci']}, macro-F1 "
-              f"{b['macro_f1_main_95ci']}")
-    print(f"  unidentified (top score < {fig['min_score']}): {fig['unidentified']}  accuracy of "
-          f"identified: {fig['accuracy_identified']:.3f}  all (unidentified = wrong): "
+        print(f"    95% bootstrap interval: accuracy {b['accuracy_95ci']}")
+    print(f"    unidentified (top score < {fig['min_score']}): {fig['unidentified']}  accuracy "
+          f"of identified: {fig['accuracy_identified']:.3f}  all (unidentified = wrong): "
           f"{fig['accuracy_unidentified_as_wrong']:.3f}")
-    print("  per class:       precision  recall      F1  support")
+    print("    per class:           precision  recall      F1  support")
     for c, v in fig["per_class"].items():
-        print(f"    {c:<14} {v['precision']:>9.3f} {v['recall']:>7.3f} {v['f1']:>7.3f} "
-              f"{v['support']:>8d}")
-    print(confusion_text(fig), end="")
-    fv = report.get("float_vs_int8", {})
-    if "top1_agreement" in fv:
+        if v["support"] or v["precision"]:
+            print(f"      {c:<20} {v['precision']:>9.3f} {v['recall']:>7.3f} {v['f1']:>7.3f} "
+                  f"{v['support']:>8d}")
+    print("    " + confusion_text(fig).replace("\n", "\n    ").rstrip() + "\n", end="")
+
+
+def print_source(name: str, rep: dict[str, Any]) -> None:
+    """One source's figures, readable."""
+    print(f"source {name} ({rep['kind']}): {rep.get('subset', 'held-out split')}, "
+          f"{rep['images']} images")
+    _print_fig("single-cell crops (training boxes)", rep["crops"])
+    fv = rep.get("float_vs_int8")
+    if fv:
         print(f"  float vs int8 top-1 agreement: {fv['top1_agreement']:.3f} "
-              f"(max |dp| {fv['max_abs_prob_diff']:.3f})")
-    elif fv:
-        print(f"  float vs int8: not compared ({fv.get('reason')})")
-    e2e = report.get("end_to_end")
-    if e2e and e2e.get("available"):
-        print(f"  end-to-end (segment+classify): {e2e['correct']}/{e2e['images']} = "
-              f"{e2e['accuracy']:.3f} (WBC missed by the segmenter: {e2e['wbc_missed']})")
-    det = report.get("detection")
+              f"(max |dp| {fv['max_abs_prob_diff']:.3f}, float accuracy "
+              f"{fv['float_accuracy']:.3f})")
+    else:
+        print("  float vs int8: not compared (no float export found)")
+    e2e = rep.get("end_to_end")
+    if e2e:
+        print(f"  end to end (segment, then classify; WBC missed by the segmenter: "
+              f"{e2e['wbc_missed']} of {e2e['images']}):")
+        _print_fig("end to end", e2e)
+    det = rep.get("detection")
     if det is not None:
-        print(
-            f"  detection on {det['images']} images: recall {det['recall']:.3f}, precision "
-            f"{det['precision']:.3f} (tp {det['tp']}, fp {det['fp']}, fn {det['fn']}; a detection "
-            "matches a WBC box when its centre falls inside it, one to one)"
-        )
-        print(
-            f"  segmenter time per frame, {det['threads']} thread: median {det['ms_median']:.2f} "
-            f"ms, p95 {det['ms_p95']:.2f} ms"
-        )
-    lat = report.get("latency_ms_per_crop")
-    if lat:
-        print(f"  int8 latency per crop, 1 thread: batch 1 {lat['batch1']} ms, "
-              f"batch 8 {lat['batch8']} ms")
+        print(f"  detection on {det['images']} images: recall {det['recall']:.3f}, precision "
+              f"{det['precision']:.3f} (tp {det['tp']}, fp {det['fp']}, fn {det['fn']}); "
+              f"segmenter median {det['ms_median']:.2f} ms/frame")
 
 
 def _is_synth(data: Path) -> bool:
@@ -372,31 +359,59 @@ def _is_synth(data: Path) -> bool:
     )
 
 
-def main(args: argparse.Namespace) -> int:
-    """CLI handler for ``hematovision evaluate``."""
-    from training.data import is_voc
+def _write(out_dir: Path, rep: dict[str, Any], title: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
+    (out_dir / "confusion.txt").write_text(confusion_text(rep["crops"]))
+    save_confusion_png(rep["crops"], out_dir / "confusion.png", f"{title}: crops")
+    if "end_to_end" in rep:
+        (out_dir / "end_to_end_confusion.txt").write_text(confusion_text(rep["end_to_end"]))
+        save_confusion_png(rep["end_to_end"], out_dir / "end_to_end_confusion.png",
+                           f"{title}: end to end")
 
-    data = Path(args.data)
-    if not data.is_dir():
-        raise InputError(f"{data}: not a folder")
-    if _is_synth(data):
+
+def main(args: argparse.Namespace) -> int:
+    """CLI handler for ``hematovision evaluate``: each data folder reported on its own."""
+    folders = [Path(d) for d in ([args.data] if isinstance(args.data, str) else args.data)]
+    for data in folders:
+        if not data.is_dir():
+            raise InputError(f"{data}: not a folder")
+    if any(_is_synth(d) for d in folders):
         from training.count_eval import main_counting
 
         return int(main_counting(args) or 0)
     model = Path(args.model) if getattr(args, "model", None) else _default_model()
-    voc = is_voc(data)
+    clf = CellClassifier(model, num_threads=1)  # the exported .tflite itself, as users run it
     fm = getattr(args, "float_model", None)
-    report = evaluate_classification(data, model, voc, Path(fm) if fm else None)
-    if voc:
-        report["detection"] = _detection(data)
-    print_summary(report)
+    float_path = Path(fm) if fm else find_float_model(model)
+    fclf = None
+    if float_path is not None:
+        try:
+            fclf = CellClassifier(float_path, num_threads=1)
+        except ModelError:
+            if fm:  # asked for: a model that does not load is an error
+                raise
     out = getattr(args, "out", None)
+    reports = {}
+    print(f"model {model} ({len(clf.labels)} labels, input {clf.size}, min_score "
+          f"{clf.min_score})")
+    for data in folders:
+        ds, kind, subset = _read_source(data, clf)
+        rep = source_report(clf, ds, kind, fclf)
+        rep.update({"data": str(data), "subset": subset})
+        if kind == "voc":
+            rep["detection"] = _detection(data)
+        print_source(data.name, rep)
+        reports[data.name] = rep
+        if out:
+            _write(Path(out) / data.name, rep, f"{model.name} on {data.name}")
+    lat = _latency(model)
+    print(f"int8 latency per crop, 1 thread: batch 1 {lat['batch1']} ms, batch 8 "
+          f"{lat['batch8']} ms")
     if out:
-        out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        (out_dir / "confusion.txt").write_text(confusion_text(report["classification"]))
-        save_confusion_png(report["classification"], out_dir / "confusion.png",
-                           f"{Path(report['model']).name}: {report['subset']}")
-        print(f"wrote {out_dir / 'report.json'}, confusion.txt, confusion.png")
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "report.json").write_text(json.dumps(
+            {"model": str(model), "sources": reports, "latency_ms_per_crop": lat}, indent=2,
+            default=str) + "\n")
+        print(f"wrote {out}/report.json and per source report.json, confusion.txt/.png")
     return 0

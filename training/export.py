@@ -6,23 +6,27 @@ crops preprocessed exactly as at run time plus photometric variants of the same 
 stains/microscopes), never random noise; one auto-levels copy of a real crop makes the
 input range [-1, 1] (step 2/255), so no pixel level clips.
 
-Both exports get a card beside them (``NAME.json``, ``NAME.float.json``), so the run-time
-``detector.classify.CellClassifier`` loads either: every figure training and evaluation publish
-comes from the code users run.
+Both exports get a card beside them (``NAME.json``, ``NAME.float.json``), built as the run time's
+own :class:`detector.classify.ModelCard`, so the run-time ``CellClassifier`` loads either: every
+figure training and evaluation publish comes from the code users run. The SavedModel the converter
+reads lives in a temporary folder removed as soon as the conversion ends.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from detector.classify import ModelCard
 from detector.crop import CropRule
 from training.data import preprocess
 
@@ -34,13 +38,19 @@ PREPROCESSING = (
 )
 
 
-def _converter(model: Any) -> Any:
-    """A TFLiteConverter for a Keras 3 model (via a SavedModel export, the robust route)."""
+def _convert(model: Any, configure: Callable[[Any], None] | None = None) -> bytes:
+    """TFLite bytes of a Keras 3 model (via a SavedModel export, the robust route).
+
+    The SavedModel is written to a temporary folder that is removed when the conversion ends.
+    """
     import tensorflow as tf
 
-    tmp = tempfile.mkdtemp(prefix="hv_export_")
-    model.export(tmp, format="tf_saved_model", verbose=False)
-    return tf.lite.TFLiteConverter.from_saved_model(tmp)
+    with tempfile.TemporaryDirectory(prefix="hv_export_") as tmp:
+        model.export(tmp, format="tf_saved_model", verbose=False)
+        conv = tf.lite.TFLiteConverter.from_saved_model(tmp)
+        if configure is not None:
+            configure(conv)
+        return conv.convert()
 
 
 def photometric_variants(
@@ -133,13 +143,14 @@ def export_int8(
         for x in calib:
             yield [x[None].astype(np.float32)]
 
-    conv = _converter(model)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = representative
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    conv.inference_input_type = tf.int8
-    conv.inference_output_type = tf.int8
-    data = conv.convert()
+    def configure(conv: Any) -> None:
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = representative
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv.inference_input_type = tf.int8
+        conv.inference_output_type = tf.int8
+
+    data = _convert(model, configure)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)
@@ -153,7 +164,7 @@ def export_float(model: Any, out: str | Path) -> Path:
 
     Give it a card with ``write_card(out, float_card(card))`` before loading it.
     """
-    data = _converter(model).convert()
+    data = _convert(model)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)
@@ -186,41 +197,51 @@ def build_card(
     labels: tuple[str, ...] | list[str],
     rule: CropRule,
     min_score: float,
-    trained_on: dict,
-    split: dict,
-    recipe: dict,
-    evaluation: dict,
-) -> dict:
-    """The model card (schema in COMMON.md)."""
-    return {
-        "name": name,
-        "format_version": 1,
-        "labels": list(labels),
-        "input": {"size": rule.size, "channels": 3, "dtype": "int8", "color_order": "RGB"},
-        "preprocessing": PREPROCESSING,
-        "outputs": "probabilities",
-        "crop": rule.to_dict(),
-        "min_score": float(min_score),
-        "trained_on": trained_on,
-        "split": split,
-        "recipe": recipe,
-        "evaluation": evaluation,
-        "date": _dt.date.today().isoformat(),
-    }
+    trained_on: dict | None = None,
+    split: dict | None = None,
+    recipe: dict | None = None,
+    evaluation: dict | None = None,
+) -> ModelCard:
+    """The card of an int8 export: the run time's ModelCard, dated today."""
+    return ModelCard(
+        name=name,
+        labels=tuple(labels),
+        input_size=rule.size,
+        input_dtype="int8",
+        color_order="RGB",
+        preprocessing=PREPROCESSING,
+        outputs="probabilities",
+        crop=rule,
+        min_score=float(min_score),
+        date=_dt.date.today().isoformat(),
+        trained_on=trained_on or {},
+        split=split or {},
+        recipe=recipe or {},
+        evaluation=evaluation or {},
+    )
 
 
-def write_card(tflite_path: str | Path, card: dict) -> Path:
-    """Write ``NAME.json`` beside ``NAME.tflite``."""
+def write_card(tflite_path: str | Path, card: ModelCard) -> Path:
+    """Write ``NAME.json`` beside ``NAME.tflite`` (checked by reading it back as the run time)."""
     path = Path(tflite_path).with_suffix(".json")
-    path.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
+    data = card.to_dict()
+    ModelCard.from_dict(json.loads(json.dumps(data)), source=path)  # what the run time reads
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
     return path
 
 
-def float_card(card: dict) -> dict:
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def float_card(card: ModelCard) -> ModelCard:
     """The card of the float32 reference export: the int8 card with a float32 input, marked."""
-    out = json.loads(json.dumps(card))  # deep copy
-    out["name"] = f"{card['name']}.float"
-    out["input"]["dtype"] = "float32"
-    out["note"] = ("float32 reference export of the same Keras weights, for float-vs-int8 "
-                   "comparisons only; not for shipping (the int8 model is the product)")
-    return out
+    return dataclasses.replace(
+        card, name=f"{card.name}.float", input_dtype="float32",
+        note="float32 reference export of the same Keras weights, for float-vs-int8 "
+             "comparisons only; not for shipping (the int8 model is the product)",
+    )
