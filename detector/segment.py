@@ -72,6 +72,7 @@ are the nucleus size and stain figures the filters used. Diagnostics of the last
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -109,6 +110,11 @@ _ANGLE_CONE = float(np.radians(70.0))
 #: Least share of a border-reaching body that must be firm cytoplasm (``edge_level``) for the
 #: faint rest to be judged stain beyond the cell (BCCD's cells at the border: 0.7-0.95).
 _FIRM_FRACTION = 0.5
+#: A frame whose illumination field's darkest point has at least this share of its brightest
+#: is taken as evenly lit (no correction).
+_FLAT_ENOUGH = 0.8
+#: Grid (columns, rows) the illumination field is evaluated on before it is resized.
+_COARSE = (32, 24)
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,9 @@ class SegmenterOptions:
         merge_distance: nucleus fragments closer than this are lobes of one cell.
         min_nucleus_area: smallest nucleus (visible part, for edge cells) in red-cell disc areas;
             rejects platelets, debris and slivers of cells at the frame edge.
+        min_fragment_area: the largest solid piece of a nucleus group, in red-cell disc areas:
+            a nucleus or one of its lobes is a blob of this size at least, a platelet clump only
+            a scatter of platelet-sized dots (a platelet is ~0.05) however many it holds.
         min_nucleus_mass: least nuclear stain: the core's stain above ``nucleus_level`` summed
             over its area, in red-cell areas x ``nucleus_level``. Separates dense nuclei from
             pale granular giant platelets and platelet clumps of similar area.
@@ -165,6 +174,7 @@ class SegmenterOptions:
     merge_distance: float = 0.2
     min_nucleus_area: float = 0.15
     min_nucleus_mass: float = 0.22
+    min_fragment_area: float = 0.08
     weak_nucleus_mass: float = 0.5
     min_weak_cytoplasm: float = 1.0
     edge_level: float = 1.5
@@ -239,6 +249,26 @@ def _percentile_u8(hist: np.ndarray, q: float) -> float:
     return float(np.searchsorted(cdf, cdf[-1] * q / 100.0))
 
 
+@functools.lru_cache(maxsize=8)
+def _quadratic_bases(
+    blocks: tuple[int, int], size: tuple[int, int], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Quadratic-surface design matrices (1, x, y, x², xy, y² in frame-relative coordinates) at
+    the centres of ``blocks`` (rows, cols) of ``k`` pixels over a frame of ``size`` (h, w), and on
+    the ``_COARSE`` grid the fitted field is evaluated on (then resized to the frame)."""
+    hs, ws = size
+
+    def design(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        gy, gx = np.meshgrid(ys, xs, indexing="ij")
+        return np.stack([np.ones_like(gx), gx, gy, gx * gx, gx * gy, gy * gy], -1).reshape(-1, 6)
+
+    by = (np.arange(blocks[0], dtype=np.float32) * k + k / 2) / hs - 0.5
+    bx = (np.arange(blocks[1], dtype=np.float32) * k + k / 2) / ws - 0.5
+    cy = (np.arange(_COARSE[1], dtype=np.float32) + 0.5) / _COARSE[1] - 0.5
+    cx = (np.arange(_COARSE[0], dtype=np.float32) + 0.5) / _COARSE[0] - 0.5
+    return design(by, bx).astype(np.float32), design(cy, cx).astype(np.float32)
+
+
 def _connected_to(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
     """The parts of boolean ``mask`` (8-connected) that touch the boolean ``seed`` pixels."""
     nb, lab = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
@@ -263,6 +293,8 @@ class Segmenter:
         self.last_background: tuple[float, float, float] = (0.0, 0.0, 0.0)
         #: Angle (degrees) of the nuclear-stain direction used for the last frame.
         self.last_nucleus_angle: float = float(np.degrees(_NUCLEUS_ANGLE))
+        #: Darkest / brightest point of the last frame's illumination field (1.0: even).
+        self.last_illumination: float = 1.0
 
     # -- public -------------------------------------------------------------------------------
     def find(self, image: np.ndarray | Frame) -> Detections:
@@ -274,6 +306,7 @@ class Segmenter:
         small = _shrink(bgr, opt.working_width, max(8, int(round(h * scale)))) if scale < 1 else bgr
         sx, sy = w / small.shape[1], h / small.shape[0]
 
+        small = self._flatten_illumination(small)
         od = self._optical_density(small)
         if od is None:
             return _no_cells()
@@ -292,6 +325,44 @@ class Segmenter:
         return self._cells(f, off, small, d_small, (sx, sy))
 
     # -- steps --------------------------------------------------------------------------------
+    def _flatten_illumination(self, small: np.ndarray) -> np.ndarray:
+        """The frame with its illumination field (vignetting, a lamp off centre) divided out.
+
+        The field is the upper envelope of the glass brightness: the brightest pixel of each
+        block (the plasma between cells, where the lamp shows) fitted by a smooth quadratic
+        surface, refitted on the blocks at or above it so that blocks covered by cells (no glass
+        in them) do not pull it down. A white cell filling a crop cannot dent a quadratic.
+        Frames lit evenly within ``_FLAT_ENOUGH`` are left as they are.
+        """
+        hs, ws = small.shape[:2]
+        k = max(4, min(hs, ws) // 10)
+        if hs < 3 * k or ws < 3 * k:
+            self.last_illumination = 1.0
+            return small
+        grey = cv2.blur(cv2.cvtColor(small, cv2.COLOR_BGR2GRAY), (3, 3))
+        top = cv2.dilate(grey, np.ones((k, k), np.uint8))[k // 2 :: k, k // 2 :: k]
+        z = top.ravel().astype(np.float32)
+        basis, coarse = _quadratic_bases(top.shape, (hs, ws), k)
+        use = z > 0.5 * z.max()
+        coef = np.zeros(6, np.float32)
+        coef[0] = z.max()
+        for _ in range(2):
+            if use.sum() < 12:
+                break
+            bu = basis[use]
+            coef = np.linalg.solve(bu.T @ bu + 1e-3 * np.eye(6, dtype=np.float32), bu.T @ z[use])
+            fit = basis @ coef
+            use = z >= fit - 0.03 * float(fit.max())  # the upper envelope: glass-bearing blocks
+        field = (coarse @ coef).reshape(_COARSE[1], _COARSE[0])  # on a coarse grid
+        lo, hi = float(field.min()), float(field.max())
+        self.last_illumination = lo / hi if hi > 0 else 1.0
+        if hi <= 0 or lo >= _FLAT_ENOUGH * hi:
+            return small
+        gain = cv2.resize(
+            hi / np.maximum(field, 0.2 * hi), (ws, hs), interpolation=cv2.INTER_LINEAR
+        )
+        return cv2.convertScaleAbs(small.astype(np.float32) * gain[..., None])
+
     def _optical_density(self, small: np.ndarray) -> np.ndarray | None:
         """Per-pixel optical density relative to the frame illuminant; None for dark frames."""
         q = self.options.background_percentile
@@ -338,6 +409,8 @@ class Segmenter:
                 u /= float(np.linalg.norm(u))
             if inside is not None and (best is None or int(inside.sum()) > best[0]):
                 best = (int(inside.sum()), u, inside)
+                if best[0] > 0.5 * len(vd):
+                    break  # most stained pixels are of this colour: no other mode can be larger
         if best is None:
             return _RBC_DIR0.copy(), max(_quantile(v @ _RBC_DIR0, 0.5), 0.1)
         _, u, inside = best
@@ -380,9 +453,10 @@ class Segmenter:
         self.last_rbc_diameter, self.last_rbc_measured = opt.rbc_diameter, False
         if not opt.estimate_rbc:
             return fallback
-        if max(self.last_background) >= 254:
+        if sorted(self.last_background)[1] >= 254:
             # Overexposed: the glass is clipped and so are the pale centres of red cells, which
-            # breaks them into rings; their size cannot be read reliably.
+            # breaks them into rings; their size cannot be read reliably. (One clipped channel,
+            # as with a cream background whose red saturates, leaves the other two to read.)
             log.debug("illuminant clipped, using the configured red-cell diameter")
             return fallback
         # Everything at half the working resolution (od2): a red cell is still ~12 px across.
@@ -474,10 +548,19 @@ class Segmenter:
                 region &= dist_own <= dist_oth
             # Keep the part of the body connected to this nucleus.
             region = _connected_to(region, own)
-            if mass[i] < opt.min_nucleus_mass and (
+            # Largest solid piece of the nucleus group: a nucleus (or a lobe of one) is a blob;
+            # a platelet clump is a scatter of platelet-sized dots however many there are.
+            _, _, fst, _ = cv2.connectedComponentsWithStats(own.view(np.uint8), connectivity=8)
+            biggest = float(fst[1:, 4].max()) if len(fst) > 1 else 0.0
+            if biggest < opt.min_fragment_area * rbc_area:
+                continue
+            # A faint nucleus, or a scatter of pieces none of which is most of it (a platelet
+            # clump looks like that; so do the lobes of a neutrophil, inside their cytoplasm),
+            # needs a white cell's cytoplasm around it.
+            if (mass[i] < opt.min_nucleus_mass or biggest < 0.5 * core_area[i]) and (
                 np.count_nonzero(region) - np.count_nonzero(own) < opt.min_weak_cytoplasm * rbc_area
             ):
-                continue  # faint nucleus without a white cell's cytoplasm around it
+                continue
             ys, xs = np.nonzero(region)
             bx1, bx2 = int(xs.min()) + x1, int(xs.max()) + x1 + 1
             by1, by2 = int(ys.min()) + y1, int(ys.max()) + y1 + 1

@@ -154,7 +154,8 @@ def evaluate_detection(
 
 
 #: Named image perturbations for robustness figures: white balance, exposure, gamma, stain
-#: strength and hue, magnification, focus, sensor noise and compression.
+#: strength and hue, red cells stained grey or blue-grey/teal, yellowish and bluish backgrounds,
+#: dim and vignetted illumination, magnification 0.35x-2x, focus, sensor noise and compression.
 PERTURBATIONS: tuple[str, ...] = (
     "wb_warm",
     "wb_cool",
@@ -170,16 +171,49 @@ PERTURBATIONS: tuple[str, ...] = (
     "hue_-10",
     "hue_+10",
     "hue_+15",
+    "rbc_grey",
+    "rbc_teal",
+    "bg_yellow",
+    "bg_blue",
+    "dim",
+    "vignette",
+    "scale_0.35",
+    "scale_0.5",
     "scale_0.6",
     "scale_0.8",
     "scale_1.25",
     "scale_1.5",
+    "scale_2",
     "blur_1.5",
     "blur_3",
     "noise_8",
     "noise_15",
     "jpeg_30",
 )
+
+
+#: Optical-density direction (BGR) of red cells under stains that leave them grey or blue-grey.
+_RBC_TINTS = {
+    "grey": np.array([1.0, 1.0, 1.0], np.float32),
+    "teal": np.array([0.6, 0.75, 1.0], np.float32),
+}
+
+
+def _restain(img: np.ndarray, tint: np.ndarray) -> np.ndarray:
+    """Re-colour what stains like the frame's red cells as ``tint`` (an OD direction), keeping
+    the nuclear stain as it is: a linear map in optical density that sends the pink red-cell
+    direction to ``tint`` and leaves the violet nuclear direction unchanged."""
+    bg = np.percentile(img.reshape(-1, 3), 97, axis=0) + 1.0
+    od = -np.log(np.clip((img + 1.0) / bg, 1e-3, 1.0))
+    pink = np.array([0.64, 0.67, 0.37], np.float32)
+    violet = np.array([0.15, 0.85, 0.5], np.float32)
+    pink, violet, tint = (v / np.linalg.norm(v) for v in (pink, violet, tint))
+    # covector w: w.pink = 1, w.violet = 0 (pink's part orthogonal to violet, rescaled)
+    w = pink - (pink @ violet) * violet
+    w /= float(w @ pink)
+    m = np.eye(3, dtype=np.float32) + np.outer(tint * float(np.linalg.norm(pink)) - pink, w)
+    od = np.clip(od.reshape(-1, 3) @ m.T, 0, None).reshape(od.shape)
+    return bg * np.exp(-od) - 1.0
 
 
 def perturb(
@@ -208,6 +242,16 @@ def perturb(
         img = img.mean() + float(arg) * (img - img.mean())
     elif kind == "dark":
         img *= 0.6
+    elif name == "rbc":  # another eosin/buffer: red cells grey or blue-grey (teal), nuclei kept
+        img = _restain(img, _RBC_TINTS[arg])
+    elif name == "bg":  # coloured illumination / plasma: yellowish or bluish glass
+        img *= np.array([0.72, 0.92, 1.0] if arg == "yellow" else [1.0, 0.9, 0.74], np.float32)
+    elif kind == "dim":  # a weak lamp: a third of the light, the camera's noise stays
+        img = img * 0.35 + rng.normal(0, 2.0, img.shape).astype(np.float32)
+    elif kind == "vignette":  # uneven illumination: corners at half the centre's light
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        r2 = ((xx - 0.45 * w) ** 2 + (yy - 0.55 * h) ** 2) / (0.25 * (w * w + h * h))
+        img *= (1.0 - 0.5 * np.clip(r2, 0, 1.3))[..., None]
     elif kind == "bright":
         img = img * 1.25 + 10
     elif name == "gamma":
