@@ -6,37 +6,54 @@ video goes out as MJPEG from the session's single encoder (``<img src="/video.mj
 ``gr.HTML``); counts, the differential chart, progress and the gallery refresh from a
 ``gr.Timer`` once a second.
 
-Login (``--auth USER:PASS``): the Gradio page asks for it (Gradio's login form, which sets a
-session cookie). ``/video.mjpg`` and ``/stats.json`` accept either that cookie (so the page's
-``<img>`` works after login) or HTTP basic auth with the same USER:PASS (for scripts and lab
-dashboards: ``curl -u USER:PASS http://host:7860/stats.json``).
+Login (``--auth USER:PASS``): every route but ``/login`` needs it, the page, Gradio's API,
+``/video.mjpg``, ``/stats.json``, ``/healthz`` and the API docs alike. :class:`LoginGate` (ASGI
+middleware) accepts the signed session cookie that ``/login`` sets, or HTTP basic auth with the
+same USER:PASS (for scripts: ``curl -u USER:PASS http://host:7860/stats.json``); the Gradio app
+gets the same check as its ``auth_dependency``.
 
-The page never reads arbitrary server paths: a source is the demo, a camera index, an
-``rtsp://``/``http(s)://`` URL, or a file uploaded through the page (size-limited by Gradio's
-``max_file_size``). Models are chosen by name from the models folder.
+Files: Gradio copies any file a request names into its cache before a handler runs, and a
+mounted (not launched) Blocks skips Gradio's own allowed-path check. So :class:`UploadGate`
+records what ``/gradio_api/upload`` wrote (refusing, and deleting, anything that is not an
+image or a video by its content) and the page refuses every event whose input names any other
+file, before Gradio touches it. Gradio's file route never fetches URLs for a page user.
+
+Sources: the page takes the demo, a camera index, or its own uploads; ``rtsp://``/``http(s)://``
+URLs only when ``serve`` was started with ``--allow-url-sources``. Models are chosen by name
+from the models folder. A page action that fails logs one line (the traceback with ``-v``) and
+shows a short message without server paths.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import contextlib
+import functools
+import hashlib
+import hmac
 import html
+import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request, status
-from fastapi.responses import RedirectResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security.utils import get_authorization_scheme_param
+from starlette.requests import HTTPConnection
 
 from detector.core import CELL_TYPES, UNIDENTIFIED, Frame
 from detector.errors import HematoVisionError, InputError
@@ -94,43 +111,314 @@ def list_models(extra: str | None = None) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------ auth
 
+#: Paths reachable without a login: the login form itself (and its logout link).
+PUBLIC_PATHS = frozenset({"/login", "/logout"})
+SESSION_COOKIE = "hv_session"
+SESSION_SECONDS = 12 * 3600
+
 
 class Guard:
-    """Same login for the page (Gradio) and the raw routes (cookie or HTTP basic)."""
+    """One login for every route: a signed session cookie (set by ``/login``) or HTTP basic.
+
+    The cookie is ``base64(user|expiry).hmac`` keyed by a random per-process secret, so a
+    restart logs everyone out and nothing is stored server-side.
+    """
 
     def __init__(self, auth: tuple[str, str] | None) -> None:
         self.auth = auth
-        self.gradio_app: Any = None  # set after mounting: holds the login cookies
+        self._key = secrets.token_bytes(32)
 
-    def __call__(self, request: Request) -> None:
+    def user(self, headers: Any, cookies: dict[str, str]) -> str | None:
+        """The logged-in user of a request, or None (always "" when no login is configured)."""
         if self.auth is None:
-            return
-        if self._basic_ok(request) or self._cookie_ok(request):
-            return
-        raise HTTPException(status_code=status.HTTP_401_UNAUTHORIZED,
-                            detail="login required (Gradio login cookie or HTTP basic auth)",
-                            headers={"WWW-Authenticate": 'Basic realm="hematovision"'})
+            return ""
+        return self._basic_user(headers.get("authorization")) or self._cookie_user(
+            cookies.get(SESSION_COOKIE))
 
-    def _basic_ok(self, request: Request) -> bool:
-        scheme, param = get_authorization_scheme_param(request.headers.get("Authorization"))
+    def request_user(self, request: Request) -> str | None:
+        """``auth_dependency`` for Gradio: the same check on a FastAPI request."""
+        return self.user(request.headers, request.cookies)
+
+    def check(self, user: str, password: str) -> bool:
+        assert self.auth is not None
+        ok_user = secrets.compare_digest(user.encode(), self.auth[0].encode())
+        ok_pass = secrets.compare_digest(password.encode(), self.auth[1].encode())
+        return ok_user and ok_pass
+
+    def make_cookie(self, user: str, now: float | None = None) -> str:
+        payload = f"{user}|{int((now or time.time()) + SESSION_SECONDS)}".encode()
+        sig = hmac.new(self._key, payload, hashlib.sha256).hexdigest()
+        return base64.urlsafe_b64encode(payload).decode("ascii") + "." + sig
+
+    def _cookie_user(self, value: str | None) -> str | None:
+        if not value or "." not in value:
+            return None
+        b64, _, sig = value.rpartition(".")
+        try:
+            payload = base64.urlsafe_b64decode(b64.encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            return None
+        good = hmac.new(self._key, payload, hashlib.sha256).hexdigest()
+        if not secrets.compare_digest(sig.encode(), good.encode()):
+            return None
+        user, _, expiry = payload.decode("utf-8", "replace").rpartition("|")
+        if not expiry.isdigit() or int(expiry) < time.time():
+            return None
+        return user
+
+    def _basic_user(self, header: str | None) -> str | None:
+        scheme, param = get_authorization_scheme_param(header)
         if scheme.lower() != "basic" or not param:
-            return False
+            return None
         try:
             user, _, password = base64.b64decode(param).decode("utf-8").partition(":")
         except (ValueError, UnicodeDecodeError):
-            return False
-        assert self.auth is not None
-        return secrets.compare_digest(user.encode(), self.auth[0].encode()) and \
-            secrets.compare_digest(password.encode(), self.auth[1].encode())
+            return None
+        return user if self.check(user, password) else None
 
-    def _cookie_ok(self, request: Request) -> bool:
-        app = self.gradio_app
-        if app is None:
+
+class LoginGate:
+    """ASGI middleware: nothing but ``/login`` answers without the login.
+
+    A browser asking for a page is sent to the login form; any other request gets 401 (with a
+    basic-auth challenge, so ``curl -u`` works).
+    """
+
+    def __init__(self, app: Any, guard: Guard) -> None:
+        self.app = app
+        self.guard = guard
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket") or scope.get("path") in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        conn = HTTPConnection(scope)
+        if self.guard.user(conn.headers, conn.cookies) is not None:
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope.get("method") == "GET" and "text/html" in conn.headers.get("accept", ""):
+            response: Response = RedirectResponse("/login", status_code=303)
+        else:
+            response = JSONResponse({"detail": "login required"}, status_code=401,
+                                    headers={"WWW-Authenticate": 'Basic realm="hematovision"'})
+        await response(scope, receive, send)
+
+
+LOGIN_FORM = """<!doctype html><html><head><meta charset="utf-8"><title>HematoVision login</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{{font-family:sans-serif;max-width:22em;margin:4em auto}}input,button{{display:block;
+width:100%;margin:.4em 0;padding:.4em;font-size:1em}}.err{{color:#b00}}</style></head><body>
+<h2>HematoVision</h2><p>Log in to see the live count.</p>{error}
+<form method="post" action="/login"><input name="username" placeholder="user" autofocus
+autocomplete="username" required><input name="password" type="password" placeholder="password"
+autocomplete="current-password" required><button type="submit">Log in</button></form>
+</body></html>"""
+
+
+def add_login_routes(app: FastAPI, guard: Guard) -> None:
+    """``GET/POST /login`` (a plain form that sets the session cookie) and ``GET /logout``."""
+
+    @app.get("/login", include_in_schema=False)
+    async def login_form() -> HTMLResponse:
+        return HTMLResponse(LOGIN_FORM.format(error=""))
+
+    @app.post("/login", include_in_schema=False)
+    async def login(request: Request) -> Response:
+        form = await request.form()
+        user, password = str(form.get("username", "")), str(form.get("password", ""))
+        if not guard.check(user, password):
+            await asyncio.sleep(0.5)  # slows guessing
+            log.warning("failed login for user %r from %s", user[:64],
+                        request.client.host if request.client else "?")
+            return HTMLResponse(LOGIN_FORM.format(
+                error="<p class='err'>Wrong user name or password.</p>"), status_code=401)
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(SESSION_COOKIE, guard.make_cookie(user), max_age=SESSION_SECONDS,
+                            httponly=True, samesite="lax", path="/",
+                            secure=request.url.scheme == "https")
+        return response
+
+    @app.get("/logout", include_in_schema=False)
+    async def logout() -> Response:
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
+
+
+# ------------------------------------------------------------------------------ uploads
+
+#: Leading bytes of the image formats OpenCV reads.
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM",
+                b"II*\x00", b"MM\x00*")
+#: Leading bytes of common video containers (offset 0).
+_VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3", b"FLV",
+                b"\x30\x26\xb2\x75\x8e\x66\xcf\x11", b"OggS")
+#: ISO media (MP4, MOV, 3GP, M4V): a box type at offset 4.
+_ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"wide")
+
+
+def media_kind(path: str | Path) -> str | None:
+    """"image" or "video" from a file's first bytes (not its name or the browser's claim)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(192)
+    except OSError:
+        return None
+    if head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return "image"
+    if head.startswith(_VIDEO_MAGIC) or head[4:8] in _ISO_BOXES or (
+            head[:4] == b"RIFF" and head[8:12] == b"AVI ") or (
+            len(head) > 188 and head[0] == 0x47 and head[188] == 0x47):  # MPEG-TS
+        return "video"
+    return None
+
+
+class UploadRegistry:
+    """The files ``/gradio_api/upload`` wrote for this app: the only files a page event may use."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._paths: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+        self._limit = limit
+
+    def add(self, path: str | Path) -> None:
+        key = str(Path(path).resolve())
+        with self._lock:
+            self._paths[key] = None
+            self._paths.move_to_end(key)
+            while len(self._paths) > self._limit:
+                self._paths.popitem(last=False)
+
+    def __contains__(self, path: object) -> bool:
+        if not isinstance(path, str | Path) or not str(path):
             return False
-        cid = getattr(app, "cookie_id", "")
-        token = (request.cookies.get(f"access-token-{cid}")
-                 or request.cookies.get(f"access-token-unsecure-{cid}"))
-        return bool(token) and token in getattr(app, "tokens", {})
+        try:
+            p = Path(path)
+            key = str(p.resolve())
+            with self._lock:
+                return key in self._paths and p.is_file() and not p.is_symlink()
+        except (OSError, ValueError):
+            return False
+
+
+class UploadGate:
+    """ASGI middleware around Gradio's file routes.
+
+    - ``POST /gradio_api/upload``: every file written must be an image or a video by content;
+      otherwise all files of that request are deleted and the answer is 415. Accepted files
+      are recorded in the :class:`UploadRegistry`.
+    - ``/gradio_api/file=URL`` and ``/gradio_api/proxy=``: refused (Gradio would fetch the URL
+      for the caller: the page never needs that).
+    """
+
+    def __init__(self, app: Any, uploads: UploadRegistry) -> None:
+        self.app = app
+        self.uploads = uploads
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        rest = path.split("/file=", 1)[1] if "/file=" in path else ""
+        if "/proxy=" in path or "://" in rest or rest.lower().startswith(("http:", "https:")):
+            await JSONResponse({"detail": "not allowed"}, status_code=403)(scope, receive, send)
+            return
+        if scope.get("method") == "POST" and path.rstrip("/").endswith("/gradio_api/upload"):
+            await self._upload(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _upload(self, scope: dict, receive: Any, send: Any) -> None:
+        start: dict | None = None
+        body = bytearray()
+
+        async def capture(message: dict) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+            elif message["type"] == "http.response.body":
+                body.extend(message.get("body", b""))
+
+        await self.app(scope, receive, capture)
+        assert start is not None
+        paths: list[str] = []
+        if start["status"] == 200:
+            try:
+                paths = [p for p in json.loads(bytes(body)) if isinstance(p, str)]
+            except (ValueError, TypeError):
+                paths = []
+        bad = [p for p in paths if media_kind(p) is None]
+        if bad:
+            for p in paths:
+                _remove_upload(Path(p))
+            names = ", ".join(Path(p).name for p in bad)
+            log.warning("upload refused, not an image or video: %s", names)
+            await JSONResponse({"detail": f"not an image or video: {names}"},
+                               status_code=415)(scope, receive, send)
+            return
+        for p in paths:
+            self.uploads.add(p)
+        await send(start)
+        await send({"type": "http.response.body", "body": bytes(body)})
+
+
+def _remove_upload(path: Path) -> None:
+    """Delete a refused upload and its (per-upload) folder when that is left empty."""
+    with contextlib.suppress(OSError):
+        path.unlink()
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
+
+
+def foreign_files(value: Any, uploads: UploadRegistry) -> int:
+    """How many file objects in an event's input name a file that is not a page upload."""
+    if isinstance(value, dict):
+        if "path" in value:
+            return 0 if value["path"] in uploads else 1
+        return sum(foreign_files(v, uploads) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(foreign_files(v, uploads) for v in value)
+    return 0
+
+
+# ------------------------------------------------------------------------------ page errors
+
+_PATH_RE = re.compile(r"(?<![\w:/.~-])(?:~|[A-Za-z]:)?[/\\](?:[^\s'\"/\\:]+[/\\])*([^\s'\"/\\:]*)")
+
+
+def scrub_paths(text: str) -> str:
+    """A message with every absolute server path cut to its last part (URLs are left alone)."""
+    return " ".join(_PATH_RE.sub(lambda m: m.group(1) or "/", text).split())
+
+
+def page_error(action: str, exc: BaseException) -> Exception:
+    """Log one line (the traceback too with -v) and make the short message the page shows."""
+    import gradio as gr
+
+    expected = isinstance(exc, HematoVisionError | gr.Error)
+    text = exc.message if isinstance(exc, gr.Error) else str(exc)
+    detail = scrub_paths(text) if expected else f"{type(exc).__name__}: {scrub_paths(text)}"
+    log.log(logging.WARNING if expected else logging.ERROR, "page %s: %s", action, detail,
+            exc_info=exc if log.isEnabledFor(logging.INFO) else None)
+    shown = detail if expected else f"{action} failed (the server log says why)"
+    return gr.Error(shown, print_exception=False)
+
+
+def page_action(action: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` as a page handler: any exception becomes :func:`page_error`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - every failure is shown and logged the same way
+            raise page_error(action, exc) from None
+
+    return wrapper
 
 
 # ------------------------------------------------------------------------------ HTML pieces
@@ -206,7 +494,7 @@ def progress_html(stats: dict[str, Any]) -> str:
 
 
 def status_html(stats: dict[str, Any]) -> str:
-    state = html.escape(str(stats.get("state", "")))
+    state = html.escape(scrub_paths(str(stats.get("state", ""))))
     colour = "#2ca02c" if state == "running" else ("#d62728" if state.startswith("error")
                                                     else "#ff7f0e")
     lat = stats.get("latency_ms")
@@ -217,7 +505,9 @@ def status_html(stats: dict[str, Any]) -> str:
             f"<span id='hv-fps'>{float(stats.get('fps', 0)):.1f}</span> fps analysed &middot; "
             f"latency {'-' if lat is None else f'{lat:.0f} ms'} &middot; "
             f"dropped {int(stats.get('dropped', 0))} &middot; viewers "
-            f"{int(stats.get('viewers', 0))}</div>")
+            f"{int(stats.get('viewers', 0))}"
+            + (f"<br><span id='hv-note'>{html.escape(str(stats['note']))}</span>"
+               if stats.get("note") else "") + "</div>")
 
 
 def _short_source(source: Any) -> str:
@@ -295,19 +585,14 @@ class ImageAnalyzer:
 # ------------------------------------------------------------------------------ sources
 
 
-def _upload_roots() -> list[Path]:
-    roots = [Path(tempfile.gettempdir()) / "gradio"]
-    if os.environ.get("GRADIO_TEMP_DIR"):
-        roots.append(Path(os.environ["GRADIO_TEMP_DIR"]))
-    return [r.resolve() for r in roots]
-
-
 def page_source_spec(kind: str, camera: float | int | None, url: str | None,
-                     upload: str | None) -> str | int:
-    """The source the page asked for, allowing only the demo, cameras, URLs and uploads.
+                     upload: str | None, *, allow_urls: bool = False,
+                     uploads: UploadRegistry | None = None) -> str | int:
+    """The source the page asked for: the demo, a camera, a page upload, a URL if allowed.
 
     Raises:
-        InputError: anything else (in particular a local path typed by a page visitor).
+        InputError: anything else (in particular a server path, or a URL when ``serve`` was
+            not started with ``--allow-url-sources``).
     """
     kind = (kind or "").lower()
     if kind == "demo":
@@ -317,6 +602,9 @@ def page_source_spec(kind: str, camera: float | int | None, url: str | None,
             raise InputError("camera index must be a whole number from 0 to 63")
         return int(camera)
     if kind == "url":
+        if not allow_urls:
+            raise InputError("stream URLs are off on this page (start `hematovision serve "
+                             "--allow-url-sources` to allow them)")
         text = (url or "").strip()
         if not URL_RE.match(text):
             raise InputError("stream URL must start with rtsp://, http:// or https://")
@@ -324,10 +612,11 @@ def page_source_spec(kind: str, camera: float | int | None, url: str | None,
     if kind == "upload":
         if not upload:
             raise InputError("upload a video or image first")
-        path = Path(upload).resolve()
-        if not any(path.is_relative_to(root) for root in _upload_roots()):
+        if uploads is None or upload not in uploads:
             raise InputError("only files uploaded through this page can be used")
-        return str(path)
+        if media_kind(upload) is None:
+            raise InputError(f"{Path(upload).name}: not an image or a video")
+        return str(Path(upload).resolve())
     raise InputError(f"unknown source kind {kind!r}")
 
 
@@ -335,11 +624,36 @@ def page_source_spec(kind: str, camera: float | int | None, url: str | None,
 
 
 def build_page(session: Session, *, models: dict[str, str], image_model: str | None,
-               analyzer_factory: AnalyzerFactory) -> Any:
-    """The Gradio Blocks page bound to ``session``."""
+               analyzer_factory: AnalyzerFactory, uploads: UploadRegistry | None = None,
+               allow_urls: bool = False) -> Any:
+    """The Gradio Blocks page bound to ``session``.
+
+    ``uploads``: the files this app's upload route wrote, the only files an event may name.
+    ``allow_urls``: offer URL sources (``serve --allow-url-sources``).
+    """
     import gradio as gr
 
+    registry = uploads if uploads is not None else UploadRegistry()
     image_analyzer = ImageAnalyzer(image_model)
+
+    class Page(gr.Blocks):
+        """Blocks whose events refuse any file the page did not receive as an upload.
+
+        ``preprocess_data`` is where Gradio copies the files an event names into its cache
+        (every input, whatever its component); the check runs before that copy. Gradio's own
+        errors in reading an input are shown and logged like the handlers' (one line).
+        """
+
+        async def preprocess_data(self, block_fn: Any, inputs: list[Any], state: Any,
+                                  explicit_call: bool = False) -> Any:
+            action = getattr(block_fn, "name", None) or "event"
+            if foreign_files(inputs, registry):
+                raise page_error(action, InputError(
+                    "only files uploaded through this page can be used"))
+            try:
+                return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+            except Exception as exc:  # noqa: BLE001 - shown and logged as one line
+                raise page_error(action, exc) from None
 
     def refresh(sent: dict | None = None) -> tuple[Any, ...]:
         """New HTML for the panels; unchanged ones are skipped (no resend, no re-render)."""
@@ -359,13 +673,10 @@ def build_page(session: Session, *, models: dict[str, str], image_model: str | N
         return (*out, sent)
 
     def _do(action: Callable[[], Any], done: str) -> str:
-        try:
-            action()
-        except HematoVisionError as exc:
-            raise gr.Error(str(exc)) from None
+        action()
         return done
 
-    with gr.Blocks(title="HematoVision") as page:
+    with Page(title="HematoVision") as page:
         gr.Markdown("## HematoVision: live white-cell differential")
         with gr.Tab("Live"):
             with gr.Row():
@@ -386,11 +697,13 @@ def build_page(session: Session, *, models: dict[str, str], image_model: str | N
             message = gr.Markdown(elem_id="hv-message")
             with gr.Accordion("Source, model and settings", open=False):
                 with gr.Row():
-                    kind = gr.Radio(["demo", "camera", "url", "upload"], value="demo",
-                                    label="source")
+                    kind = gr.Radio(["demo", "camera", "upload"] + (["url"] if allow_urls
+                                                                   else []),
+                                    value="demo", label="source")
                     camera = gr.Number(value=0, precision=0, minimum=0, maximum=63,
                                        label="camera index")
-                    url = gr.Textbox(label="stream URL (rtsp://, http://, https://)")
+                    url = gr.Textbox(label="stream URL (rtsp://, http://, https://)",
+                                     visible=allow_urls)
                 upload = gr.File(label="video or image upload", type="filepath",
                                  file_types=["video", "image"])
                 use_btn = gr.Button("Use this source", elem_id="hv-use-source")
@@ -430,46 +743,53 @@ def build_page(session: Session, *, models: dict[str, str], image_model: str | N
 
         sent_state = gr.State({})  # what this browser tab was last sent
         outputs = [status, progress, table, chart, gallery, sent_state]
-        gr.Timer(TIMER_SECONDS).tick(refresh, inputs=sent_state, outputs=outputs,
-                                     show_progress="hidden", queue=False)
-        page.load(lambda: refresh(None), outputs=outputs, queue=False)
+        gr.Timer(TIMER_SECONDS).tick(page_action("refresh", refresh), inputs=sent_state,
+                                     outputs=outputs, show_progress="hidden", queue=False)
+        page.load(page_action("refresh", lambda: refresh(None)), outputs=outputs, queue=False)
 
-        start_btn.click(lambda: _do(session.start, "started"), outputs=message)
-        pause_btn.click(lambda: _do(session.pause, "paused"), outputs=message)
-        stop_btn.click(lambda: _do(session.stop, "stopped"), outputs=message)
-        reset_btn.click(lambda: _do(session.reset, "counts reset"), outputs=message
-                        ).then(refresh, inputs=sent_state, outputs=outputs)
+        start_btn.click(page_action("start", lambda: _do(session.start, "started")),
+                        outputs=message)
+        pause_btn.click(page_action("pause", lambda: _do(session.pause, "paused")),
+                        outputs=message)
+        stop_btn.click(page_action("stop", lambda: _do(session.stop, "stopped")),
+                       outputs=message)
+        reset_btn.click(page_action("reset", lambda: _do(session.reset, "counts reset")),
+                        outputs=message).then(page_action("refresh", refresh),
+                                              inputs=sent_state, outputs=outputs)
 
         def use_source(k: str, c: float, u: str, f: str | None) -> str:
+            spec = page_source_spec(k, c, u, f, allow_urls=allow_urls, uploads=registry)
+            shown = Path(str(spec)).name if k == "upload" else str(spec)
+            running = _short_source(session.source_spec)
             try:
-                spec = page_source_spec(k, c, u, f)
+                session.switch_source(spec)
             except HematoVisionError as exc:
-                raise gr.Error(str(exc)) from None
-            was = session.state
-            _do(lambda: session.switch_source(spec), "")
-            if was == "stopped" or was.startswith("error"):
-                _do(session.start, "")
-            return f"source: {spec if k != 'upload' else Path(str(spec)).name}"
+                raise InputError(f"could not switch to {shown}: {exc} (still on {running})"
+                                 ) from None
+            return f"source: {shown}"
 
-        use_btn.click(use_source, inputs=[kind, camera, url, upload], outputs=message)
-        target.change(lambda n: _do(lambda: session.set_target(int(n or 1)),
-                                    f"target {int(n or 1)}"), inputs=target, outputs=message)
-        min_score.release(lambda v: _do(lambda: session.set_min_score(float(v)),
-                                        f"min score {float(v):.2f}"),
-                          inputs=min_score, outputs=message)
+        use_btn.click(page_action("source change", use_source),
+                      inputs=[kind, camera, url, upload], outputs=message)
+        target.change(page_action("target", lambda n: _do(
+            lambda: session.set_target(int(n or 1)), f"target {int(n or 1)}")),
+            inputs=target, outputs=message)
+        min_score.release(page_action("min score", lambda v: _do(
+            lambda: session.set_min_score(float(v)), f"min score {float(v):.2f}")),
+            inputs=min_score, outputs=message)
 
         def choose_model(name: str | None) -> str:
             if not name or name not in models:
-                raise gr.Error(f"unknown model {name!r}")
+                raise InputError(f"unknown model {str(name)[:40]!r}")
             return _do(lambda: session.switch_model(models[name]),
                        f"model {name} (count restarted)")
 
-        model.input(choose_model, inputs=model, outputs=message)
+        model.input(page_action("model choice", choose_model), inputs=model, outputs=message)
+
         def toggle_record(on: bool) -> str:
             path = session.set_recording(bool(on))
             return f"recording to {path.name}" if on and path else "recording stopped"
 
-        record.input(toggle_record, inputs=record, outputs=message)
+        record.input(page_action("recording", toggle_record), inputs=record, outputs=message)
 
         def export() -> list[str]:
             folder = Path(tempfile.mkdtemp(prefix="hematovision-export-"))
@@ -480,40 +800,34 @@ def build_page(session: Session, *, models: dict[str, str], image_model: str | N
                 paths["video"] = dst
             return [str(p) for p in paths.values()]
 
-        export_btn.click(export, outputs=files)
+        export_btn.click(page_action("export", export), outputs=files)
 
         def analyze_image(path: str | None) -> tuple[Any, list[list[Any]]]:
             if not path:
                 return None, []
-            try:
-                return image_analyzer.analyze(path)
-            except HematoVisionError as exc:
-                raise gr.Error(str(exc)) from None
+            return image_analyzer.analyze(path)
 
-        img_in.change(analyze_image, inputs=img_in, outputs=[img_out, img_table])
+        img_in.change(page_action("image analysis", analyze_image), inputs=img_in,
+                      outputs=[img_out, img_table])
 
         def webcam_frame(rgb: np.ndarray | None, state: dict | None) -> tuple[Any, str, dict]:
             if rgb is None:
                 return None, "", state or {}
             state = state or {}
             if state.get("analyzer") is None:
-                try:
-                    state["analyzer"] = analyzer_factory(
-                        SessionSettings(session.settings.model, session.settings.min_score,
-                                        session.settings.target))
-                except HematoVisionError as exc:
-                    raise gr.Error(str(exc)) from None
+                state["analyzer"] = analyzer_factory(
+                    SessionSettings(session.settings.model, session.settings.min_score,
+                                    session.settings.target))
                 state["n"] = 0
             an = state["analyzer"]
             bgr = cv2.cvtColor(np.ascontiguousarray(rgb[:, :, :3]), cv2.COLOR_RGB2BGR)
             res = an.process(Frame(bgr, state["n"], time.monotonic()))
             state["n"] += 1
             out = an.render(res)
-            summ = dict(res.summary)
-            summ.setdefault("ci95", {})
-            return cv2.cvtColor(out, cv2.COLOR_BGR2RGB), counts_table_html(summ), state
+            return (cv2.cvtColor(out, cv2.COLOR_BGR2RGB), counts_table_html(res.summary.to_json()),
+                    state)
 
-        cam_in.stream(webcam_frame, inputs=[cam_in, cam_state],
+        cam_in.stream(page_action("webcam", webcam_frame), inputs=[cam_in, cam_state],
                       outputs=[cam_out, cam_counts, cam_state], stream_every=0.2,
                       time_limit=3600, concurrency_limit=2)
 
@@ -522,7 +836,8 @@ def build_page(session: Session, *, models: dict[str, str], image_model: str | N
                 state["analyzer"].reset()
             return "", state or {}
 
-        cam_reset.click(webcam_reset, inputs=cam_state, outputs=[cam_counts, cam_state])
+        cam_reset.click(page_action("webcam reset", webcam_reset), inputs=cam_state,
+                        outputs=[cam_counts, cam_state])
     return page
 
 
@@ -546,45 +861,46 @@ def create_app(
     analyzer_factory: AnalyzerFactory = default_analyzer_factory,
     max_file_size: str | int = MAX_FILE_SIZE,
     page: bool = True,
+    allow_url_sources: bool = False,
 ) -> FastAPI:
-    """FastAPI app: ``/video.mjpg``, ``/stats.json`` and (``page``) the Gradio page at ``/``."""
+    """FastAPI app: ``/video.mjpg``, ``/stats.json`` and (``page``) the Gradio page at ``/``.
+
+    ``auth``: USER:PASS needed for everything but ``/login``. ``allow_url_sources``: the page
+    may switch to ``rtsp://``/``http(s)://`` sources (the command line always may).
+    """
     guard = Guard(auth)
+    uploads = UploadRegistry()
     app = FastAPI(title="HematoVision", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.session = session
     app.state.guard = guard
+    app.state.uploads = uploads
     app.state.closing = threading.Event()  # set at shutdown: open MJPEG streams end
-    app.include_router(make_router(lambda: app.state.session, dependencies=[guard],
-                                   closing=app.state.closing))
+    app.include_router(make_router(lambda: app.state.session, closing=app.state.closing))
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
         return {"state": session.state}
 
-    if not page:
+    if auth is not None:
+        add_login_routes(app, guard)  # before the mount: these win over Gradio's own /login
+    if page:
+        import gradio as gr
+
+        blocks = build_page(session, models=models if models is not None else list_models(),
+                            image_model=image_model, analyzer_factory=analyzer_factory,
+                            uploads=uploads, allow_urls=allow_url_sources)
+        gr.mount_gradio_app(app, blocks, path="/", max_file_size=max_file_size,
+                            auth_dependency=guard.request_user if auth is not None else None,
+                            ssr_mode=False, css=CSS, footer_links=[], run_history=False,
+                            show_error=False)
+    else:
         @app.get("/", include_in_schema=False)
         async def root() -> RedirectResponse:
             return RedirectResponse("/stats.json")
-        return app
-
-    import gradio as gr
-
-    blocks = build_page(session, models=models if models is not None else list_models(),
-                        image_model=image_model, analyzer_factory=analyzer_factory)
-    gr.mount_gradio_app(app, blocks, path="/", auth=auth, max_file_size=max_file_size,
-                        ssr_mode=False, css=CSS, footer_links=[],
-                        auth_message="HematoVision: log in to see the live count")
-    guard.gradio_app = _find_gradio_app(app)
-    if auth is not None and guard.gradio_app is None:
-        raise RuntimeError("could not find the mounted Gradio app for the login check")
+    app.add_middleware(UploadGate, uploads=uploads)
+    if auth is not None:
+        app.add_middleware(LoginGate, guard=guard)  # added last: runs first
     return app
-
-
-def _find_gradio_app(app: FastAPI) -> Any:
-    for route in app.routes:
-        sub = getattr(route, "app", None)
-        if sub is not None and hasattr(sub, "tokens") and hasattr(sub, "cookie_id"):
-            return sub
-    return None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -597,7 +913,8 @@ def main(args: argparse.Namespace) -> int:
     settings = SessionSettings(model=str(Path(model).expanduser().resolve()) if model else None)
     session = Session(args.source, default_analyzer_factory, settings=settings, realtime=True)
     session.start()  # a missing camera / bad file / dead URL fails here, with its message
-    app = create_app(session, auth=args.auth, models=list_models(model), image_model=model)
+    app = create_app(session, auth=args.auth, models=list_models(model), image_model=model,
+                     allow_url_sources=bool(getattr(args, "allow_url_sources", False)))
     host = args.host
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     print(f"HematoVision live view: http://{shown}:{args.port}/  (source: {args.source}; "
