@@ -101,9 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-url-sources", action="store_true",
                    help="let page users switch to rtsp:// and http(s):// sources (the server "
                    "then opens URLs they type; off by default)")
-    s.add_argument("--allow-url-sources", action="store_true",
-                   help="let page users switch to rtsp:// and http(s):// sources (the server "
-                   "then opens URLs they type; off by default)")
 
     r = sub.add_parser("run", help="headless count of a video, folder of images or 'demo'")
     r.add_argument("source", help="video file, image folder or glob, URL, camera index or 'demo'")

@@ -2,7 +2,7 @@
 
 Analysis mode: every frame is analysed (none dropped). A folder of images is either the frames
 of one moving field (tracked like a video) or unrelated photos, each counted on its own ("stills"
-mode); the first two images decide (``detector.track.same_scene``), the report says which.
+mode); the first two images decide (``detector.motion.same_scene``), the report says which.
 Stills go through the same still-image analysis as ``detect`` (``detector.still``): every cell is
 named and counted, those cut by the photo's edge too (flagged ``"cut": true`` in their event),
 so ``run`` and ``detect`` count the same cells. An image that cannot be used (not an image, too
@@ -143,7 +143,7 @@ def _stills_or_sequence(frames: Iterator[Frame], max_frames: int | None
     frames of one moving field (False: track)? Returns the frames, none lost, and the answer."""
     import itertools
 
-    from detector.track import same_scene
+    from detector.motion import same_scene
 
     head = [f for f in itertools.islice(frames, 1 if max_frames == 1 else 2)]
     still = len(head) < 2 or not same_scene(head[0].bgr, head[1].bgr)

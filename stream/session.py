@@ -94,6 +94,8 @@ def wilson_interval(k: int, n: int) -> tuple[float, float]:
 
 def event_to_dict(event: Any) -> dict[str, Any]:
     """A counted-cell event (dataclass, dict or object) as a JSON-ready dict."""
+    if hasattr(event, "to_json"):
+        return event.to_json()
     if dataclasses.is_dataclass(event) and not isinstance(event, type):
         data = dataclasses.asdict(event)
     elif isinstance(event, dict):
@@ -501,7 +503,7 @@ class Session:
 
     def _empty_summary(self) -> dict[str, Any]:
         labels = getattr(getattr(self._analyzer, "classifier", None), "labels", ())
-        return Tally(labels, self.settings.target).summary() if labels else {
+        return Tally(labels, self.settings.target).summary().to_json() if labels else {
             "counts": {}, "total": 0, "target": self.settings.target, "differential": {}}
 
     def _current_min_score(self) -> float | None:
@@ -543,7 +545,8 @@ class Session:
             t1 = time.perf_counter()
             annotated = analyzer.render(result, fps=self.fps or None)
             t2 = time.perf_counter()
-            summary = dict(getattr(result, "summary", {}) or {})
+            summary = getattr(result, "summary", None) or {}
+            summary = summary.to_json() if hasattr(summary, "to_json") else dict(summary)
             counted = list(getattr(result, "counted", []) or [])
             if summary:
                 summary.setdefault("target", self.settings.target)
@@ -594,7 +597,7 @@ class Session:
                 with self._cond:
                     pub = self._pub
                     self._pub = Published(pub.frame_id, pub.jpeg, pub.width, pub.height,
-                                          tally.summary(), pub.seq)
+                                          tally.summary().to_json(), pub.seq)
 
     def _on_counted(self, event: Any, frame: Frame,
                     thumbs: dict[int, np.ndarray] | None = None) -> None:
