@@ -3,16 +3,28 @@
 Never imports ``stream`` or ``training`` (and so never TensorFlow).
 """
 
-from detector.core import CELL_TYPES, UNIDENTIFIED, Detections, Frame, box_iou
+from detector.core import (
+    CELL_TYPES,
+    KNOWN_LABELS,
+    UNIDENTIFIED,
+    CountEvent,
+    Detections,
+    Frame,
+    Summary,
+    box_iou,
+)
 from detector.errors import HematoVisionError, InputError, ModelError
 
 __all__ = [
     "CELL_TYPES",
+    "KNOWN_LABELS",
     "UNIDENTIFIED",
+    "CountEvent",
     "Detections",
     "Frame",
     "HematoVisionError",
     "InputError",
     "ModelError",
+    "Summary",
     "box_iou",
 ]

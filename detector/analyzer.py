@@ -1,8 +1,8 @@
-"""Glues segmenter, tracker, classifier and tally into one call per frame. No I/O, one thread.
+"""Glues segmenter, tracker, voter, classifier and tally: one call per frame, no I/O, one thread.
 
-Per frame: segment -> track (global shift, matching) -> classify only the tracks that are due
-(confirmed, fully in view, sharp, label not locked yet), all of them in ONE batched invoke ->
-vote and lock labels -> count newly decided cells. Drawing happens only in ``render``.
+Per frame: segment -> track (stage shift, matching) -> classify only the cells that are due
+(confirmed, whole in view, sharp, label not locked yet), all of them in ONE batched invoke ->
+vote and lock labels -> count the cells decided. Drawing happens only in ``render``.
 """
 
 from __future__ import annotations
@@ -12,16 +12,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import cv2
 import numpy as np
 
-from detector.core import Detections, Frame
+from detector.core import CountEvent, Detections, Frame, Summary, in_view
 from detector.crop import CropRule
-from detector.focus import SharpGate, cell_sharpness, sharpness
+from detector.focus import SharpGate, cell_sharpness, frame_sharpness
 from detector.tally import Tally
-from detector.track import Track, Tracker, finalize_track
+from detector.track import Tracker
+from detector.vote import VoteOptions, Voter
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,11 @@ class FrameResult:
 
     Attributes:
         frame: the input frame.
-        detections: cells in this frame with ``track_id``; ``class_id``/``score`` set for tracks
+        detections: cells in this frame with ``track_id``; ``class_id``/``score`` set for cells
             whose label is locked (-1 / 0 otherwise); ``data["label"]`` holds the label name
-            ('' while undecided), ``data["judged"]`` whether the cell is fully in view.
-        counted: counting events (dicts) of the cells counted in this frame.
-        summary: the tally summary (counts, total, target, differential, ci95, target_reached).
+            ('' while undecided), ``data["judged"]`` whether the cell is whole in view.
+        counted: events of the cells counted in this frame.
+        summary: the count so far.
         timings: seconds spent per stage (segment, track, classify, tally).
         classified: how many crops the classifier saw in this frame.
         thumbs: track id -> small BGR crop (``THUMB`` px square) of the sharpest sighting of
@@ -64,8 +65,8 @@ class FrameResult:
 
     frame: Frame
     detections: Detections
-    counted: list[dict[str, Any]]
-    summary: dict[str, Any]
+    counted: list[CountEvent]
+    summary: Summary
     timings: dict[str, float] = field(default_factory=dict)
     classified: int = 0
     thumbs: dict[int, np.ndarray] = field(default_factory=dict)
@@ -83,30 +84,32 @@ class Analyzer:
         *,
         target: int = 100,
         frame_gate: SharpGate | None = None,
-        cell_ratio: float = 0.6,
+        vote: VoteOptions | None = None,
         naive: bool = False,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        """``frame_gate`` skips blurred frames (focus relative to the recent frames);
-        ``cell_ratio``: a sighting votes only when at least this sharp relative to the same
-        cell's sharpest sighting so far. ``naive=True`` classifies every cell in every frame
-        (the design we avoid; for bench). ``clock`` times the stages (``time.thread_time``
-        gives CPU time, which a busy machine does not inflate)."""
+        """``frame_gate`` skips blurred frames (focus relative to the recent frames); ``vote``:
+        how many sightings vote and how sharp they must be. ``naive=True`` classifies every
+        cell in every frame (the design we avoid; for bench). ``clock`` times the stages
+        (``time.thread_time`` gives CPU time, which a busy machine does not inflate)."""
         self.segmenter = segmenter
         self.classifier = classifier
         self.tracker = tracker or Tracker()
         self.labels: tuple[str, ...] = tuple(classifier.labels)
+        self.voter = Voter(self.labels, self._label_of, vote)
         self.tally = tally or Tally(self.labels, target=target)
         self.frame_gate = frame_gate or SharpGate(ratio=0.6)
-        self.cell_ratio = cell_ratio
         self.naive = naive
         self.clock = clock
-        self._label_of: Callable[[np.ndarray], tuple[str, float]] = classifier.label_of
         self._last_index: int | None = None
 
+    def _label_of(self, scores_row: np.ndarray) -> tuple[str, float]:
+        return self.classifier.label_of(scores_row)  # reads min_score as it is now
+
     def reset(self) -> None:
-        """Start a new slide: tracks, counts and focus statistics forgotten."""
+        """Start a new slide: tracks, votes, counts and focus statistics forgotten."""
         self.tracker.reset()
+        self.voter.reset()
         self.tally.reset()
         self.frame_gate.reset()
         self._last_index = None
@@ -115,14 +118,13 @@ class Analyzer:
         """Analyse one frame (BGR image or Frame).
 
         ``still=True``: the image is a field of its own (a folder of unrelated photos), not a
-        video frame: every white cell fully in view is named in one invoke and counted at once,
+        video frame: every white cell whole in view is named in one invoke and counted at once,
         no tracking (cells cut by the border are shown, not counted).
         """
         if not isinstance(frame, Frame):
             frame = Frame(bgr=frame, index=0 if self._last_index is None else self._last_index + 1)
         if still:
             return self._process_still(frame)
-        timings: dict[str, float] = {}
         clock = self.clock
         t0 = clock()
         dets = self.segmenter.find(frame)
@@ -130,22 +132,24 @@ class Analyzer:
         period = 1 if self._last_index is None else max(1, frame.index - self._last_index)
         self._last_index = frame.index
         dets = self.tracker.update(dets, frame, period=period)
+        whole = in_view(dets, frame.width, frame.height, self.tracker.options.edge_margin)
+        self.voter.observe(dets, whole, frame.index)
         t2 = clock()
-        timings["segment"], timings["track"] = t1 - t0, t2 - t1
 
-        n_cls = self._classify(frame, dets)
+        decided, n_cls = self._classify(frame, dets, whole)
         t3 = clock()
-        timings["classify"] = t3 - t2
 
-        finished = [t for t in self.tracker.removed if not t.counted] + self.tracker.leaving()
-        for t in finished:
-            finalize_track(t, self._label_of, self.labels)
-        counted = self.tally.update(finished)
-        counted += self.tally.update(t for t in self.tracker.tracks if t.label is not None)
-        self._annotate(dets)
+        voter, tracker = self.voter, self.tracker
+        ended = voter.close(tracker.ended)
+        left = voter.leaving(tracker.lost(voter.options.decide_after))
+        counted = self.tally.update(ended + left + decided)
+        thumbs = {e.track_id: th for e in counted
+                  if (th := voter.thumb(e.track_id)) is not None}
+        voter.forget(tracker.ended)
+        voter.annotate(dets, whole)
         summary = self.tally.summary()
-        thumbs = self._thumbs(counted, finished)
-        timings["tally"] = clock() - t3
+        timings = {"segment": t1 - t0, "track": t2 - t1, "classify": t3 - t2,
+                   "tally": clock() - t3}
         return FrameResult(frame=frame, detections=dets, counted=counted, summary=summary,
                            timings=timings, classified=n_cls, thumbs=thumbs)
 
@@ -155,17 +159,14 @@ class Analyzer:
         dets = self.segmenter.find(frame)
         t1 = clock()
         self._last_index = frame.index
-        n = len(dets)
-        ids = np.arange(self.tracker._next_id, self.tracker._next_id + n, dtype=np.int64)
-        self.tracker._next_id += n
+        ids = self.tracker.new_ids(len(dets))
         dets.track_id = ids
-        self.tracker.frame_size = (frame.width, frame.height)
-        full = self.tracker.fully_in_view(dets)
+        whole = in_view(dets, frame.width, frame.height, self.tracker.options.edge_margin)
         t2 = clock()
-        names = np.full(n, "", dtype=object)
-        counted: list[dict[str, Any]] = []
+        names = np.full(len(dets), "", dtype=object)
+        counted: list[CountEvent] = []
         thumbs: dict[int, np.ndarray] = {}
-        idx = np.flatnonzero(full)
+        idx = np.flatnonzero(whole)
         if len(idx):
             probs = self.classifier.classify_boxes(frame.bgr, dets.xyxy[idx])
             for i, row in zip(idx, probs, strict=True):
@@ -179,28 +180,15 @@ class Analyzer:
                     counted.append(ev)
                     thumb = cell_thumbnail(frame.bgr, dets.xyxy[i])
                     if thumb is not None:
-                        thumbs[int(ids[i])] = thumb
+                        thumbs[ev.track_id] = thumb
         t3 = clock()
         dets.data["label"] = names
-        dets.data["judged"] = full
+        dets.data["judged"] = whole
         return FrameResult(frame=frame, detections=dets, counted=counted,
                            summary=self.tally.summary(),
                            timings={"segment": t1 - t0, "track": t2 - t1, "classify": t3 - t2,
                                     "tally": clock() - t3},
                            classified=len(idx), thumbs=thumbs)
-
-    def _thumbs(self, counted: list[dict[str, Any]], finished: list[Track]
-                ) -> dict[int, np.ndarray]:
-        if not counted:
-            return {}
-        by_id = {t.id: t for t in self.tracker.tracks}
-        by_id.update({t.id: t for t in finished})
-        out: dict[int, np.ndarray] = {}
-        for ev in counted:
-            t = by_id.get(int(ev["track_id"]))
-            if t is not None and t.thumb is not None:
-                out[t.id] = t.thumb
-        return out
 
     def set_target(self, n: int) -> None:
         """Cells to count (a 100- or 200-cell differential)."""
@@ -215,69 +203,41 @@ class Analyzer:
             raise ValueError(f"min_score must be in [0, 1], got {value}")
         self.classifier.min_score = float(value)
 
-    def finish(self) -> list[dict[str, Any]]:
-        """End of stream: decide and count the tracks still alive -> their events."""
-        tracks = self.tracker.flush()
-        for t in tracks:
-            finalize_track(t, self._label_of, self.labels)
-        return self.tally.update(tracks)
+    def finish(self) -> list[CountEvent]:
+        """End of stream: decide and count the cells still tracked -> their events."""
+        ended = self.tracker.flush()
+        counted = self.tally.update(self.voter.close(ended))
+        self.voter.forget(ended)
+        return counted
 
-    def _classify(self, frame: Frame, dets: Detections) -> int:
+    def _classify(self, frame: Frame, dets: Detections, whole: np.ndarray
+                  ) -> tuple[list[CountEvent], int]:
+        """Classify the due cells in one invoke and vote -> (events of labels locked now,
+        crops classified)."""
+        voter = self.voter
         if self.naive:
             if len(dets) == 0:
-                return 0
+                return [], 0
             probs = self.classifier.classify_boxes(frame.bgr, dets.xyxy)
-            for t in self.tracker.tracks:
-                if t.seen_now and t.label is None and t.confirmed and t.full_now:
-                    t.add_vote(probs[t.det_index])
-                    if len(t.votes) >= self.tracker.options.votes_needed:
-                        t.decide(self._label_of, self.labels)
-            return len(dets)
-        grey = self.tracker.small_grey
-        frame_ok = True
-        if grey is not None:
-            frame_ok = self.frame_gate.check(sharpness(grey))  # on the tracker's small grey frame
-        due: list[Track] = self.tracker.due_for_vote()
+            due = voter.due(dets, whole)
+            return voter.vote([int(dets.track_id[i]) for i in due], probs[due]), len(dets)
+        frame_ok = self.frame_gate.check(frame_sharpness(frame.bgr))
+        due = voter.due(dets, whole)
         if not due or not frame_ok:
-            return 0
-        sharp: list[Track] = []
-        for t in due:
-            # relative to the same cell's best sighting: cell types differ in texture, so a
-            # threshold shared by all cells would favour the grainy ones
-            s = cell_sharpness(frame.bgr, t.box)
-            best = max((v for _, v in t.sightings), default=0.0)
-            t.sightings.append((frame.index, s))
-            if s >= self.cell_ratio * best:
-                sharp.append(t)
-                if s >= best:
-                    t.thumb = cell_thumbnail(frame.bgr, t.box)
+            return [], 0
+        sharp: list[int] = []
+        for i in due:
+            tid = int(dets.track_id[i])
+            box = dets.xyxy[i]
+            ok, best = voter.sighting(tid, cell_sharpness(frame.bgr, box), frame.index)
+            if ok:
+                sharp.append(i)
+                if best:
+                    voter.set_thumb(tid, cell_thumbnail(frame.bgr, box))
         if not sharp:
-            return 0
-        boxes = np.stack([t.box for t in sharp]).astype(np.float32)
-        probs = self.classifier.classify_boxes(frame.bgr, boxes)
-        need = self.tracker.options.votes_needed
-        for t, row in zip(sharp, probs, strict=True):
-            t.add_vote(row)
-            if len(t.votes) >= need:
-                t.decide(self._label_of, self.labels)
-        return len(sharp)
-
-    def _annotate(self, dets: Detections) -> None:
-        """Copy locked labels of the tracks onto this frame's detections (for drawing, JSON)."""
-        n = len(dets)
-        names = np.full(n, "", dtype=object)
-        judged = np.zeros(n, bool)
-        for t in self.tracker.tracks:
-            if not t.seen_now or t.det_index < 0:
-                continue
-            i = t.det_index
-            judged[i] = t.full_now
-            if t.label is not None:
-                dets.class_id[i] = t.class_id
-                dets.score[i] = t.score
-                names[i] = t.label
-        dets.data["label"] = names
-        dets.data["judged"] = judged
+            return [], 0
+        probs = self.classifier.classify_boxes(frame.bgr, dets.xyxy[sharp])
+        return voter.vote([int(dets.track_id[i]) for i in sharp], probs), len(sharp)
 
     def render(self, result: FrameResult, fps: float | None = None) -> np.ndarray:
         """Annotated BGR copy of the frame: cell boxes with labels and ids, and the count panel."""

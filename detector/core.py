@@ -8,13 +8,24 @@ made with a message that names the expected and the actual shape.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-#: Cell names the project knows, in a stable display order. A model card decides which of these
-#: a given model can output; ``UNIDENTIFIED`` is added by the runtime for low-confidence cells.
+#: The white cells: they make the count and the differential (display order).
+WHITE_CELLS: tuple[str, ...] = ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte",
+                                "immature_granulocyte")
+#: A nucleated red cell: reported as NRBC per 100 white cells, not in the white-cell total.
+ERYTHROBLAST = "erythroblast"
+#: Not a white cell: a candidate named so is rejected and never counted.
+VETO_LABELS: tuple[str, ...] = ("platelet", "artefact")
+#: Every label a model may output, in display order. A model card decides which of these a given
+#: model knows; ``UNIDENTIFIED`` is added by the runtime for low-confidence cells.
+KNOWN_LABELS: tuple[str, ...] = (*WHITE_CELLS, ERYTHROBLAST, *VETO_LABELS)
+#: The white-cell types the smear simulator paints, in its fixed order (it draws cell types in
+#: this order: changing it changes every simulated video).
 CELL_TYPES: tuple[str, ...] = ("neutrophil", "eosinophil", "lymphocyte", "monocyte", "basophil")
 UNIDENTIFIED = "unidentified"
 
@@ -23,6 +34,93 @@ def with_unidentified(labels: Sequence[str]) -> tuple[str, ...]:
     """A model's labels plus ``unidentified``: the order the tally and reports use."""
     names = tuple(str(x) for x in labels)
     return names if UNIDENTIFIED in names else (*names, UNIDENTIFIED)
+
+
+def counted_labels(labels: Sequence[str]) -> tuple[str, ...]:
+    """The labels of a model that make the white-cell count, plus ``unidentified``: every label
+    but ``erythroblast`` and the veto labels (a label the project does not know counts as a white
+    cell, as the model card says it is one)."""
+    return with_unidentified([x for x in labels if x != ERYTHROBLAST and x not in VETO_LABELS])
+
+
+@dataclass(frozen=True)
+class CountEvent:
+    """One cell counted: its track, label and score, the frames it was seen in, and where.
+
+    Attributes:
+        track_id: the tracker's id (the tally counts an id once).
+        label: the locked label (a white cell, ``erythroblast`` or ``unidentified``).
+        score: mean top score of the votes it was decided from (0 for ``unidentified`` cells
+            never seen sharp).
+        first_frame, last_frame: first and last frame index it was seen in.
+        box: ``(x1, y1, x2, y2)`` where it was last seen, in frame pixels.
+        cut: the image's edge cuts the cell (still photos only: video waits for a whole view).
+    """
+
+    track_id: int
+    label: str
+    score: float
+    first_frame: int
+    last_frame: int
+    box: tuple[float, float, float, float]
+    cut: bool = False
+
+    @classmethod
+    def of(cls, track_id: int, label: str, score: float, first_frame: int, last_frame: int,
+           box: Iterable[float], cut: bool = False) -> CountEvent:
+        """Built from any numbers (NumPy scalars, an array box)."""
+        x1, y1, x2, y2 = (float(v) for v in box)
+        return cls(int(track_id), str(label), float(score), int(first_frame), int(last_frame),
+                   (x1, y1, x2, y2), bool(cut))
+
+    def to_json(self) -> dict[str, Any]:
+        """The event as written to the events file, the page's log and reports."""
+        return {"track_id": self.track_id, "label": self.label, "score": round(self.score, 4),
+                "first_frame": self.first_frame, "last_frame": self.last_frame,
+                "box": [round(v, 1) for v in self.box], "cut": self.cut}
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The count so far (see ``detector.tally`` for the conventions).
+
+    Attributes:
+        counts: white cells per label, ``unidentified`` included, in display order.
+        total: sum of ``counts`` (the white-cell total).
+        target: cells to count (a 100- or 200-cell differential).
+        differential: share of each label in percent of ``total`` (sums to 100).
+        ci95: 95 % Wilson interval of each share, in percent: label -> (lo, hi).
+        nrbc: nucleated red cells (``erythroblast``) counted, not in ``total``.
+        nrbc_per_100_wbc: ``100 * nrbc / total`` (0 before the first white cell).
+        vetoed: candidates named ``platelet`` or ``artefact``, rejected, never counted.
+    """
+
+    counts: Mapping[str, int]
+    total: int
+    target: int
+    differential: Mapping[str, float]
+    ci95: Mapping[str, tuple[float, float]]
+    nrbc: int = 0
+    nrbc_per_100_wbc: float = 0.0
+    vetoed: int = 0
+
+    @property
+    def target_reached(self) -> bool:
+        return self.total >= self.target
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary for reports, /stats.json and the page: percentages to 2 decimals."""
+        return {
+            "counts": dict(self.counts),
+            "total": self.total,
+            "target": self.target,
+            "target_reached": self.target_reached,
+            "differential": {k: round(v, 2) for k, v in self.differential.items()},
+            "ci95": {k: [round(lo, 2), round(hi, 2)] for k, (lo, hi) in self.ci95.items()},
+            "nrbc": self.nrbc,
+            "nrbc_per_100_wbc": round(self.nrbc_per_100_wbc, 2),
+            "vetoed": self.vetoed,
+        }
 
 
 @dataclass(frozen=True)
@@ -153,6 +251,14 @@ class Detections:
     def wh(self) -> np.ndarray:
         """(N, 2) float32 box widths and heights."""
         return self.xyxy[:, 2:] - self.xyxy[:, :2]
+
+
+def in_view(dets: Detections, width: int, height: int, margin: float = 1.0) -> np.ndarray:
+    """Which detections are whole: not cut by the border (``touches_edge``) and at least
+    ``margin`` pixels from it. Only whole cells are judged."""
+    b = dets.xyxy
+    return (~dets.touches_edge & (b[:, 0] >= margin) & (b[:, 1] >= margin)
+            & (b[:, 2] <= width - margin) & (b[:, 3] <= height - margin))
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,32 +1,36 @@
 """Drawing only, never counting: cell boxes with labels and track ids, and the count panel.
 
 Runs on every displayed frame, so it uses OpenCV primitives only, with colours fixed in advance:
-one distinguishable colour per cell type (``detector.core.CELL_TYPES``), grey for
-``unidentified`` and for cells not classified yet. Both functions return an annotated copy and
+one distinguishable colour per known label (``detector.core.KNOWN_LABELS``), grey for
+``unidentified`` and for cells not classified yet; platelets and artefacts (rejected, never
+counted) in dull colours and thin boxes. Both functions return an annotated copy and
 leave the input untouched (``inplace=True`` draws on the given array instead, saving a copy).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
 
-from detector.core import UNIDENTIFIED, Detections
+from detector.core import UNIDENTIFIED, VETO_LABELS, Detections, Summary
 
-#: BGR colour per cell type (bright, distinguishable on pink/purple smears and for common forms
-#: of colour blindness as far as five hues allow).
+#: BGR colour per known label (bright and distinguishable on pink/purple smears for the white
+#: cells, as far as six hues allow for common forms of colour blindness; dull for the rejects).
 TYPE_COLOURS: dict[str, tuple[int, int, int]] = {
     "neutrophil": (235, 160, 30),   # blue
     "eosinophil": (30, 110, 250),   # orange
+    "basophil": (20, 230, 240),     # yellow
     "lymphocyte": (60, 200, 40),    # green
     "monocyte": (200, 60, 220),     # magenta
-    "basophil": (20, 230, 240),     # yellow
+    "immature_granulocyte": (210, 210, 0),  # teal
+    "erythroblast": (40, 40, 200),  # dark red
+    "platelet": (120, 90, 140),     # dull purple
+    "artefact": (90, 110, 120),     # dull olive
 }
 GREY: tuple[int, int, int] = (170, 170, 170)
-#: Colours for labels outside CELL_TYPES (a model may know other classes), picked by label hash.
+#: Colours for labels outside KNOWN_LABELS (a model may know other classes), picked by label hash.
 _EXTRA = ((255, 255, 0), (0, 170, 255), (150, 90, 255), (90, 255, 190), (255, 120, 150))
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -101,7 +105,8 @@ def draw_cells(bgr: np.ndarray, detections: Detections, labels: Sequence[str],
             name = str(names[i])
         colour = colour_of(name)
         x1, y1, x2, y2 = (int(v) for v in boxes[i])
-        cv2.rectangle(img, (x1, y1), (x2, y2), colour, box_thick if name else 1)
+        strong = bool(name) and name not in VETO_LABELS
+        cv2.rectangle(img, (x1, y1), (x2, y2), colour, box_thick if strong else 1)
         parts = []
         tid = int(detections.track_id[i])
         if show_track_ids and tid >= 0:
@@ -113,22 +118,21 @@ def draw_cells(bgr: np.ndarray, detections: Detections, labels: Sequence[str],
     return img
 
 
-def draw_panel(bgr: np.ndarray, summary: Mapping[str, Any], fps: float | None = None,
+def draw_panel(bgr: np.ndarray, summary: Summary | None, fps: float | None = None,
                inplace: bool = False) -> np.ndarray:
-    """A semi-transparent panel (top left): count and differential % per class, cells so far /
-    target, and fps.
+    """A semi-transparent panel (top left): count and differential % per class, NRBC per 100
+    white cells (when any was counted), cells so far / target, and fps.
 
     Args:
         bgr: H x W x 3 uint8 BGR frame (not modified unless ``inplace``).
-        summary: ``{"counts": {label: n}, "total": n, "target": n, "differential": {label: %}}``
-            (missing keys are treated as empty).
+        summary: the count so far (None: nothing counted yet, no classes known).
         fps: frames per second to show, if given.
     """
     img = bgr if inplace else bgr.copy()
-    counts: Mapping[str, int] = summary.get("counts") or {}
-    diff: Mapping[str, float] = summary.get("differential") or {}
-    total = int(summary.get("total", sum(counts.values())) or 0)
-    target = summary.get("target")
+    counts = summary.counts if summary is not None else {}
+    diff = summary.differential if summary is not None else {}
+    total = summary.total if summary is not None else 0
+    target = summary.target if summary is not None else None
     scale, thick, _ = _style(img.shape)
     scale *= 1.05
 
@@ -138,6 +142,8 @@ def draw_panel(bgr: np.ndarray, summary: Mapping[str, Any], fps: float | None = 
         pct_text = f"{pct:5.1f}%" if pct is not None else ""
         rows.append((label, str(int(n)), pct_text, colour_of(label)))
     footer = [f"cells {total} / {int(target)}" if target else f"cells {total}"]
+    if summary is not None and summary.nrbc:
+        footer.insert(0, f"NRBC {summary.nrbc} ({summary.nrbc_per_100_wbc:.1f}/100 WBC)")
     if fps is not None:
         footer.append(f"{fps:.1f} fps")
 

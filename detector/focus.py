@@ -51,6 +51,16 @@ def cell_sharpness(image: np.ndarray, box: np.ndarray, side: int = PATCH_SIDE) -
     return sharpness(patch)
 
 
+def frame_sharpness(bgr: np.ndarray, size: tuple[int, int] = (160, 120)) -> float:
+    """Focus measure of a whole frame, cheap: the centre half of the frame (where cells are
+    whole), green channel (the stain's contrast), area-averaged to ``size``."""
+    h, w = bgr.shape[:2]
+    x0, y0 = w // 4, h // 4
+    centre = bgr[y0:y0 + h // 2, x0:x0 + w // 2]
+    green = cv2.extractChannel(centre, 1) if centre.ndim == 3 else centre
+    return sharpness(cv2.resize(green, size, interpolation=cv2.INTER_AREA))
+
+
 class SharpGate:
     """Says whether a focus value is sharp enough, relative to the recent values it has seen.
 

@@ -1,13 +1,18 @@
 """Counting logic: each cell counted once, counts per class, the differential and its uncertainty.
 
-Logic only (drawing is in ``detector.draw``). A cell is counted when its track is confirmed and its
-label is decided (locked); the tally remembers the track ids it has counted, so calling ``update``
-again with the same track never counts it twice.
+Logic only (drawing is in ``detector.draw``), as supervision's ``LineZone``: it counts
+``(track_id, label)`` events (:class:`~detector.core.CountEvent`, made by the voter when a label
+locks) and remembers the ids it has seen, so the same track is never counted twice. It never
+reads or writes tracker state.
 
 Conventions:
-- ``total`` counts every counted cell, ``unidentified`` ones included (the cell was seen; the
-  model was not sure what it is). The differential is the share of each label, ``unidentified``
-  included, in percent of ``total``, so the shares sum to 100.
+- The six white-cell kinds make the count: ``total`` counts every counted white cell,
+  ``unidentified`` ones included (the cell was seen; the model was not sure what it is). The
+  differential is the share of each label, ``unidentified`` included, in percent of ``total``, so
+  the shares sum to 100.
+- ``erythroblast`` (a nucleated red cell) is not a white cell: counted apart and reported as NRBC
+  per 100 white cells, as analysers do. ``platelet`` and ``artefact`` veto the candidate: never
+  counted (``vetoed`` says how many were rejected).
 - The 95 % interval of each share is the Wilson score interval (z = 1.96): unlike the normal
   (Wald) interval it stays inside [0, 100] and is sensible for small counts and shares near 0.
 - ``target_reached`` when ``total >= target`` (a "100-cell differential").
@@ -15,14 +20,19 @@ Conventions:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
 
-import numpy as np
-
-from detector.core import UNIDENTIFIED, with_unidentified
+from detector.core import (
+    ERYTHROBLAST,
+    UNIDENTIFIED,
+    VETO_LABELS,
+    CountEvent,
+    Summary,
+    counted_labels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,37 +51,29 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-class CountableTrack(Protocol):
-    """What the tally reads from a track (``detector.track.Track`` has all of these)."""
-
-    id: int
-    confirmed: bool
-    label: str | None
-    score: float
-    counted: bool
-    first_frame: int
-    last_frame: int
-    box: np.ndarray
-
-
 class Tally:
     """Counts per label, total, differential with 95 % Wilson intervals, and counting events."""
 
     def __init__(self, labels: Sequence[str], target: int = 100) -> None:
+        """``labels``: the classifier's labels; the counted ones are its white-cell labels plus
+        ``unidentified`` (see :func:`detector.core.counted_labels`)."""
         if target < 1:
             raise ValueError(f"target must be >= 1, got {target}")
-        self.labels: tuple[str, ...] = with_unidentified(labels)
+        self.labels: tuple[str, ...] = counted_labels(labels)
         self.target = int(target)
         self.counts: dict[str, int] = {}
-        self.events: list[dict[str, Any]] = []
-        self._counted_ids: set[int] = set()
+        self.events: list[CountEvent] = []
+        self.nrbc = 0
+        self.vetoed = 0
+        self._seen_ids: set[int] = set()
         self.reset()
 
     def reset(self) -> None:
         """Forget everything counted (a new slide)."""
         self.counts = {name: 0 for name in self.labels}
         self.events = []
-        self._counted_ids = set()
+        self.nrbc = self.vetoed = 0
+        self._seen_ids = set()
 
     @property
     def total(self) -> int:
@@ -81,75 +83,54 @@ class Tally:
     def target_reached(self) -> bool:
         return self.total >= self.target
 
-    def count(
-        self,
-        track_id: int,
-        label: str,
-        score: float,
-        first_frame: int,
-        last_frame: int,
-        box: Iterable[float],
-    ) -> dict[str, Any] | None:
-        """Count one decided cell -> its event, or None when this track id was already counted."""
-        track_id = int(track_id)
-        if track_id in self._counted_ids:
+    def count(self, track_id: int, label: str, score: float, first_frame: int, last_frame: int,
+              box: Iterable[float], cut: bool = False) -> CountEvent | None:
+        """Count one decided cell -> its event (see :meth:`add`)."""
+        return self.add(CountEvent.of(track_id, label, score, first_frame, last_frame, box, cut))
+
+    def add(self, event: CountEvent) -> CountEvent | None:
+        """Count one event -> the event as counted, or None when its track id was seen already
+        or its label vetoes the cell. A label that is none of the counted ones, erythroblast or
+        a veto label is counted ``unidentified`` (with a warning)."""
+        if event.track_id in self._seen_ids:
             return None
-        if label not in self.counts:
+        self._seen_ids.add(event.track_id)
+        if event.label in VETO_LABELS:
+            self.vetoed += 1
+            return None
+        if event.label == ERYTHROBLAST:
+            self.nrbc += 1
+        elif event.label not in self.counts:
             log.warning("label %r is not one of %s: counted as %s",
-                        label, self.labels, UNIDENTIFIED)
-            label = UNIDENTIFIED
-        self._counted_ids.add(track_id)
-        self.counts[label] += 1
-        event = {
-            "track_id": track_id,
-            "label": label,
-            "score": round(float(score), 4),
-            "first_frame": int(first_frame),
-            "last_frame": int(last_frame),
-            "box": [round(float(v), 1) for v in box],
-        }
+                        event.label, self.labels, UNIDENTIFIED)
+            event = dataclasses.replace(event, label=UNIDENTIFIED)
+        if event.label != ERYTHROBLAST:
+            self.counts[event.label] += 1
         self.events.append(event)
         return event
 
-    def update(self, tracks: Iterable[CountableTrack]) -> list[dict[str, Any]]:
-        """Count every confirmed track with a decided label not counted yet -> this call's events.
-
-        Sets ``track.counted`` on the tracks it counts. The event's box is the track's
-        ``last_box`` (where it was last seen) when it has one, else ``box``.
-        """
-        new: list[dict[str, Any]] = []
-        for tr in tracks:
-            if tr.counted or not tr.confirmed or tr.label is None:
-                continue
-            box = getattr(tr, "last_box", None)
-            box = tr.box if box is None else box
-            event = self.count(tr.id, tr.label, tr.score, tr.first_frame, tr.last_frame, box)
-            tr.counted = True
-            if event is not None:
-                new.append(event)
-        return new
+    def update(self, events: Iterable[CountEvent]) -> list[CountEvent]:
+        """Count each event not seen yet -> the ones counted in this call."""
+        return [e for e in map(self.add, events) if e is not None]
 
     def differential(self) -> dict[str, float]:
         """Share of each label in percent of the total (all zeros before the first cell)."""
         n = self.total
         return {k: (100.0 * v / n if n else 0.0) for k, v in self.counts.items()}
 
-    def ci95(self) -> dict[str, list[float]]:
-        """95 % Wilson score interval of each share, in percent: {label: [lo, hi]}."""
+    def ci95(self) -> dict[str, tuple[float, float]]:
+        """95 % Wilson score interval of each share, in percent: {label: (lo, hi)}."""
         n = self.total
-        out: dict[str, list[float]] = {}
+        out: dict[str, tuple[float, float]] = {}
         for k, v in self.counts.items():
             lo, hi = wilson_interval(v, n)
-            out[k] = [100.0 * lo, 100.0 * hi]
+            out[k] = (100.0 * lo, 100.0 * hi)
         return out
 
-    def summary(self) -> dict[str, Any]:
-        """Plain dict for the panel, the report and /stats.json."""
-        return {
-            "counts": dict(self.counts),
-            "total": self.total,
-            "target": self.target,
-            "differential": self.differential(),
-            "ci95": self.ci95(),
-            "target_reached": self.target_reached,
-        }
+    def summary(self) -> Summary:
+        """The count so far, for the panel, the report and /stats.json (``Summary.to_json``)."""
+        n = self.total
+        return Summary(counts=dict(self.counts), total=n, target=self.target,
+                       differential=self.differential(), ci95=self.ci95(), nrbc=self.nrbc,
+                       nrbc_per_100_wbc=100.0 * self.nrbc / n if n else 0.0,
+                       vetoed=self.vetoed)

@@ -159,7 +159,7 @@ def evaluate_video(folder: Path, analyzer: Analyzer,
     events = list(analyzer.tally.events)
     mapped: dict[int, int | None] = {}
     for ev in events:
-        tr = int(ev["track_id"])
+        tr = ev.track_id
         cand = {tid: s for tid, s in overlap.get(tr, {}).items() if best_iou[(tr, tid)] >= MIN_IOU}
         mapped[tr] = max(cand, key=cand.get) if cand else None
     by_truth: dict[int, list[int]] = defaultdict(list)
@@ -170,7 +170,7 @@ def evaluate_video(folder: Path, analyzer: Analyzer,
     double = sum(len(v) - 1 for tid, v in by_truth.items() if len(v) > 1)
     missed = sorted(set(eligible) - set(by_truth))
     outside = sorted(tid for tid in by_truth if tid not in eligible)
-    label_of_event = {int(e["track_id"]): e["label"] for e in events}
+    label_of_event = {e.track_id: e.label for e in events}
     right = sum(1 for tr, tid in mapped.items()
                 if tid is not None and label_of_event[tr] == label_of_truth.get(tid))
     matched = sum(1 for v in mapped.values() if v is not None)

@@ -115,5 +115,11 @@ class FakeClassifier:
         return (LABELS[k], s) if s >= self.min_score else (UNIDENTIFIED, s)
 
 
+def row_slide(n: int = 8, spacing: int = 110, y: float = 300.0, seed: int = 0) -> Slide:
+    """``n`` cells in a row (types in turn), alternately 40 px lower."""
+    cells = [Cell(i + 1, LABELS[i % 3], 260 + i * spacing, y + (i % 2) * 40) for i in range(n)]
+    return Slide(width=260 + n * spacing + 400, height=600, cells=cells, seed=seed)
+
+
 def pan(start: tuple[int, int], step: tuple[int, int], n: int) -> list[tuple[int, int]]:
     return [(start[0] + i * step[0], start[1] + i * step[1]) for i in range(n)]

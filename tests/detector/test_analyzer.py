@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from detector.analyzer import STAGES, Analyzer, FrameResult
 from detector.core import Frame
@@ -28,21 +29,26 @@ def test_counts_and_result_fields():
     results = run(an, slide, path)
     last = results[-1]
     assert set(last.timings) == set(STAGES)
-    assert all(v >= 0 for v in last.timings.values())
     for r in results:
         for e in r.counted:
-            thumb = r.thumbs[e["track_id"]]
+            thumb = r.thumbs[e.track_id]
             assert thumb.shape == (96, 96, 3) and thumb.dtype == np.uint8
     events = [e for r in results for e in r.counted] + an.finish()
-    assert sorted(e["label"] for e in events) == sorted(c.label for c in slide.cells)
+    assert sorted(e.label for e in events) == sorted(c.label for c in slide.cells)
     s = an.tally.summary()
-    assert s["counts"] == {"neutrophil": 2, "eosinophil": 1, "lymphocyte": 2, "unidentified": 0}
-    assert s["total"] == 5 and s["target_reached"]
-    assert s["differential"]["neutrophil"] == 40.0
-    # every counted event names a real track and frames in order
+    assert s.counts == {"neutrophil": 2, "eosinophil": 1, "lymphocyte": 2, "unidentified": 0}
+    assert s.total == 5 and s.target_reached and last.summary == s
+    assert s.differential["neutrophil"] == 40.0
+    # each cell is counted where it was last seen, between the frames it was seen in: the
+    # camera pans 6 px per frame from x=100, so a cell at slide x is at x - 100 - 6 * frame
+    by_id = {e.track_id: e for e in events}
+    assert sorted(by_id) == [1, 2, 3, 4, 5]
     for e in events:
-        assert e["first_frame"] <= e["last_frame"] < len(path)
-        assert len(e["box"]) == 4
+        assert e.first_frame <= e.last_frame < len(path)
+        cell = min(slide.cells, key=lambda c: abs(c.x - 100 - 6 * e.last_frame
+                                                  - (e.box[0] + e.box[2]) / 2))
+        assert cell.label == e.label
+        assert (e.box[0] + e.box[2]) / 2 == pytest.approx(cell.x - 100 - 6 * e.last_frame)
     # decided labels appear on the frame's detections
     labelled = [r for r in results if any(r.detections.data["label"])]
     assert labelled
@@ -74,7 +80,7 @@ def test_unsharp_only_cell_counted_unidentified():
     for i, (x, y) in enumerate(path):
         an.process(Frame(view(slide, x, y, blur=i >= 12), index=i))
     events = an.finish()
-    assert [e["label"] for e in events] == ["unidentified"]
+    assert [(e.label, e.score) for e in events] == [("unidentified", 0.0)]
 
 
 def test_reset_and_render():
@@ -85,10 +91,10 @@ def test_reset_and_render():
     assert img.shape == results[-1].frame.bgr.shape and img.dtype == np.uint8
     assert not np.array_equal(img, results[-1].frame.bgr)  # something was drawn
     an.reset()
-    assert an.tally.total == 0 and an.tracker.tracks == []
+    assert an.tally.total == 0 and an.tracker.tracks == [] and an.voter.ballots == {}
     r = an.process(Frame(view(slide, *path[0]), index=0))
-    assert r.summary["total"] == 0
-    assert all(t.id >= 1 for t in an.tracker.tracks)
+    assert r.summary.total == 0
+    assert sorted(r.detections.track_id.tolist()) == list(range(1, len(r.detections) + 1))
 
 
 def test_set_target_and_min_score():
@@ -96,7 +102,7 @@ def test_set_target_and_min_score():
     clf = FakeClassifier()
     an = Analyzer(FakeSegmenter(slide, path), clf)
     an.set_target(200)
-    assert an.tally.summary()["target"] == 200
+    assert an.tally.summary().target == 200
     an.set_min_score(0.95)  # the fake's 0.9 top score is now too low
     run(an, slide, path)
     an.finish()
@@ -128,5 +134,5 @@ def test_stills_counted_each_on_its_own():
         assert not any(r.detections.data["label"][~full])
         total += len(r.counted)
     assert an.tally.total == total > 0
-    ids = [e["track_id"] for e in an.tally.events]
+    ids = [e.track_id for e in an.tally.events]
     assert len(ids) == len(set(ids))

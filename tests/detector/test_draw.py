@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detector.core import CELL_TYPES, UNIDENTIFIED, Detections
+from detector.core import KNOWN_LABELS, UNIDENTIFIED, Detections, Summary
 from detector.draw import GREY, TYPE_COLOURS, colour_of, draw_cells, draw_panel
+from detector.tally import Tally
 
+CELL_TYPES = KNOWN_LABELS
 LABELS = (*CELL_TYPES, UNIDENTIFIED)
 
 
@@ -20,7 +22,7 @@ def test_colours_fixed_and_distinct() -> None:
     colours = [colour_of(t) for t in CELL_TYPES] + [colour_of(UNIDENTIFIED)]
     assert len(set(colours)) == len(colours)
     assert colour_of(UNIDENTIFIED) == GREY == colour_of(None)
-    assert colour_of("platelet") == colour_of("platelet") != GREY  # labels outside CELL_TYPES
+    assert colour_of("smudge") == colour_of("smudge") != GREY  # labels outside KNOWN_LABELS
 
 
 @pytest.mark.parametrize("cid", range(len(CELL_TYPES)))
@@ -86,9 +88,9 @@ def test_inplace() -> None:
 
 def test_panel_is_semi_transparent_and_shows_rows() -> None:
     frame = _frame(200, 480, 640)
-    summary = {"counts": {"neutrophil": 12, "lymphocyte": 5, UNIDENTIFIED: 1}, "total": 18,
-               "target": 100,
-               "differential": {"neutrophil": 66.7, "lymphocyte": 27.8, UNIDENTIFIED: 5.6}}
+    summary = Summary(counts={"neutrophil": 12, "lymphocyte": 5, UNIDENTIFIED: 1}, total=18,
+                      target=100, ci95={},
+                      differential={"neutrophil": 66.7, "lymphocyte": 27.8, UNIDENTIFIED: 5.6})
     out = draw_panel(frame, summary, fps=24.5)
     assert (frame == 200).all()
     corner = out[2:6, 2:6]
@@ -102,8 +104,36 @@ def test_panel_is_semi_transparent_and_shows_rows() -> None:
 
 
 def test_panel_empty_summary_and_tiny_frame() -> None:
-    out = draw_panel(_frame(), {}, fps=None)
+    out = draw_panel(_frame(), None, fps=None)
     assert (out[5, 5] < 60).all()
-    tiny = draw_panel(_frame(100, 20, 30), {"counts": {"neutrophil": 3}, "total": 3,
-                                            "target": 100, "differential": {"neutrophil": 100}})
+    tiny = draw_panel(_frame(100, 20, 30), Summary({"neutrophil": 3}, 3, 100,
+                                                   {"neutrophil": 100.0}, {}))
     assert tiny.shape == (20, 30, 3)
+
+
+def test_panel_shows_nrbc_only_when_counted() -> None:
+    """An NRBC line (one more text row) appears once an erythroblast was counted."""
+    tally = Tally(("neutrophil", "erythroblast"))
+    tally.count(1, "neutrophil", 0.9, 0, 1, [0, 0, 9, 9])
+
+    def rows(summary: Summary) -> int:
+        out = draw_panel(_frame(200, 480, 640), summary)
+        dark = (out[:, 5] < 200).all(axis=1)  # the panel's darkened column
+        return int(np.flatnonzero(dark).max())
+
+    before = rows(tally.summary())
+    tally.count(2, "erythroblast", 0.9, 0, 1, [0, 0, 9, 9])
+    s = tally.summary()
+    assert (s.nrbc, s.total, s.nrbc_per_100_wbc) == (1, 1, 100.0)
+    assert rows(s) > before + 10
+
+
+def test_rejected_cells_drawn_thin() -> None:
+    """A platelet (vetoed, never counted) gets its colour but a 1 px box, a white cell 2 px."""
+    labels = ("neutrophil", "platelet")
+    dets = Detections(xyxy=[[20, 20, 80, 80], [150, 20, 210, 80]], class_id=[0, 1],
+                      score=[0.9, 0.9])
+    out = draw_cells(_frame(), dets, labels)
+    assert tuple(out[50, 21]) == TYPE_COLOURS["neutrophil"]  # second pixel of a 2 px line
+    assert tuple(out[50, 150]) == TYPE_COLOURS["platelet"]
+    assert tuple(out[50, 151]) == (60, 60, 60)

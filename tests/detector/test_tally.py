@@ -1,12 +1,11 @@
-"""Tally: counted once, differential, Wilson intervals (hand-checked), target, reset."""
+"""Tally: counted once, differential, Wilson intervals (hand-checked), NRBC, vetoes, reset."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 
+from detector.core import UNIDENTIFIED, CountEvent
 from detector.tally import Tally, wilson_interval
 
 LABELS = ("neutrophil", "eosinophil", "lymphocyte")
@@ -32,63 +31,73 @@ def test_wilson_interval_no_data():
     assert wilson_interval(0, 0) == (0.0, 1.0)
 
 
-@dataclass
-class T:
-    id: int
-    label: str | None
-    confirmed: bool = True
-    score: float = 0.9
-    counted: bool = False
-    first_frame: int = 0
-    last_frame: int = 5
-    box: np.ndarray = field(default_factory=lambda: np.array([1, 2, 30, 40], np.float32))
+def ev(track_id: int, label: str, score: float = 0.9) -> CountEvent:
+    return CountEvent.of(track_id, label, score, 0, 5, np.array([1, 2, 30, 40.04], np.float32))
 
 
-def test_counts_once_and_only_decided_confirmed_tracks():
+def test_counts_each_track_id_once():
     tally = Tally(LABELS, target=3)
-    tracks = [T(1, "neutrophil"), T(2, None), T(3, "lymphocyte", confirmed=False)]
-    events = tally.update(tracks)
-    assert [e["track_id"] for e in events] == [1]
-    assert events[0] == {"track_id": 1, "label": "neutrophil", "score": 0.9, "first_frame": 0,
-                         "last_frame": 5, "box": [1.0, 2.0, 30.0, 40.0]}
-    assert tracks[0].counted
-    assert tally.update(tracks) == []  # same track again: not counted twice
-    tracks[0].counted = False  # even if a caller forgot the flag, the id is remembered
-    assert tally.update(tracks) == []
-    assert tally.total == 1
+    events = tally.update([ev(1, "neutrophil"), ev(1, "eosinophil"), ev(2, "lymphocyte")])
+    assert [(e.track_id, e.label) for e in events] == [(1, "neutrophil"), (2, "lymphocyte")]
+    assert events[0].to_json() == {"track_id": 1, "label": "neutrophil", "score": 0.9,
+                                   "first_frame": 0, "last_frame": 5,
+                                   "box": [1.0, 2.0, 30.0, 40.0], "cut": False}
+    assert tally.update([ev(1, "neutrophil")]) == []  # same track again: not counted twice
+    assert tally.count(2, "monocyte", 0.5, 3, 4, [0, 0, 1, 1]) is None
+    assert tally.total == 2 and tally.events == events
 
 
 def test_differential_sums_to_100_and_target():
     tally = Tally(LABELS, target=4)
-    tally.update([T(1, "neutrophil"), T(2, "neutrophil"), T(3, "eosinophil")])
+    tally.update([ev(1, "neutrophil"), ev(2, "neutrophil"), ev(3, "eosinophil")])
     s = tally.summary()
-    assert s["counts"] == {"neutrophil": 2, "eosinophil": 1, "lymphocyte": 0, "unidentified": 0}
-    assert s["total"] == 3 and not s["target_reached"]
-    assert s["differential"]["neutrophil"] == pytest.approx(200 / 3)
-    assert sum(s["differential"].values()) == pytest.approx(100.0)
-    lo, hi = s["ci95"]["neutrophil"]
-    assert lo < 200 / 3 < hi
-    tally.update([T(4, "unidentified")])
+    assert s.counts == {"neutrophil": 2, "eosinophil": 1, "lymphocyte": 0, "unidentified": 0}
+    assert s.total == 3 and not s.target_reached
+    assert s.differential["neutrophil"] == pytest.approx(200 / 3)
+    assert sum(s.differential.values()) == pytest.approx(100.0)
+    lo, hi = s.ci95["neutrophil"]
+    assert (lo, hi) == pytest.approx((100 * 0.2077, 100 * 0.9385), abs=0.01)  # Wilson, 2 of 3
+    j = s.to_json()
+    assert j["differential"]["neutrophil"] == 66.67 and j["ci95"]["neutrophil"] == [20.77, 93.85]
+    tally.update([ev(4, UNIDENTIFIED)])
     s = tally.summary()
-    assert s["total"] == 4 and s["target_reached"] and s["counts"]["unidentified"] == 1
-    assert sum(s["differential"].values()) == pytest.approx(100.0)
+    assert s.total == 4 and s.target_reached and s.counts["unidentified"] == 1
+    assert sum(s.differential.values()) == pytest.approx(100.0)
+
+
+def test_erythroblasts_are_nrbc_and_platelets_veto():
+    """The white cells make the total; erythroblasts are NRBC per 100 white cells; platelets
+    and artefacts are never counted."""
+    labels = ("neutrophil", "lymphocyte", "erythroblast", "platelet", "artefact")
+    tally = Tally(labels, target=100)
+    assert tally.labels == ("neutrophil", "lymphocyte", UNIDENTIFIED)
+    got = tally.update([ev(1, "neutrophil"), ev(2, "lymphocyte"), ev(3, "neutrophil"),
+                        ev(4, UNIDENTIFIED), ev(5, "erythroblast"), ev(6, "platelet"),
+                        ev(7, "artefact")])
+    assert [e.track_id for e in got] == [1, 2, 3, 4, 5]  # the NRBC event is logged
+    assert tally.update([ev(6, "neutrophil")]) == []  # a vetoed track stays vetoed
+    s = tally.summary()
+    assert s.counts == {"neutrophil": 2, "lymphocyte": 1, UNIDENTIFIED: 1} and s.total == 4
+    assert (s.nrbc, s.nrbc_per_100_wbc, s.vetoed) == (1, 25.0, 2)
+    assert s.differential == {"neutrophil": 50.0, "lymphocyte": 25.0, UNIDENTIFIED: 25.0}
+    assert s.to_json()["nrbc_per_100_wbc"] == 25.0
 
 
 def test_unknown_label_counted_unidentified():
     tally = Tally(LABELS)
-    tally.update([T(1, "platelet")])
-    assert tally.counts["unidentified"] == 1
+    (e,) = tally.update([ev(1, "smudge")])
+    assert e.label == UNIDENTIFIED and tally.counts["unidentified"] == 1
 
 
 def test_reset():
     tally = Tally(LABELS, target=2)
-    tally.update([T(1, "neutrophil"), T(2, "eosinophil")])
+    tally.update([ev(1, "neutrophil"), ev(2, "eosinophil")])
     assert tally.target_reached
     tally.reset()
     s = tally.summary()
-    assert s["total"] == 0 and not s["target_reached"] and tally.events == []
-    assert all(v == 0.0 for v in s["differential"].values())
-    assert tally.update([T(1, "neutrophil")])  # ids forgotten too: a new slide
+    assert s.total == 0 and not s.target_reached and tally.events == []
+    assert all(v == 0.0 for v in s.differential.values())
+    assert tally.update([ev(1, "neutrophil")])  # ids forgotten too: a new slide
 
 
 def test_bad_target():

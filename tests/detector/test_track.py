@@ -1,4 +1,4 @@
-"""Tracker tests on a virtual slide: pans, a still stage, re-entry, border cells, focus, votes."""
+"""Tracker tests on a virtual slide: pans, skipped frames, a still stage, re-entry, ended ids."""
 
 from __future__ import annotations
 
@@ -6,24 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from detector.analyzer import Analyzer
 from detector.core import Detections, Frame
 from detector.track import Tracker, TrackerOptions
-from tests.detector.fakes import (
-    LABELS,
-    Cell,
-    FakeClassifier,
-    FakeSegmenter,
-    Slide,
-    pan,
-    truth_boxes,
-    view,
-)
-
-
-def row_slide(n: int = 8, spacing: int = 110, y: float = 300.0, seed: int = 0) -> Slide:
-    cells = [Cell(i + 1, LABELS[i % 3], 260 + i * spacing, y + (i % 2) * 40) for i in range(n)]
-    return Slide(width=260 + n * spacing + 400, height=600, cells=cells, seed=seed)
+from tests.detector.fakes import Cell, Slide, pan, row_slide, truth_boxes, view
 
 
 def run_tracker(slide: Slide, path: list[tuple[int, int]], step: int = 1,
@@ -136,94 +121,6 @@ def test_missed_in_view_beyond_gap_gets_new_id():
     assert set(ids) == {1, 2}
 
 
-def test_border_cell_tracked_but_not_judged_until_fully_in_view():
-    cells = [Cell(1, "eosinophil", 330, 300)]
-    slide = Slide(1000, 600, cells)
-    # the cell sits cut by the right border for 10 frames, then the stage brings it in
-    path = [(20, 180)] * 10 + pan((20, 180), (8, 0), 20)
-    seg, clf = FakeSegmenter(slide, path), FakeClassifier()
-    an = Analyzer(seg, clf)
-    first_judged = None
-    for i, (x, y) in enumerate(path):
-        r = an.process(Frame(view(slide, x, y), index=i))
-        if i < 10:
-            assert len(r.detections) == 1 and r.detections.touches_edge[0]
-            assert r.detections.track_id[0] == 1
-            assert r.classified == 0
-        elif r.classified and first_judged is None:
-            first_judged = i
-    assert first_judged is not None and first_judged >= 10
-    tr = an.tracker.tracks[0]
-    assert tr.label == "eosinophil" and tr.counted
-    assert an.tally.counts["eosinophil"] == 1
-
-
-def test_blurred_frames_skipped_in_vote():
-    cells = [Cell(1, "lymphocyte", 500, 300)]
-    slide = Slide(1000, 600, cells)
-    path = [(20 + i, 180) for i in range(10)] + [(200 + i, 180) for i in range(20)]
-    blurred = {i for i in range(10, 30) if i % 2 == 1}
-    seg, clf = FakeSegmenter(slide, path), FakeClassifier()
-    an = Analyzer(seg, clf)
-    classified_on = []
-    for i, (x, y) in enumerate(path):
-        r = an.process(Frame(view(slide, x, y, blur=i in blurred), index=i))
-        if r.classified:
-            classified_on.append(i)
-    assert classified_on, "the cell was never classified"
-    assert not set(classified_on) & blurred
-    assert an.tally.counts["lymphocyte"] == 1
-
-
-class FlipClassifier(FakeClassifier):
-    """Says neutrophil for the first three crops, eosinophil afterwards."""
-
-    def classify_boxes(self, frame_bgr, xyxy):
-        out = np.full((len(xyxy), 3), 0.05, np.float32)
-        for i in range(len(xyxy)):
-            out[i, 0 if self.crops + i < 3 else 1] = 0.9
-        self.invokes += 1
-        self.crops += len(xyxy)
-        return out
-
-
-def test_vote_locks_label():
-    cells = [Cell(1, "neutrophil", 500, 300)]
-    slide = Slide(1000, 600, cells)
-    path = pan((250, 180), (2, 0), 40)
-    clf = FlipClassifier()
-    an = Analyzer(FakeSegmenter(slide, path), clf)
-    labels = []
-    for i, (x, y) in enumerate(path):
-        r = an.process(Frame(view(slide, x, y), index=i))
-        labels.append(r.detections.data["label"][0])
-    decided = [lab for lab in labels if lab]
-    assert decided and set(decided) == {"neutrophil"}
-    assert clf.crops == 3  # no crop classified after the label was locked
-    assert an.tally.total == 1
-
-
-def test_each_cell_counted_exactly_once_with_one_invoke_per_frame():
-    slide = row_slide(n=10, spacing=100)
-    path = pan((0, 150), (5, 0), 260) + pan((1300, 150), (-5, 0), 60)
-    seg, clf = FakeSegmenter(slide, path), FakeClassifier()
-    an = Analyzer(seg, clf)
-    events = []
-    invokes_before = 0
-    for i, (x, y) in enumerate(path):
-        r = an.process(Frame(view(slide, x, y), index=i))
-        events += r.counted
-        assert clf.invokes - invokes_before <= 1
-        invokes_before = clf.invokes
-    events += an.finish()
-    ids = [e["track_id"] for e in events]
-    assert len(ids) == len(set(ids)) == 10
-    truth = {lab: sum(c.label == lab for c in slide.cells) for lab in LABELS}
-    assert {k: an.tally.counts[k] for k in LABELS} == truth
-    # the classifier saw far fewer crops than (cells x frames)
-    assert clf.crops <= 3 * 10
-
-
 def test_cells_overrule_a_static_pattern():
     """A still background (dust, an overlay) pins phase correlation at zero while every cell
     moves 30 px per frame: the shift is taken from the cells, and no cell gets a second id."""
@@ -281,11 +178,42 @@ def test_real_smear_pan_shift_and_id(bccd_dir, name):
     assert ids == {1}
 
 
-def test_same_scene_on_real_photos(bccd_dir):
-    """Consecutive views of one field are one scene; two different smear photos are not."""
-    from detector.track import same_scene
+def test_ids_confirmation_and_ended_tracks():
+    """A cell seen 4 frames then gone for good: tentative, confirmed at its 3rd sighting, lost
+    (not ended) while in the gap, ended after ``max_lost`` unseen frames in view; its id is not
+    reused. A one-frame blip ends as noise after ``tentative_max_misses``."""
+    cells = [Cell(1, "neutrophil", 360, 300)]
+    slide = Slide(1200, 600, cells)
+    tracker = Tracker(TrackerOptions(max_lost=5, tentative_max_misses=2))
+    img = view(slide, 200, 180)
+    boxes, edge, _ = truth_boxes(slide, 200, 180)
+    blip = np.array([[20, 20, 60, 60]], np.float32)
+    confirmed, ended, lost = [], [], []
+    for i in range(14):
+        xyxy = boxes if i < 4 else np.empty((0, 4), np.float32)
+        if i == 1:
+            xyxy = np.concatenate([boxes, blip])
+        d = tracker.update(Detections(xyxy=xyxy), Frame(img, index=i))
+        assert d.track_id.tolist() == ([1, 2] if i == 1 else [1] if i < 4 else [])
+        confirmed.append(d.data["confirmed"].tolist())
+        ended.append(list(tracker.ended))
+        lost.append(tracker.lost(after_in_view=2))
+    assert confirmed[:4] == [[False], [False, False], [True], [True]]
+    assert ended[4] == [2]  # the blip: unseen at frames 2, 3, 4 (> 2 misses)
+    # last seen at frame 3: unseen in view at frames 4..9, 6 > max_lost 5 -> ends at frame 9
+    assert [k for k, e in enumerate(ended) if e == [1]] == [9]
+    assert lost[5] == [] and lost[6] == [1]  # unseen in view 3 > 2 frames from frame 6 on
+    assert tracker.tracks == []
+    d = tracker.update(Detections(xyxy=boxes), Frame(img, index=14))
+    assert d.track_id.tolist() == [3]
 
-    a = cv2.imread(str(bccd_dir / "JPEGImages" / "BloodImage_00001.jpg"))
-    b = cv2.imread(str(bccd_dir / "JPEGImages" / "BloodImage_00020.jpg"))
-    assert same_scene(a[0:400, 0:560], a[12:412, 20:580])
-    assert not same_scene(a, b)
+
+def test_flush_ends_every_track():
+    tracker = Tracker()
+    d = tracker.update(Detections(xyxy=np.array([[10, 10, 40, 40], [100, 100, 140, 150]])))
+    assert d.track_id.tolist() == [1, 2]
+    assert tracker.flush() == [1, 2] == tracker.ended
+    assert tracker.tracks == []
+    assert tracker.new_ids(2).tolist() == [3, 4]
+    tracker.reset()
+    assert tracker.update(Detections(xyxy=np.array([[10, 10, 40, 40]]))).track_id.tolist() == [1]
