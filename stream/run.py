@@ -17,14 +17,12 @@ corrupt or truncated file) or Ctrl-C, with what was counted so far.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import logging
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import cv2
 import numpy as np
@@ -33,6 +31,7 @@ from detector.analyzer import STAGES, Analyzer, FrameResult, build_analyzer
 from detector.core import UNIDENTIFIED, Frame
 from detector.errors import HematoVisionError, InputError
 from detector.still import StillCells, analyse_still, draw_still
+from stream.outputs import EventLog, VideoRecorder, build_report, to_json, write_report
 
 log = logging.getLogger(__name__)
 
@@ -72,36 +71,21 @@ def _expected_frames(spec: str) -> int | None:
     return n if n > 0 else None
 
 
-def build_report(analyzer: Analyzer | None, stats: RunStats, *, source: str, model: str,
-                 source_fps: float | None, error: str | None, interrupted: bool) -> dict[str, Any]:
-    """The ``--report`` dict (see DESIGN.md), with what was counted so far."""
-    summary: dict[str, Any] = analyzer.tally.summary() if analyzer else {
-        "counts": {}, "total": 0, "target": 0, "differential": {}, "ci95": {},
-        "target_reached": False}
+def run_report(analyzer: Analyzer | None, stats: RunStats, *, source: str, model: str,
+               source_fps: float | None, error: str | None, interrupted: bool
+               ) -> dict[str, Any]:
+    """The ``--report`` dict, with what was counted so far."""
+    summary = to_json(analyzer.tally.summary()) if analyzer else {}
     wall = stats.wall or (time.perf_counter() - stats.t0)
     n = max(stats.frames, 1)
-    return {
-        "source": source,
-        "model": model,
-        "frames": stats.frames,
-        "seconds": round(wall, 3),
-        "fps": round(stats.frames / wall, 2) if wall > 0 else 0.0,
-        "video_seconds": round(stats.frames / source_fps, 3) if source_fps else None,
-        "source_fps": source_fps,
-        "counts": summary["counts"],
-        "total": summary["total"],
-        "differential": {k: round(v, 2) for k, v in summary["differential"].items()},
-        "ci95": {k: [round(a, 2), round(b, 2)] for k, (a, b) in summary["ci95"].items()},
-        "ci_method": "Wilson score interval, 95 %, percent of total",
-        "target": summary["target"],
-        "target_reached": summary["target_reached"],
-        "unidentified": summary["counts"].get(UNIDENTIFIED, 0),
-        "classified_crops": stats.classified,
-        "ms_per_frame": {k: round(1000 * v / n, 3) for k, v in stats.stage_s.items()},
-        "error": error,
-        "interrupted": interrupted,
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-    }
+    return build_report(
+        summary, source=source, model=model, frames=stats.frames, seconds=wall,
+        video_seconds=round(stats.frames / source_fps, 3) if source_fps else None,
+        source_fps=source_fps,
+        unidentified=summary.get("counts", {}).get(UNIDENTIFIED, 0),
+        classified_crops=stats.classified,
+        ms_per_frame={k: round(1000 * v / n, 3) for k, v in stats.stage_s.items()},
+        error=error, interrupted=interrupted)
 
 
 def format_summary(report: dict[str, Any]) -> str:
@@ -143,7 +127,10 @@ def _stills_or_sequence(frames: Iterator[Frame], max_frames: int | None
     frames of one moving field (False: track)? Returns the frames, none lost, and the answer."""
     import itertools
 
-    from detector.motion import same_scene
+    try:
+        from detector.motion import same_scene
+    except ImportError:  # the tracker module held it before stage motion had its own
+        from detector.track import same_scene  # type: ignore[attr-defined,no-redef]
 
     head = [f for f in itertools.islice(frames, 1 if max_frames == 1 else 2)]
     still = len(head) < 2 or not same_scene(head[0].bgr, head[1].bgr)
@@ -163,68 +150,8 @@ def count_still(analyzer: Analyzer, frame: Frame, first_id: int
         event = analyzer.tally.count(first_id + i, name, float(dets.score[i]), frame.index,
                                      frame.index, dets.xyxy[i])
         if event is not None:
-            events.append({**event, "cut": bool(cut[i])})
+            events.append({**to_json(event), "cut": bool(cut[i])})
     return cells, events
-
-
-class _Outputs:
-    """Events file (appended, flushed per cell) and the annotated recording."""
-
-    def __init__(self, events: str | None, record: str | None) -> None:
-        self.events_fh: IO[str] | None = None
-        self.record_path = record
-        self.writer: cv2.VideoWriter | None = None
-        if record:
-            try:
-                Path(record).parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise InputError(f"{record}: cannot write the video there "
-                                 f"({exc.strerror or exc})") from None
-        if events:
-            try:
-                Path(events).parent.mkdir(parents=True, exist_ok=True)
-                self.events_fh = open(events, "a", encoding="utf-8")  # noqa: SIM115
-            except OSError as exc:
-                raise InputError(f"{events}: cannot write events ({exc.strerror})") from None
-
-    def event(self, event: dict[str, Any]) -> None:
-        if self.events_fh is not None:
-            self.events_fh.write(json.dumps(event) + "\n")
-            self.events_fh.flush()
-
-    def frame(self, bgr: np.ndarray, fps: float) -> None:
-        if self.record_path is None:
-            return
-        if self.writer is None:
-            Path(self.record_path).parent.mkdir(parents=True, exist_ok=True)
-            h, w = bgr.shape[:2]
-            self.writer = cv2.VideoWriter(self.record_path, cv2.VideoWriter.fourcc(*"mp4v"),
-                                          fps or 30.0, (w, h))
-            if not self.writer.isOpened():
-                self.writer = None
-                path, self.record_path = self.record_path, None
-                raise InputError(f"{path}: cannot write an MP4 video there")
-        self.writer.write(bgr)
-
-    def close(self) -> None:
-        if self.events_fh is not None:
-            self.events_fh.close()
-            self.events_fh = None
-        if self.writer is not None:
-            self.writer.release()
-            self.writer = None
-
-
-def write_report(path: str | None, report: dict[str, Any]) -> None:
-    if not path:
-        return
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(path).with_suffix(Path(path).suffix + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot write the report ({exc.strerror})") from None
 
 
 def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str, Any]:
@@ -240,7 +167,8 @@ def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str,
     model_name = str(args.model) if args.model else "default"
     error: str | None = None
     interrupted = False
-    outputs: _Outputs | None = None
+    events = EventLog(args.events)
+    recorder: VideoRecorder | None = None
     pending: BaseException | None = None
     still, mode = False, "video"
     skipped: list[str] = []
@@ -249,10 +177,14 @@ def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str,
             analyzer = build_analyzer(args.model, target=args.target)
         model_path = getattr(analyzer.classifier, "model_path", None)
         model_name = str(model_path) if model_path else model_name
-        outputs = _Outputs(args.events, args.record)
+        events.check()
+        if args.record:
+            recorder = VideoRecorder(args.record)
         expected = _expected_frames(str(args.source))
         with open_source(args.source, realtime=False) as src:
             source_name, source_fps = src.name, float(src.fps or 0.0) or None
+            if recorder is not None:
+                recorder.fps = source_fps or 30.0
             total = expected if args.max_frames is None else min(expected or args.max_frames,
                                                                   args.max_frames)
             from tqdm import tqdm
@@ -275,12 +207,11 @@ def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str,
                         stats.add(result)
                         counted = result.counted
                     for ev in counted:
-                        outputs.event(ev)
-                    if outputs.record_path:
+                        events.write(to_json(ev))
+                    if recorder is not None:
                         t = time.perf_counter()
-                        annotated = (_draw_still(frame, cells, analyzer) if still
-                                     else analyzer.render(result, fps=None))
-                        outputs.frame(annotated, source_fps or 30.0)
+                        recorder.write(_draw_still(frame, cells, analyzer) if still
+                                       else analyzer.render(result, fps=None))
                         stats.stage_s["draw"] += time.perf_counter() - t
                     bar.update(1)
             skipped = list(getattr(src, "errors", ()))
@@ -300,16 +231,22 @@ def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str,
         error, pending = f"internal error: {type(exc).__name__}: {exc}", exc
     finally:
         stats.wall = time.perf_counter() - stats.t0
-        if analyzer is not None and outputs is not None:
-            for ev in analyzer.finish():
-                outputs.event(ev)
-        if outputs is not None:
-            outputs.close()
-        report = build_report(analyzer, stats, source=source_name, model=model_name,
+        try:
+            if analyzer is not None:
+                for ev in analyzer.finish():
+                    events.write(to_json(ev))
+        except HematoVisionError as exc:  # the events file itself cannot be written
+            error = error or str(exc)
+        finally:
+            events.close()
+            if recorder is not None:
+                recorder.close()
+        report = run_report(analyzer, stats, source=source_name, model=model_name,
                               source_fps=source_fps, error=error, interrupted=interrupted)
         report["mode"] = mode
         report["skipped"] = skipped
-        write_report(args.report, report)
+        if args.report:
+            write_report(args.report, report)
     if isinstance(pending, KeyboardInterrupt):
         print(format_summary(report), file=sys.stdout)
         raise pending

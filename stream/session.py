@@ -1,43 +1,59 @@
-"""A live counting session: source -> analyzer -> publishers, on worker threads.
+"""A live counting session: a source read by a worker thread, analysed and published.
 
-One worker thread owns the analyzer (the tracker and tally are stateful: one thread only). For
-every analyzed frame it renders the overlay and encodes ONE JPEG, whatever the number of viewers;
-viewers (the MJPEG route, the Gradio page, benchmarks) read that JPEG and wait for the next one on
-a Condition, or register a listener callback. It also keeps the counts summary, the last counted
-cells (small JPEG crops), fps / dropped / latency figures, an event log (JSONL file and a bounded
-in-memory copy) and an optional recording of the annotated video.
+The session owns the worker and the lifecycle (start, pause, stop, reset, switching source or
+model). One worker thread owns the analyzer (its tracker and tally are stateful: one thread
+only); for each frame it renders the overlay and hands it to the :class:`Publisher` (one JPEG
+for every viewer), the counted cells to the :class:`Gallery` and the event log, and the
+annotated frame to the recorder when recording is on.
 
-Everything kept in memory is bounded (deques with maxlen), so a long run stays flat.
+Runs: a replayed source never adds the same physical cell twice. When a looping file (the demo)
+starts again, or a file that was stopped or ended is started again, the count so far is closed
+as a run, its report kept for the export, and a new run starts from zero; ``stats()["run"]`` and
+``stats()["note"]`` say so to the page. A camera or stream that is stopped and started again
+keeps counting (the slide under it has moved on, and the tracker knows the cells in view).
+
+Files are written only when there is something to write: the session folder (event log,
+recordings) appears with the first line of the event log.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
 import os
-import statistics
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import cv2
 import numpy as np
 
 from detector.analyzer import cell_thumbnail
-from detector.core import UNIDENTIFIED, Frame
+from detector.core import Frame
 from detector.errors import HematoVisionError
-from detector.tally import Tally
 from detector.tally import wilson_interval as _wilson
+from stream.outputs import (
+    EventLog,
+    VideoRecorder,
+    build_report,
+    to_json,
+    write_report,
+    write_report_csv,
+)
+from stream.publish import CellThumb, Gallery, Meter, Published, Publisher
 from stream.sources import Source, open_source
 
+__all__ = ["AnalyzerFactory", "CellThumb", "Published", "Session", "SessionSettings"]
+
 log = logging.getLogger(__name__)
+
+#: Finished runs whose reports are kept for the export.
+KEEP_RUNS = 20
 
 
 @dataclass
@@ -45,7 +61,7 @@ class SessionSettings:
     """What an analyzer is built from; the factory gets a copy each time it is called.
 
     Attributes:
-        model: Path of the .tflite model (None: the shipped default).
+        model: Path of the .tflite model (None: the default model).
         min_score: Top score below which a cell is ``unidentified`` (None: the model card's).
         target: How many cells make a full count (a differential is usually 100 or 200).
     """
@@ -55,68 +71,55 @@ class SessionSettings:
     target: int = 100
 
 
-#: Builds an analyzer (``process(frame) -> FrameResult``, ``render(result) -> bgr``).
-AnalyzerFactory = Callable[[SessionSettings], Any]
+class ClassifierInfo(Protocol):
+    labels: tuple[str, ...]
+    min_score: float
+    model_path: Path
 
 
-@dataclass
-class CellThumb:
-    """One counted cell for the gallery: a small JPEG crop and its label."""
-
-    jpeg: bytes
-    label: str
-    score: float
-    track_id: int
-    frame: int
+class SummaryLike(Protocol):
+    def summary(self) -> Any: ...
 
 
-@dataclass
-class Published:
-    """The latest output, replaced as a whole (readers never see a half-updated state).
+class AnalysisResult(Protocol):
+    """What the session reads from one analysed frame (``detector.analyzer.FrameResult``):
+    the counted cells' events and the count summary, each a dict or an object with
+    ``to_json()``."""
 
-    ``seq`` numbers the published JPEGs of the session (it keeps growing when the source is
-    switched, unlike ``frame_id``, the source's frame index): viewers wait for a newer ``seq``.
-    """
+    frame: Frame
+    counted: list[Any]
+    summary: Any
+    timings: dict[str, float]
+    thumbs: dict[int, np.ndarray]
 
-    frame_id: int = -1
-    jpeg: bytes = b""
-    width: int = 0
-    height: int = 0
-    summary: dict[str, Any] = field(default_factory=dict)
-    seq: int = -1
+
+class AnalyzerLike(Protocol):
+    """The analyzer as the session uses it (``detector.analyzer.Analyzer``)."""
+
+    classifier: ClassifierInfo
+    tally: SummaryLike
+
+    def process(self, frame: Frame) -> AnalysisResult: ...
+
+    def render(self, result: Any, fps: float | None = None) -> np.ndarray: ...
+
+    def finish(self) -> list[Any]: ...
+
+    def reset(self) -> None: ...
+
+    def set_target(self, n: int) -> None: ...
+
+    def set_min_score(self, value: float) -> None: ...
+
+
+#: Builds an analyzer from the session's settings.
+AnalyzerFactory = Callable[[SessionSettings], AnalyzerLike]
 
 
 def wilson_interval(k: int, n: int) -> tuple[float, float]:
     """95 % Wilson score interval of a proportion k/n, in percent (the tally's, scaled)."""
     lo, hi = _wilson(k, n)
     return round(100 * lo, 2), round(100 * hi, 2)
-
-
-def event_to_dict(event: Any) -> dict[str, Any]:
-    """A counted-cell event (dataclass, dict or object) as a JSON-ready dict."""
-    if hasattr(event, "to_json"):
-        return event.to_json()
-    if dataclasses.is_dataclass(event) and not isinstance(event, type):
-        data = dataclasses.asdict(event)
-    elif isinstance(event, dict):
-        data = dict(event)
-    else:
-        data = {k: v for k, v in vars(event).items() if not k.startswith("_")}
-    return {k: _jsonable(v) for k, v in data.items()}
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 class Session:
@@ -127,9 +130,10 @@ class Session:
         analyzer_factory: Builds an analyzer from :class:`SessionSettings`.
         settings: Initial model / min_score / target.
         realtime: Open files in real time (the live page) rather than as fast as possible.
-        out_dir: Folder for the event log, recordings and exports (created).
+        out_dir: Folder for the event log and recordings (made at the first write; default
+            a new folder under ``~/.cache/hematovision/sessions``).
         jpeg_quality: JPEG quality of the published frames.
-        max_events: Events kept in memory (the JSONL file keeps them all).
+        max_events: Events kept in memory (the event log file keeps them all).
         max_cells: Counted-cell thumbnails kept for the gallery.
         window: Frames over which fps and median latency are computed.
         source_opener: ``open_source``-like callable (tests inject fakes).
@@ -155,44 +159,40 @@ class Session:
         self._factory = analyzer_factory
         self._opener = source_opener or open_source
         self.out_dir = Path(out_dir) if out_dir else _default_out_dir()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.jpeg_quality = int(jpeg_quality)
 
-        self._lock = threading.RLock()  # guards the analyzer and settings
-        self._cond = threading.Condition()  # guards _pub; viewers wait on it
-        self._pub = Published()
-        self._listeners: list[Callable[[int], None]] = []
-
+        self._lock = threading.RLock()  # guards the analyzer, settings and outputs
+        self.publisher = Publisher(jpeg_quality)
+        self.gallery = Gallery(max_cells)
+        self.meter = Meter(window)
         self._events: deque[dict[str, Any]] = deque(maxlen=max_events)
-        self._cells: deque[CellThumb] = deque(maxlen=max_cells)
-        self._jpeg_times: deque[float] = deque(maxlen=window)
-        self._latency: deque[float] = deque(maxlen=window)
-        self._stage: dict[str, deque[float]] = {}
-        self._window = window
+        self._log = EventLog(self.out_dir / "events.jsonl")
+        self._log_started = False
+        self._recorder: VideoRecorder | None = None
+        self.recording_path: Path | None = None
+        self.last_recording: Path | None = None
 
-        self._events_path = self.out_dir / "events.jsonl"
-        self._events_file = open(self._events_path, "a", encoding="utf-8")  # noqa: SIM115
-        self._analyzer: Any = None
+        self._analyzer: AnalyzerLike | None = None
         self._source: Source | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._paused = threading.Event()
         self._error: str | None = None
-        self._ended = False
-        self.frames = 0
-        self.encodes = 0
-        self.started_at: float | None = None
+        self.frames = 0  # analysed by this session, all runs
         self.viewers = 0
 
-        self._recording = False
-        self._writer: cv2.VideoWriter | None = None
-        self.recording_path: Path | None = None
-        self.last_recording: Path | None = None
-        self._reset_pending = False
+        self.run = 1
+        self.note = ""
+        self._runs: deque[dict[str, Any]] = deque(maxlen=KEEP_RUNS)
+        self._run_frame0 = 0
+        self._run_t0: float | None = None
+        self._pass_start = 0
+        self._replays = False  # the last source was a file (started again = a replay)
 
     # ---------------------------------------------------------------- controls
     def start(self) -> None:
         """Open the source and start the worker thread (resume when already running).
+
+        A file started again after it ended or was stopped is a new run (see the module notes).
 
         Raises:
             HematoVisionError: the source cannot be opened (also shown as ``state``).
@@ -203,7 +203,6 @@ class Session:
                 return
             if self._analyzer is None:
                 self._analyzer = self._build_analyzer()
-            self._error = None
             try:
                 source = self._opener(self.source_spec, realtime=self.realtime)
             except Exception as exc:
@@ -211,6 +210,8 @@ class Session:
                     f"{type(exc).__name__}: {exc}")
                 log.info("source %s: %s", self.source_spec, self._error)
                 raise
+            if self._replays and self.frames > self._run_frame0:
+                self._new_run(f"{_name(self.source_spec)} was started again from its beginning")
             self._launch(source)
 
     def _launch(self, source: Source) -> None:
@@ -218,10 +219,11 @@ class Session:
         with self._lock:
             self._error = None
             self._source = source
+            self._replays = not source.is_live
+            self._pass_start = source.pass_start
             self._stop.clear()
             self._paused.clear()
-            self._ended = False
-            self._thread = threading.Thread(target=self._run, args=(source,), name="session",
+            self._thread = threading.Thread(target=self._work, args=(source,), name="session",
                                             daemon=True)
             self._thread.start()
             self._log_event({"event": "start", "source": str(self.source_spec)})
@@ -244,7 +246,7 @@ class Session:
             if thread.is_alive():
                 log.warning("session worker did not stop within 15 s")
         self._thread = None
-        self._close_writer()
+        self._close_recorder()
         if self._source is not None:
             self._source.close()
             self._source = None
@@ -253,9 +255,7 @@ class Session:
     def close(self) -> None:
         """Stop and close the event log."""
         self.stop()
-        with self._lock:
-            if not self._events_file.closed:
-                self._events_file.close()
+        self._log.close()
 
     def reset(self) -> None:
         """Start a new count: fresh tracker and tally (same model and settings)."""
@@ -264,10 +264,8 @@ class Session:
                 self._analyzer = self._build_analyzer()
             else:
                 self._analyzer.reset()
-            self._cells.clear()
+            self._start_count()
             self._log_event({"event": "reset"})
-            with self._cond:
-                self._pub.summary = self._empty_summary()
 
     def set_target(self, n: int) -> None:
         n = int(n)
@@ -300,7 +298,7 @@ class Session:
                 self.settings.model = old
                 raise
             self._analyzer = analyzer
-            self._cells.clear()
+            self._start_count()
             self._log_event({"event": "model", "model": model})
 
     def switch_source(self, spec: str | int) -> None:
@@ -319,62 +317,57 @@ class Session:
         with self._lock:
             self.source_spec = spec
             self._analyzer = analyzer
-            self._cells.clear()
+            self._start_count()
             self._log_event({"event": "source", "source": str(spec)})
             self._launch(source)
 
     def set_recording(self, on: bool) -> Path | None:
-        """Record the annotated video from the next frame (on) or close the file (off)."""
+        """Record the annotated video (WebM, plays in a browser) from the next frame (on), or
+        close the file (off)."""
         with self._lock:
-            if on and not self._recording:
+            if on and self._recorder is None:
                 stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-                self.recording_path = self.out_dir / f"annotated-{stamp}.mp4"
-                self._recording = True
-                self._log_event({"event": "record", "on": True, "path": str(self.recording_path)})
-            elif not on and self._recording:
-                self._recording = False
-                self._close_writer()
+                path = self.out_dir / f"annotated-{stamp}.webm"
+                fps = self._source.fps if self._source is not None else 30.0
+                self._recorder = VideoRecorder(path, fps or 30.0, background=True)
+                self.recording_path = path
+                self._log_event({"event": "record", "on": True, "path": str(path)})
+            elif not on and self._recorder is not None:
+                self._close_recorder()
                 self._log_event({"event": "record", "on": False})
             return self.recording_path
 
     @property
     def recording(self) -> bool:
-        return self._recording
+        return self._recorder is not None
 
     # ---------------------------------------------------------------- viewers
     def latest(self) -> Published:
         """The latest published output (JPEG, id, summary)."""
-        with self._cond:
-            return self._pub
+        return self.publisher.latest()
 
     def wait_jpeg(self, after_seq: int, timeout: float = 1.0) -> Published | None:
         """Block until a JPEG with ``seq > after_seq`` is published (None on timeout)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._pub.seq <= after_seq:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                self._cond.wait(remaining)
-            return self._pub
+        return self.publisher.wait(after_seq, timeout)
 
     def add_listener(self, callback: Callable[[int], None]) -> None:
-        """Call ``callback(seq)`` from the worker after each new JPEG (keep it quick)."""
-        with self._cond:
-            self._listeners = [*self._listeners, callback]
+        self.publisher.add_listener(callback)
 
     def remove_listener(self, callback: Callable[[int], None]) -> None:
-        with self._cond:
-            self._listeners = [c for c in self._listeners if c is not callback]
+        self.publisher.remove_listener(callback)
 
     @property
     def listener_count(self) -> int:
-        return len(self._listeners)
+        return self.publisher.listener_count
+
+    @property
+    def encodes(self) -> int:
+        """JPEGs encoded so far (one per analysed frame, whatever the number of viewers)."""
+        return self.publisher.encoded
 
     def recent_cells(self) -> list[CellThumb]:
         """Last counted cells, newest first."""
-        with self._lock:
-            return list(reversed(self._cells))
+        return self.gallery.newest_first()
 
     def events(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -384,15 +377,25 @@ class Session:
     def state(self) -> str:
         if self._error:
             return f"error: {self._error}"
-        thread_alive = self._thread is not None and self._thread.is_alive()
-        if not thread_alive:
+        if self._thread is None or not self._thread.is_alive():
             return "stopped"
         if self._paused.is_set():
             return "paused"
         src = self._source
-        if src is not None and src.state != "running":
-            return src.state
-        return "running"
+        if src is not None and src.state not in ("running", "stopped"):
+            return src.state  # reconnecting, error: ...
+        return "running"  # (also while the worker finishes a source that has ended)
+
+    @property
+    def fps(self) -> float:
+        return self.meter.fps
+
+    @property
+    def latency_median_ms(self) -> float | None:
+        return self.meter.latency_median_ms
+
+    def stage_medians_ms(self) -> dict[str, float]:
+        return self.meter.stage_medians_ms()
 
     def stats(self) -> dict[str, Any]:
         """The session as JSON-ready figures (the /stats.json payload)."""
@@ -401,6 +404,7 @@ class Session:
         counts = dict(summary.get("counts", {}))
         total = int(summary.get("total", sum(counts.values())))
         src = self._source
+        lat = self.latency_median_ms
         return {
             "counts": counts,
             "total": total,
@@ -414,109 +418,104 @@ class Session:
             "dropped": int(src.dropped) if src is not None else 0,
             "source": str(self.source_spec),
             "state": self.state,
+            "run": self.run,
+            "note": self.note,
             "frame": pub.frame_id,
             "frames": self.frames,
-            "latency_ms": _round(self.latency_median_ms),
+            "latency_ms": None if lat is None else round(lat, 1),
             "viewers": self.viewers,
-            "recording": self._recording,
+            "recording": self.recording,
             "model": self.model_name,
             "min_score": self._current_min_score(),
             "size": [pub.width, pub.height],
         }
 
     @property
-    def fps(self) -> float:
-        times = list(self._jpeg_times)
-        if len(times) < 2 or times[-1] <= times[0]:
-            return 0.0
-        return (len(times) - 1) / (times[-1] - times[0])
-
-    @property
-    def latency_median_ms(self) -> float | None:
-        values = list(self._latency)
-        return 1000.0 * statistics.median(values) if values else None
-
-    def stage_medians_ms(self) -> dict[str, float]:
-        with self._lock:
-            return {k: round(1000 * statistics.median(v), 2) for k, v in self._stage.items() if v}
-
-    @property
     def model_name(self) -> str:
-        clf = getattr(self._analyzer, "classifier", None)
-        card = getattr(clf, "card", None)
-        name = getattr(card, "name", None)
-        if name:
-            return str(name)
+        if self._analyzer is not None:
+            return Path(self._analyzer.classifier.model_path).stem
         return Path(self.settings.model).stem if self.settings.model else "default"
 
     # ---------------------------------------------------------------- reports
     def report(self) -> dict[str, Any]:
+        """The current run's report (the fields of ``run --report`` that a live count has)."""
         s = self.stats()
-        seconds = (time.monotonic() - self.started_at) if self.started_at else 0.0
-        return {
-            "source": s["source"],
-            "model": s["model"],
-            "frames": self.frames,
-            "seconds": round(seconds, 2),
-            "fps": s["fps"],
-            "counts": s["counts"],
-            "total": s["total"],
-            "target": s["target"],
-            "differential": s["differential"],
-            "ci95": s["ci95"],
-            "min_score": s["min_score"],
-            "dropped": s["dropped"],
-            "state": s["state"],
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
+        seconds = (time.monotonic() - self._run_t0) if self._run_t0 else 0.0
+        summary = {**s, "target_reached": s["total"] >= s["target"]}
+        return build_report(summary, source=s["source"], model=s["model"],
+                            frames=self.frames - self._run_frame0, seconds=seconds,
+                            run=self.run, min_score=s["min_score"], dropped=s["dropped"],
+                            state=s["state"])
 
-    def export(self, folder: str | Path | None = None) -> dict[str, Path]:
-        """Write report.json, report.csv and a copy of the event log; name the last recording."""
-        folder = Path(folder) if folder else self.out_dir / "export"
+    def export(self, folder: str | Path) -> dict[str, Path]:
+        """Write report.json, report.csv, the reports of earlier runs (report-runN.json) and a
+        copy of the event log; name the last recording."""
+        folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         rep = self.report()
-        paths: dict[str, Path] = {}
-        paths["json"] = folder / "report.json"
-        paths["json"].write_text(json.dumps(rep, indent=2) + "\n", encoding="utf-8")
-        paths["csv"] = folder / "report.csv"
-        with open(paths["csv"], "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(["label", "count", "percent", "ci95_low", "ci95_high"])
-            for label, n in rep["counts"].items():
-                lo, hi = rep["ci95"].get(label, [0.0, 0.0])
-                w.writerow([label, n, rep["differential"].get(label, 0.0), lo, hi])
-            w.writerow(["total", rep["total"], 100.0 if rep["total"] else 0.0, "", ""])
+        paths = {"json": write_report(folder / "report.json", rep),
+                 "csv": write_report_csv(folder / "report.csv", rep)}
         with self._lock:
-            if not self._events_file.closed:
-                self._events_file.flush()
+            runs = list(self._runs)
+        for old in runs:
+            key = f"run{old['run']}"
+            paths[key] = write_report(folder / f"report-{key}.json", old)
         paths["events"] = folder / "events.jsonl"
-        paths["events"].write_bytes(self._events_path.read_bytes()
-                                    if self._events_path.exists() else b"")
-        video = self.last_recording or (self.recording_path if self._recording else None)
+        with self._lock:
+            kept = None if self._log_started else list(self._events)
+        paths["events"].write_bytes(self._log.read_bytes() if kept is None else
+                                    "".join(json.dumps(e) + "\n" for e in kept).encode())
+        video = self.last_recording
         if video is not None and video.exists() and video.stat().st_size > 0:
             paths["video"] = video
         return paths
 
     # ---------------------------------------------------------------- worker
-    def _build_analyzer(self) -> Any:
+    def _build_analyzer(self) -> AnalyzerLike:
         return self._factory(dataclasses.replace(self.settings))
 
     def _empty_summary(self) -> dict[str, Any]:
-        labels = getattr(getattr(self._analyzer, "classifier", None), "labels", ())
-        return Tally(labels, self.settings.target).summary().to_json() if labels else {
-            "counts": {}, "total": 0, "target": self.settings.target, "differential": {}}
+        if self._analyzer is not None:
+            return to_json(self._analyzer.tally.summary())
+        return {"counts": {}, "total": 0, "target": self.settings.target, "differential": {}}
 
     def _current_min_score(self) -> float | None:
-        clf = getattr(self._analyzer, "classifier", None)
-        value = getattr(clf, "min_score", None)
-        return float(value) if value is not None else self.settings.min_score
+        if self._analyzer is not None:
+            return float(self._analyzer.classifier.min_score)
+        return self.settings.min_score
 
-    def _run(self, source: Source) -> None:
-        if self.started_at is None:
-            self.started_at = time.monotonic()
-        with self._cond:
-            if not self._pub.summary:
-                self._pub.summary = self._empty_summary()
+    def _start_count(self) -> None:
+        """A fresh count in the analyzer: clear the gallery, publish zero counts."""
+        self.gallery.clear()
+        self._run_frame0 = self.frames
+        self._run_t0 = None
+        self.publisher.set_summary(self._empty_summary())
+
+    def _new_run(self, why: str) -> None:
+        """Close the current count as a finished run (its report kept) and start from zero."""
+        with self._lock:
+            analyzer = self._analyzer
+            if analyzer is None:
+                return
+            for event in analyzer.finish():
+                self._log_event({"event": "counted", **to_json(event)})
+            self.publisher.set_summary(to_json(analyzer.tally.summary()))
+            report = {**self.report(), "ended": why}
+            self._runs.append(report)
+            analyzer.reset()
+            self._start_count()
+            self.run += 1
+            self.note = (f"run {self.run}: {why}, so the count restarted; run {self.run - 1} "
+                         f"({report['total']} cells) is kept in the export")
+            self._log_event({"event": "new_run", "run": self.run, "why": why})
+            log.info("%s", self.note)
+
+    def _work(self, source: Source) -> None:
+        with self._lock:
+            if self._run_t0 is None:
+                self._run_t0 = time.monotonic()
+            if not self.latest().summary:
+                self.publisher.set_summary(self._empty_summary())
         try:
             while not self._stop.is_set():
                 frame = source.read(timeout=0.5)
@@ -528,145 +527,90 @@ class Session:
                 received = time.monotonic()
                 if self._paused.is_set():
                     continue
+                if source.pass_start > self._pass_start and frame.index >= source.pass_start:
+                    self._pass_start = source.pass_start
+                    self._new_run(f"{_name(self.source_spec)} started again from its beginning")
+                    self._run_t0 = time.monotonic()
                 self._process(frame, source, received)
         except Exception as exc:  # noqa: BLE001 - surface as state, keep the page alive
             self._error = f"{type(exc).__name__}: {exc}"
             log.exception("session worker failed")
         finally:
-            self._ended = True
-            self._close_writer()
+            self._close_recorder()
             source.close()
 
     def _process(self, frame: Frame, source: Source, received: float) -> None:
         with self._lock:
             analyzer = self._analyzer
+            assert analyzer is not None
             t0 = time.perf_counter()
             result = analyzer.process(frame)
             t1 = time.perf_counter()
             annotated = analyzer.render(result, fps=self.fps or None)
             t2 = time.perf_counter()
-            summary = getattr(result, "summary", None) or {}
-            summary = summary.to_json() if hasattr(summary, "to_json") else dict(summary)
-            counted = list(getattr(result, "counted", []) or [])
-            if summary:
-                summary.setdefault("target", self.settings.target)
-            thumbs = dict(getattr(result, "thumbs", {}) or {})
-            for ev in counted:
-                self._on_counted(ev, frame, thumbs)
-            timings = dict(getattr(result, "timings", {}) or {})
-            timings["render"] = t2 - t1
-            timings.setdefault("analyze", t1 - t0)
-            for k, v in timings.items():
-                self._stage.setdefault(k, deque(maxlen=self._window)).append(float(v))
-            if self._recording:
-                self._write_video(annotated, source.fps)
-        ok, buf = cv2.imencode(".jpg", annotated, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
-        now = time.monotonic()
-        t3 = time.perf_counter()
-        if not ok:
-            log.warning("JPEG encoding failed for frame %d", frame.index)
+            summary = to_json(result.summary)
+            summary.setdefault("target", self.settings.target)
+            for counted in result.counted:
+                event = to_json(counted)
+                self._log_event({"event": "counted", **event})
+                crop = result.thumbs.get(int(event.get("track_id", -1)))
+                if crop is None and event.get("box") is not None:
+                    crop = cell_thumbnail(frame.bgr, np.asarray(event["box"], np.float32)[:4])
+                self.gallery.add(crop, event)
+            if self._recorder is not None:
+                self._recorder.write(annotated)
+        if not self.publisher.publish(frame.index, annotated, summary):
             return
-        self.encodes += 1
+        t3 = time.perf_counter()
         self.frames += 1
-        self._jpeg_times.append(now)
-        self._latency.append(now - (frame.t if source.monotonic_clock else received))
-        self._stage.setdefault("jpeg", deque(maxlen=self._window)).append(t3 - t2)
-        with self._cond:
-            pub = Published(frame.index, buf.tobytes(), annotated.shape[1], annotated.shape[0],
-                            summary or self._pub.summary, self._pub.seq + 1)
-            self._pub = pub
-            listeners = self._listeners
-            self._cond.notify_all()
-        for cb in listeners:
-            try:
-                cb(pub.seq)
-            except Exception:  # noqa: BLE001
-                log.exception("listener failed")
+        latency = time.monotonic() - (frame.t if source.monotonic_clock else received)
+        self.meter.frame(latency, {**result.timings, "analyze": t1 - t0, "render": t2 - t1,
+                                   "jpeg": t3 - t2})
 
     def _finish(self) -> None:
-        """End of a file: count the cells still in view (analyzer.finish), publish the summary."""
+        """End of a file: count the cells still in view, publish the summary."""
         with self._lock:
-            finish = getattr(self._analyzer, "finish", None)
-            if finish is None:
+            analyzer = self._analyzer
+            if analyzer is None:
                 return
-            events = list(finish() or [])
-            for ev in events:
-                self._log_event({"event": "counted", **event_to_dict(ev)})
-            tally = getattr(self._analyzer, "tally", None)
-            if events and tally is not None and hasattr(tally, "summary"):
-                with self._cond:
-                    pub = self._pub
-                    self._pub = Published(pub.frame_id, pub.jpeg, pub.width, pub.height,
-                                          tally.summary().to_json(), pub.seq)
-
-    def _on_counted(self, event: Any, frame: Frame,
-                    thumbs: dict[int, np.ndarray] | None = None) -> None:
-        data = event_to_dict(event)
-        record = {"event": "counted", **data}
-        self._log_event(record)
-        box = data.get("box") or data.get("xyxy")
-        label = str(data.get("label", UNIDENTIFIED))
-        score = float(data.get("score", 0.0) or 0.0)
-        track_id = int(data.get("track_id", -1))
-        crop = (thumbs or {}).get(track_id)
-        if crop is not None:  # the analyzer's sharpest sighting (the cell may have left view)
-            thumb = _encode_thumb(crop)
-        elif box is not None:
-            thumb = _encode_thumb(cell_thumbnail(frame.bgr, np.asarray(box, dtype=np.float32)[:4]))
-        else:
-            return
-        if thumb is not None:
-            self._cells.append(CellThumb(thumb, label, score, int(data.get("track_id", -1)),
-                                         int(data.get("last_frame", frame.index))))
+            events = analyzer.finish()
+            for event in events:
+                self._log_event({"event": "counted", **to_json(event)})
+            if events:
+                self.publisher.set_summary(to_json(analyzer.tally.summary()))
 
     def _log_event(self, record: dict[str, Any]) -> None:
+        """Keep the event in memory; the file starts with the first counted cell (then with
+        the events kept so far), so a session that counted nothing leaves no folder behind."""
         record = {"time": round(time.time(), 3), **record}
         with self._lock:
             self._events.append(record)
-            if not self._events_file.closed:
-                self._events_file.write(json.dumps(record) + "\n")
-                self._events_file.flush()
+            if not self._log_started:
+                if record["event"] != "counted":
+                    return
+                self._log_started = True
+                backlog = list(self._events)
+            else:
+                backlog = [record]
+            try:
+                for r in backlog:
+                    self._log.write(r)
+            except HematoVisionError as exc:  # a full disk must not stop the count
+                log.warning("%s", exc)
 
-    def _write_video(self, bgr: np.ndarray, fps: float) -> None:
-        if self._writer is None and self.recording_path is not None:
-            h, w = bgr.shape[:2]
-            writer = cv2.VideoWriter(str(self.recording_path), cv2.VideoWriter_fourcc(*"mp4v"),
-                                     float(fps or 30.0), (w, h))
-            if not writer.isOpened():
-                log.error("cannot record to %s", self.recording_path)
-                self._recording = False
-                return
-            self._writer = writer
-            self._writer_size = (w, h)
-        if self._writer is not None:
-            if (bgr.shape[1], bgr.shape[0]) != self._writer_size:
-                bgr = cv2.resize(bgr, self._writer_size)
-            self._writer.write(bgr)
-
-    def _close_writer(self) -> None:
+    def _close_recorder(self) -> None:
         with self._lock:
-            if self._writer is not None:
-                self._writer.release()
-                self._writer = None
-                self.last_recording = self.recording_path
-            if self._recording and self._thread is None:
-                self._recording = False
+            recorder, self._recorder = self._recorder, None
+        if recorder is not None:
+            recorder.close()
+            if recorder.frames:
+                self.last_recording = recorder.path
 
 
-# -------------------------------------------------------------------- helpers
-
-
-def _encode_thumb(crop: np.ndarray | None, side: int = 96) -> bytes | None:
-    """A BGR crop as a ``side`` px square JPEG."""
-    if crop is None or crop.size == 0 or crop.ndim != 3:
-        return None
-    crop = cv2.resize(np.ascontiguousarray(crop), (side, side), interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 85])
-    return buf.tobytes() if ok else None
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 1)
+def _name(spec: str | int) -> str:
+    """A source for a message: 'the demo', a file's name."""
+    text = str(spec)
+    return "the demo" if text == "demo" else Path(text).name or text
 
 
 def _default_out_dir() -> Path:

@@ -80,6 +80,9 @@ class Source:
         state: "running", "reconnecting", "stopped" or "error: ...".
         monotonic_clock: True when ``Frame.t`` is ``time.monotonic()`` at capture (False: the
             presentation time within a file).
+        loops: How many times a looping file started again from its beginning.
+        pass_start: ``Frame.index`` of the first frame of the current pass through a looping file
+            (0 until it loops): frames from this index on show the same cells again.
     """
 
     name: str = ""
@@ -90,6 +93,8 @@ class Source:
     def __init__(self) -> None:
         self.dropped = 0
         self.state = "running"
+        self.loops = 0
+        self.pass_start = 0
 
     def read(self, timeout: float | None = None) -> Frame | None:
         """Next frame, or None at the end of the source (or when ``timeout`` expires)."""
@@ -198,6 +203,8 @@ class LiveSource(Source):
                         continue
                     if self._loop:
                         restart = True  # reopen at once: play the file again
+                        self.loops += 1
+                        self.pass_start = self.frames_read
                         continue
                     break  # end of file
                 delay = self._backoff[0]
@@ -303,6 +310,7 @@ class FileSource(Source):
     """A video file read frame by frame in the consumer's thread (no drops).
 
     ``Frame.t`` is the presentation time (index / fps), so analysis is independent of speed.
+    The first frame is decoded when the file is opened: a file that has none is refused then.
     """
 
     is_live = False
@@ -317,9 +325,16 @@ class FileSource(Source):
         self.fps = _device_fps(self._cap) or 30.0
         self._index = 0
         self._loop = loop
-        self.loops = 0
+        self._first: Frame | None = None
+        first = self.read()
+        if first is None:
+            raise InputError(f"{path}: no decodable video frames (corrupt or not a video)")
+        self._first = first
 
     def read(self, timeout: float | None = None) -> Frame | None:
+        if self._first is not None:
+            frame, self._first = self._first, None
+            return frame
         if self._cap is None:
             return None
         ok, img = _safe_read(self._cap)
@@ -328,6 +343,7 @@ class FileSource(Source):
             _safe_release(self._cap)
             self._cap = self._factory()  # start again (index and time keep counting)
             self.loops += 1
+            self.pass_start = self._index
             ok, img = _safe_read(self._cap)
             img = _as_bgr(img) if ok else None
         if img is None:
@@ -339,6 +355,7 @@ class FileSource(Source):
         return frame
 
     def close(self) -> None:
+        self._first = None
         if self._cap is not None:
             _safe_release(self._cap)
             self._cap = None
@@ -617,55 +634,7 @@ def _open_file(path: Path, *, realtime: bool, loop: bool, name: str,
         src.name = name
     if src.fps <= 0:
         src.fps = 30.0
-    # A file whose first frame can't be decoded is corrupt: say so now, not as an empty run.
-    return _check_first_frame(src, path)
-
-
-def _check_first_frame(src: Source, path: Path) -> Source:
-    if isinstance(src, FileSource):
-        frame = src.read()
-        if frame is None:
-            raise InputError(f"{path}: no decodable video frames (corrupt or not a video)")
-        return _PrefetchedSource(src, frame)
     return src
-
-
-class _PrefetchedSource(Source):
-    """A FileSource whose first frame was read to validate the file."""
-
-    is_live = False
-    monotonic_clock = False
-
-    def __init__(self, inner: FileSource, first: Frame) -> None:
-        super().__init__()
-        self._inner = inner
-        self._first: Frame | None = first
-        self.name = inner.name
-        self.fps = inner.fps
-
-    @property
-    def state(self) -> str:  # type: ignore[override]
-        return self._inner.state
-
-    @state.setter
-    def state(self, value: str) -> None:
-        if hasattr(self, "_inner"):
-            self._inner.state = value
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "_inner":
-            raise AttributeError(name)
-        return getattr(self._inner, name)  # loops, ... of the wrapped FileSource
-
-    def read(self, timeout: float | None = None) -> Frame | None:
-        if self._first is not None:
-            frame, self._first = self._first, None
-            return frame
-        return self._inner.read(timeout)
-
-    def close(self) -> None:
-        self._first = None
-        self._inner.close()
 
 
 def _open_images(name: str, paths: list[Path], *, realtime: bool, fps: float | None) -> Source:

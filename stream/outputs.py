@@ -1,0 +1,218 @@
+"""What a count leaves behind: the event log, the annotated video and the report.
+
+Shared by ``hematovision run`` and the live session, so both write the same files the same way.
+
+- :class:`EventLog`: one JSON line per event (each counted cell as it is counted, and for the
+  live page its controls), appended and flushed at once, so a crash loses nothing already
+  counted. The file and its folder are created only when the first line is written.
+- :class:`VideoRecorder`: the annotated video. The container follows the file's extension:
+  ``.webm`` is VP8, which every current browser plays (the page records in it); ``.mp4`` is
+  MPEG-4 Part 2 (``mp4v``: players such as VLC, not browsers: the H.264 encoder is not in
+  OpenCV's bundled FFmpeg); ``.avi`` is Motion-JPEG. With ``background=True`` frames are encoded
+  on a thread of their own (VP8 takes ~18 ms a frame at 640x480, too slow for the live loop); if
+  it falls behind, frames are left out of the recording and counted in ``skipped``.
+- :func:`build_report`, :func:`write_report`, :func:`write_report_csv`: the report's fields
+  common to ``run --report`` and the page's export, written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import queue
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import cv2
+import numpy as np
+
+from detector.errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: Video codec per file extension (FourCC); anything else is written as ``.mp4``'s.
+CODECS = {".webm": "VP80", ".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG"}
+
+
+class EventLog:
+    """A JSON Lines file, appended and flushed per line; created at the first line."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path else None
+        self._fh: IO[str] | None = None
+        self._lock = threading.Lock()
+
+    def check(self) -> None:
+        """Fail now, with one line, when the file cannot be written (not at the first cell)."""
+        if self.path is not None:
+            self._open()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        with self._lock:
+            fh = self._fh or self._open()
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+
+    def _open(self) -> IO[str]:
+        assert self.path is not None
+        if self._fh is None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+            except OSError as exc:
+                raise InputError(f"{self.path}: cannot write events ({exc.strerror or exc})"
+                                 ) from None
+        return self._fh
+
+    def read_bytes(self) -> bytes:
+        """What was written so far (b"" before the first line)."""
+        with self._lock:
+            if self._fh is not None:
+                self._fh.flush()
+        return self.path.read_bytes() if self.path is not None and self.path.exists() else b""
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+
+class VideoRecorder:
+    """An annotated video file, opened at the first frame (its size is then fixed).
+
+    Args:
+        path: Output file; its extension picks the codec (:data:`CODECS`).
+        fps: Frame rate written in the file.
+        background: Encode on a thread of its own with a queue of ``queue_frames`` frames.
+    """
+
+    def __init__(self, path: str | Path, fps: float = 30.0, *, background: bool = False,
+                 queue_frames: int = 90) -> None:
+        self.path = Path(path)
+        self.fps = float(fps or 30.0)
+        self.frames = 0
+        self.skipped = 0
+        self._writer: cv2.VideoWriter | None = None
+        self._size: tuple[int, int] | None = None
+        self._queue: queue.Queue[np.ndarray | None] | None = None
+        self._thread: threading.Thread | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot write the video there ({exc.strerror or exc})"
+                             ) from None
+        if background:
+            self._queue = queue.Queue(maxsize=queue_frames)
+            self._thread = threading.Thread(target=self._drain, name="recorder", daemon=True)
+            self._thread.start()
+
+    def write(self, bgr: np.ndarray) -> None:
+        """Add one frame (resized to the first frame's size if it differs)."""
+        if self._queue is None:
+            self._encode(bgr)
+            return
+        try:
+            self._queue.put_nowait(bgr)
+        except queue.Full:
+            self.skipped += 1
+
+    def close(self) -> None:
+        """Write out what is queued and close the file."""
+        if self._queue is not None and self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=60.0)
+            self._queue = None
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+        if self.skipped:
+            log.warning("%s: %d frames left out (the encoder could not keep up)", self.path,
+                        self.skipped)
+
+    def _drain(self) -> None:
+        assert self._queue is not None
+        while True:
+            bgr = self._queue.get()
+            if bgr is None:
+                return
+            try:
+                self._encode(bgr)
+            except InputError as exc:
+                log.error("%s", exc)
+                return
+
+    def _encode(self, bgr: np.ndarray) -> None:
+        if self._writer is None:
+            h, w = bgr.shape[:2]
+            codec = CODECS.get(self.path.suffix.lower(), "mp4v")
+            writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter.fourcc(*codec), self.fps,
+                                     (w, h))
+            if not writer.isOpened():
+                raise InputError(f"{self.path}: cannot write a {codec} video there")
+            self._writer, self._size = writer, (w, h)
+        if (bgr.shape[1], bgr.shape[0]) != self._size:
+            bgr = cv2.resize(bgr, self._size)
+        self._writer.write(bgr)
+        self.frames += 1
+
+
+def to_json(value: Any) -> dict[str, Any]:
+    """A count summary or counted-cell event as a JSON-ready dict (the detector's objects
+    have ``to_json()``; plain dicts are copied)."""
+    return value.to_json() if hasattr(value, "to_json") else dict(value)
+
+
+def build_report(summary: dict[str, Any], *, source: str, model: str, frames: int,
+                 seconds: float, **extra: Any) -> dict[str, Any]:
+    """The report of one count: source, model, frames, time, counts, total, differential and
+    95 % intervals (rounded to 2 decimals), target, then ``extra`` fields, then the date."""
+    return {
+        "source": source,
+        "model": model,
+        "frames": int(frames),
+        "seconds": round(float(seconds), 3),
+        "fps": round(frames / seconds, 2) if seconds > 0 else 0.0,
+        "counts": dict(summary.get("counts", {})),
+        "total": int(summary.get("total", 0)),
+        "differential": {k: round(float(v), 2)
+                         for k, v in summary.get("differential", {}).items()},
+        "ci95": {k: [round(float(a), 2), round(float(b), 2)]
+                 for k, (a, b) in summary.get("ci95", {}).items()},
+        "ci_method": "Wilson score interval, 95 %, percent of total",
+        "target": int(summary.get("target", 0)),
+        "target_reached": bool(summary.get("target_reached", False)),
+        **extra,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def write_report(path: str | Path, report: dict[str, Any]) -> Path:
+    """Write the report as JSON (atomically: a reader never sees half a file)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write the report ({exc.strerror})") from None
+    return path
+
+
+def write_report_csv(path: str | Path, report: dict[str, Any]) -> Path:
+    """The counts table as CSV: label, count, percent, 95 % interval."""
+    path = Path(path)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["label", "count", "percent", "ci95_low", "ci95_high"])
+        for label, n in report["counts"].items():
+            lo, hi = report["ci95"].get(label, [0.0, 0.0])
+            w.writerow([label, n, report["differential"].get(label, 0.0), lo, hi])
+        w.writerow(["total", report["total"], 100.0 if report["total"] else 0.0, "", ""])
+    return path
