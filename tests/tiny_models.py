@@ -15,20 +15,27 @@ Variants: ``int8`` (full-integer, int8 in/out), ``uint8`` (uint8 in/out), ``floa
 ``logits`` (int8, no softmax; its card says ``"outputs": "logits"``). Plus two deliberately odd
 models for error tests: ``gray`` (1-channel float input) and ``int32in`` (int32 input tensor).
 
-Use ``tiny_model_dir(tmp_path_factory)`` (cached per test session, built once even when several
-test modules ask) or the ``tiny_models`` fixture, which needs TensorFlow (skips without it).
-Build cost: about 10-20 s on 2 cores, once.
+The models are committed in ``tests/data/tiny_models/`` (about 30 KB in all), so inference tests
+run without TensorFlow (as on a Raspberry Pi). They are made by this module with TensorFlow:
+``python -m tests.tiny_models`` rewrites them (about 10-20 s on 2 cores); a ``train`` test checks
+that a rebuild gives the committed models' answers. Tests use the ``tiny_models`` fixture.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+log = logging.getLogger(__name__)
+
+#: Where the committed tiny models live.
+TINY_DIR = Path(__file__).resolve().parent / "data" / "tiny_models"
 TINY_SIZE = 32
 TINY_LABELS = ("eosinophil", "lymphocyte", "neutrophil")
 VARIANTS = ("int8", "uint8", "float32", "logits")
@@ -37,9 +44,6 @@ VARIANTS = ("int8", "uint8", "float32", "logits")
 RED_BGR = (0, 0, 255)
 BLUE_BGR = (255, 0, 0)
 GREY_BGR = (128, 128, 128)
-
-_CACHE: dict[str, Path] = {}
-
 
 def card_for(name: str, *, dtype: str, size: int = TINY_SIZE, channels: int = 3,
              labels: tuple[str, ...] = TINY_LABELS, outputs: str = "probabilities",
@@ -164,17 +168,21 @@ def build_tiny_models(out_dir: Path) -> Path:
     return out_dir
 
 
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Folder with the tiny models, built once per test session (skips without TensorFlow)."""
-    pytest.importorskip("tensorflow")
-    if "dir" not in _CACHE:
-        _CACHE["dir"] = build_tiny_models(tmp_path_factory.mktemp("tiny_models"))
-    return _CACHE["dir"]
-
-
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Folder with ``int8.tflite``, ``uint8.tflite``, ``float32.tflite``, ``logits.tflite``,
-    ``gray.tflite`` and ``int32in.tflite`` and their cards. Import this fixture into a test module
-    with ``from tests.tiny_models import tiny_models  # noqa: F401``."""
-    return tiny_model_dir(tmp_path_factory)
+def tiny_models() -> Path:
+    """The committed folder with ``int8.tflite``, ``uint8.tflite``, ``float32.tflite``,
+    ``logits.tflite``, ``gray.tflite`` and ``int32in.tflite`` and their cards (read only: copy a
+    model to change it). Import this fixture into a test module with
+    ``from tests.tiny_models import tiny_models  # noqa: F401``."""
+    names = (*VARIANTS, "gray", "int32in")
+    missing = [v for v in names if not (TINY_DIR / f"{v}.tflite").is_file()]
+    assert not missing, f"tiny models {missing} missing in {TINY_DIR}: python -m tests.tiny_models"
+    return TINY_DIR
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else TINY_DIR
+    build_tiny_models(out)
+    for path in sorted(out.glob("*.tflite")):
+        log.info("%s: %d bytes", path, path.stat().st_size)

@@ -50,7 +50,6 @@ def _error(path: Path, **kwargs) -> str:
 # -- answers --------------------------------------------------------------------------------------
 
 
-@train
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_labels_red_blue_grey(tiny_models: Path, variant: str) -> None:  # noqa: F811
     clf = CellClassifier(tiny_models / f"{variant}.tflite")
@@ -66,7 +65,6 @@ def test_labels_red_blue_grey(tiny_models: Path, variant: str) -> None:  # noqa:
     assert score == pytest.approx(1 / 3, abs=0.02)
 
 
-@train
 @pytest.mark.parametrize("variant", ["int8", "uint8", "float32"])
 @pytest.mark.parametrize("pad", [False, True])
 def test_batch_equals_single_calls(tiny_models: Path, variant: str, pad: bool) -> None:  # noqa: F811
@@ -82,7 +80,6 @@ def test_batch_equals_single_calls(tiny_models: Path, variant: str, pad: bool) -
     np.testing.assert_allclose(clf.classify_crops(crops), batch, atol=1e-6)
 
 
-@train
 def test_large_batch_is_chunked(tiny_models: Path) -> None:  # noqa: F811
     clf = CellClassifier(tiny_models / "int8.tflite")
     crops = solid_crops([RED_BGR, BLUE_BGR] * 25)  # 50 > MAX_BATCH
@@ -90,7 +87,6 @@ def test_large_batch_is_chunked(tiny_models: Path) -> None:  # noqa: F811
     assert labels == ["eosinophil", "lymphocyte"] * 25
 
 
-@train
 def test_min_score_override_and_decide(tiny_models: Path) -> None:  # noqa: F811
     path = tiny_models / "int8.tflite"
     assert CellClassifier(path).min_score == 0.5  # from the card
@@ -104,7 +100,6 @@ def test_min_score_override_and_decide(tiny_models: Path) -> None:  # noqa: F811
     assert [strict.label_of(r)[1] for r in scores] == pytest.approx(top.tolist())
 
 
-@train
 def test_classify_boxes_cuts_with_the_card_rule(tiny_models: Path) -> None:  # noqa: F811
     clf = CellClassifier(tiny_models / "uint8.tflite")
     assert clf.crop_rule == CropRule(margin=0.15, square=True, size=TINY_SIZE)
@@ -117,7 +112,6 @@ def test_classify_boxes_cuts_with_the_card_rule(tiny_models: Path) -> None:  # n
     assert clf.classify_boxes(frame, np.empty((0, 4))).shape == (0, 3)
 
 
-@train
 def test_crop_shape_checked(tiny_models: Path) -> None:  # noqa: F811
     clf = CellClassifier(tiny_models / "int8.tflite")
     assert clf.classify_crops(np.empty((0, TINY_SIZE, TINY_SIZE, 3), np.uint8)).shape == (0, 3)
@@ -128,7 +122,6 @@ def test_crop_shape_checked(tiny_models: Path) -> None:  # noqa: F811
         clf.classify_crops(np.zeros((2, 32, 32, 3), np.float32))
 
 
-@train
 def test_card_fields(tiny_models: Path) -> None:  # noqa: F811
     clf = CellClassifier(tiny_models / "logits.tflite")
     card = clf.card
@@ -209,7 +202,6 @@ def test_corrupt_tflite(tmp_path: Path, content: bytes) -> None:
     assert "\n" not in msg
 
 
-@train
 @pytest.mark.parametrize(
     ("variant", "card", "expected"),
     [
@@ -229,7 +221,6 @@ def test_card_and_tensors_disagree(tiny_models: Path, tmp_path: Path, variant: s
     assert msg.startswith(str(path)) and expected in msg
 
 
-@train
 def test_wrong_channel_count(tiny_models: Path, tmp_path: Path) -> None:  # noqa: F811
     path = _copy(tiny_models, "gray", tmp_path, card_for("m", dtype="float32"))
     msg = _error(path)

@@ -29,7 +29,6 @@ def short_clip(tmp_path, monkeypatch):
     return path
 
 
-@pytest.mark.train
 def test_bench_figures(short_clip, tiny_models, capsys):  # noqa: F811
     model = str(tiny_models / "int8.tflite")
     r = bench.run_bench(threads=1, model=model, memory=True)

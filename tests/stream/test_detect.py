@@ -66,7 +66,6 @@ def fake_seg(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 
-@pytest.mark.train
 def test_json_schema_one_line_per_image(tiny_models: Path, tmp_path: Path,  # noqa: F811
                                         capsys: pytest.CaptureFixture, fake_seg: None) -> None:
     a = _write(tmp_path / "a.png", _smear())
@@ -91,7 +90,6 @@ def test_json_schema_one_line_per_image(tiny_models: Path, tmp_path: Path,  # no
         assert all(round(p, 4) == p for p in c["scores"].values())
 
 
-@pytest.mark.train
 def test_bad_files_mixed_in(tiny_models: Path, tmp_path: Path,  # noqa: F811
                             capsys: pytest.CaptureFixture, fake_seg: None) -> None:
     good1 = _write(tmp_path / "good1.png", _smear())
@@ -114,7 +112,6 @@ def test_bad_files_mixed_in(tiny_models: Path, tmp_path: Path,  # noqa: F811
     ]
 
 
-@pytest.mark.train
 def test_odd_image_formats(tiny_models: Path, tmp_path: Path,  # noqa: F811
                            capsys: pytest.CaptureFixture, fake_seg: None) -> None:
     gray = _write(tmp_path / "gray.png", cv2.cvtColor(_smear(), cv2.COLOR_BGR2GRAY))
@@ -134,7 +131,6 @@ def test_odd_image_formats(tiny_models: Path, tmp_path: Path,  # noqa: F811
     assert [c["label"] for c in recs["deep.png"]["cells"]] == ["lymphocyte", "eosinophil"]
 
 
-@pytest.mark.train
 def test_cell_cut_by_the_edge_named_flagged_and_drawn(
         tiny_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture,  # noqa: F811
         fake_seg: None) -> None:
@@ -156,7 +152,6 @@ def test_cell_cut_by_the_edge_named_flagged_and_drawn(
     assert (np.abs(side - RED_BGR).sum(axis=1) < 30).sum() >= 4
 
 
-@pytest.mark.train
 def test_folder_table_and_save_dir(tiny_models: Path, tmp_path: Path,  # noqa: F811
                                    capsys: pytest.CaptureFixture, fake_seg: None) -> None:
     src = tmp_path / "imgs"
@@ -189,7 +184,6 @@ def test_missing_model_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert err == [f"hematovision detect: error: {tmp_path / 'none.tflite'}: model file not found"]
 
 
-@pytest.mark.train
 def test_real_segmenter_on_real_smear(tiny_models: Path, bccd_dir: Path,  # noqa: F811
                                       capsys: pytest.CaptureFixture) -> None:
     path = bccd_dir / "JPEGImages" / "BloodImage_00001.jpg"
