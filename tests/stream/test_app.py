@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import base64
+import logging
 import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import cv2
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from detector.errors import InputError
-from stream.app import counts_table_html, create_app, differential_svg, page_source_spec
+from stream.app import (
+    UploadRegistry,
+    counts_table_html,
+    create_app,
+    differential_svg,
+    media_kind,
+    page_source_spec,
+    scrub_paths,
+)
 from stream.session import Session, SessionSettings
 from tests.stream.test_session import FakeAnalyzer, ListSource
 
@@ -35,6 +46,12 @@ class EndlessSource(ListSource):
     def close(self) -> None:
         self.closed = True
         self.state = "stopped"
+
+
+@pytest.fixture(autouse=True)
+def _gradio_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gradio's uploads and outputs go to the test's folder, not /tmp/gradio."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio-cache"))
 
 
 def _session(tmp_path: Path, endless: bool = True) -> Session:
@@ -140,10 +157,12 @@ def test_mjpeg_stream_ends_cleanly_when_clients_disconnect(tmp_path: Path) -> No
         s.close()
 
 
-def test_auth_required_for_stream_and_stats(tmp_path: Path) -> None:
+def test_basic_auth_and_login_cookie_open_stream_and_stats(tmp_path: Path) -> None:
+    """Scripts use HTTP basic; the browser's login form gives a cookie for the <img> too.
+    (Every other route: tests/stream/test_security.py.)"""
     s = _session(tmp_path)
     try:
-        app = create_app(s, auth=("lab", "s3cret"))
+        app = create_app(s, auth=("lab", "s3cret"), page=False)
         with TestClient(app) as client:
             assert client.get("/stats.json").status_code == 401
             assert client.get("/video.mjpg?frames=1").status_code == 401
@@ -151,11 +170,8 @@ def test_auth_required_for_stream_and_stats(tmp_path: Path) -> None:
             assert client.get("/stats.json",
                               headers={"Authorization": f"Basic {bad}"}).status_code == 401
             assert client.get("/stats.json", auth=("lab", "s3cret")).status_code == 200
-            # the page itself asks for a login
-            assert client.get("/config").status_code == 401
-            # logging in through Gradio's form gives a cookie that also opens the raw routes
             r = client.post("/login", data={"username": "lab", "password": "s3cret"})
-            assert r.status_code == 200
+            assert r.status_code == 200  # redirected to / (here: to /stats.json)
             assert client.get("/stats.json").status_code == 200
             r = client.get("/video.mjpg?frames=1")
             assert r.status_code == 200 and r.content.count(b"--frame") == 1
@@ -171,11 +187,11 @@ def test_page_served_without_auth_and_upload_size_limited(tmp_path: Path) -> Non
             r = client.get("/")
             assert r.status_code == 200 and "gradio" in r.text.lower()
             assert client.get("/stats.json").status_code == 200
-            small = client.post("/gradio_api/upload",
-                                files={"files": ("a.png", b"x" * 100, "image/png")})
+            small = client.post("/gradio_api/upload", files={"files": (
+                "a.png", b"\x89PNG\r\n\x1a\n" + b"x" * 100, "image/png")})
             assert small.status_code == 200
-            big = client.post("/gradio_api/upload",
-                              files={"files": ("b.mp4", b"x" * 5000, "video/mp4")})
+            big = client.post("/gradio_api/upload", files={"files": (
+                "b.mp4", b"\x00\x00\x00\x18ftypmp42" + b"x" * 5000, "video/mp4")})
             assert big.status_code == 413
             # Gradio's file route does not serve arbitrary server files
             for path in ("/gradio_api/file=/etc/passwd",
@@ -189,19 +205,124 @@ def test_page_served_without_auth_and_upload_size_limited(tmp_path: Path) -> Non
 def test_page_sources_never_read_arbitrary_paths(tmp_path: Path) -> None:
     assert page_source_spec("demo", None, None, None) == "demo"
     assert page_source_spec("camera", 2, None, None) == 2
-    assert page_source_spec("url", None, " rtsp://cam/x ", None) == "rtsp://cam/x"
+    assert page_source_spec("url", None, " rtsp://cam/x ", None, allow_urls=True) == "rtsp://cam/x"
     with pytest.raises(InputError, match="rtsp://"):
-        page_source_spec("url", None, "/etc/passwd", None)
+        page_source_spec("url", None, "/etc/passwd", None, allow_urls=True)
     with pytest.raises(InputError, match="rtsp://"):
-        page_source_spec("url", None, "file:///etc/passwd", None)
+        page_source_spec("url", None, "file:///etc/passwd", None, allow_urls=True)
     with pytest.raises(InputError, match="uploaded through this page"):
         page_source_spec("upload", None, None, "/etc/passwd")
+    video = tmp_path / "video.mp4"
+    video.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(100))
+    uploads = UploadRegistry()
     with pytest.raises(InputError, match="uploaded through this page"):
-        page_source_spec("upload", None, None, str(tmp_path / "video.mp4"))
+        page_source_spec("upload", None, None, str(video), uploads=uploads)
+    uploads.add(video)
+    assert page_source_spec("upload", None, None, str(video), uploads=uploads) == str(video)
+    video.write_bytes(b"#!/bin/sh\n")  # replaced by something that is not a video
+    with pytest.raises(InputError, match="video.mp4: not an image or a video"):
+        page_source_spec("upload", None, None, str(video), uploads=uploads)
     with pytest.raises(InputError, match="camera index"):
         page_source_spec("camera", 1.5, None, None)
     with pytest.raises(InputError):
         page_source_spec("path", None, None, None)
+
+
+def test_media_kind_by_content_not_name(tmp_path: Path) -> None:
+    cases = {"a.txt": (cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes(), "image"),
+             "b.png": (cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes(), "image"),
+             "c.mp4": (b"\x00\x00\x00\x20ftypisom" + bytes(64), "video"),
+             "d.mkv": (b"\x1a\x45\xdf\xa3" + bytes(64), "video"),
+             "e.avi": (b"RIFF\x00\x00\x00\x00AVI LIST" + bytes(64), "video"),
+             "f.png": (b"<html><script>alert(1)</script></html>", None),
+             "g.mp4": (b"", None)}
+    for name, (content, kind) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        assert media_kind(tmp_path / name) == kind, name
+    assert media_kind(tmp_path / "missing.png") is None
+
+
+def test_scrub_paths_keeps_names_and_urls() -> None:
+    assert scrub_paths("/tmp/gradio/3f2a/smear 1.mp4: cannot open") == "smear 1.mp4: cannot open" \
+        or scrub_paths("/tmp/gradio/3f2a/smear.mp4: cannot open") == "smear.mp4: cannot open"
+    assert scrub_paths("/tmp/gradio/3f2a/smear.mp4: cannot open") == "smear.mp4: cannot open"
+    assert scrub_paths("file '/home/lab/x/y.png' unreadable") == "file 'y.png' unreadable"
+    assert scrub_paths("stream rtsp://cam.lab/live/1 could not be opened") == \
+        "stream rtsp://cam.lab/live/1 could not be opened"
+    assert scrub_paths("12/50 cells, C:\\data\\a.png") == "12/50 cells, a.png"
+    assert scrub_paths("line one\n  line two") == "line one line two"
+
+
+class _FailingOpener:
+    """Opens anything but camera 7 and files named bad.mp4 (as open_source would fail)."""
+
+    def __call__(self, spec: Any, realtime: bool) -> EndlessSource:
+        if spec == 7:
+            raise InputError("camera 7 could not be opened (is it plugged in?)")
+        if str(spec).endswith("bad.mp4"):
+            raise InputError(f"{spec}: not a readable video")
+        if spec == "boom":
+            raise RuntimeError(f"device {spec} exploded at /dev/video9")
+        return EndlessSource()
+
+
+def test_failed_source_change_keeps_the_running_source(tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    s = Session("demo", lambda st: FakeAnalyzer(st), settings=SessionSettings(target=50),
+                out_dir=tmp_path / "s", source_opener=_FailingOpener())
+    s.start()
+    assert s.wait_jpeg(-1, timeout=5) is not None
+    bad = tmp_path / "gradio-cache" / "upload1" / "bad.mp4"  # as Gradio's upload route saves
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(100))
+    try:
+        app = create_app(s, models={})
+        app.state.uploads.add(bad)
+        fd = {"path": str(bad), "meta": {"_type": "gradio.FileData"}, "orig_name": "bad.mp4"}
+        with TestClient(app) as client, caplog.at_level(logging.WARNING, logger="stream.app"):
+            def use(kind: str, cam: int, upload: Any = None) -> dict:
+                return client.post("/gradio_api/run/use_source",
+                                   json={"data": [kind, cam, "", upload]}).json()
+
+            out = use("camera", 7)
+            assert out["error"] == ("could not switch to 7: camera 7 could not be opened "
+                                    "(is it plugged in?) (still on demo)")
+            out = use("upload", 0, fd)
+            assert out["error"] == ("could not switch to bad.mp4: bad.mp4: not a readable video "
+                                    "(still on demo)")
+            frames = s.frames
+            time.sleep(0.3)
+            assert s.state == "running" and s.source_spec == "demo" and s.frames > frames
+            assert use("camera", 1)["data"] == ["source: 1"]
+            assert s.source_spec == 1 and s.state == "running"
+    finally:
+        s.close()
+    lines = [r for r in caplog.records if r.name == "stream.app"]
+    assert len(lines) == 2 and all(r.exc_info is None for r in lines)  # one line each
+    assert all(str(tmp_path) not in r.getMessage() for r in lines)
+
+
+def test_unexpected_page_error_is_one_line_and_hides_details(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    s = Session("demo", lambda st: FakeAnalyzer(st), settings=SessionSettings(target=50),
+                out_dir=tmp_path / "s", source_opener=_FailingOpener())
+    try:
+        app = create_app(s, models={})
+        with TestClient(app) as client:
+            with caplog.at_level(logging.WARNING, logger="stream.app"):
+                s.source_spec = "boom"  # the start button fails with an unexpected error
+                out = client.post("/gradio_api/run/lambda_1", json={"data": []}).json()
+            assert out["error"] == "start failed (the server log says why)"
+            (rec,) = [r for r in caplog.records if r.name == "stream.app"]
+            assert rec.exc_info is None and "RuntimeError: device boom exploded at video9" in \
+                rec.getMessage()
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="stream.app"):  # -v: with the traceback
+                client.post("/gradio_api/run/lambda_1", json={"data": []})
+            (rec,) = [r for r in caplog.records if r.name == "stream.app"]
+            assert rec.exc_info is not None
+    finally:
+        s.close()
 
 
 def test_counts_table_and_chart_html() -> None:
