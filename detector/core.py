@@ -30,17 +30,12 @@ CELL_TYPES: tuple[str, ...] = ("neutrophil", "eosinophil", "lymphocyte", "monocy
 UNIDENTIFIED = "unidentified"
 
 
-def with_unidentified(labels: Sequence[str]) -> tuple[str, ...]:
-    """A model's labels plus ``unidentified``: the order the tally and reports use."""
-    names = tuple(str(x) for x in labels)
-    return names if UNIDENTIFIED in names else (*names, UNIDENTIFIED)
-
-
 def counted_labels(labels: Sequence[str]) -> tuple[str, ...]:
-    """The labels of a model that make the white-cell count, plus ``unidentified``: every label
-    but ``erythroblast`` and the veto labels (a label the project does not know counts as a white
-    cell, as the model card says it is one)."""
-    return with_unidentified([x for x in labels if x != ERYTHROBLAST and x not in VETO_LABELS])
+    """The labels of a model that make the white-cell count, plus ``unidentified`` (the order the
+    tally and reports use): every label but ``erythroblast`` and the veto labels (a label the
+    project does not know counts as a white cell, as the model card says it is one)."""
+    names = tuple(str(x) for x in labels if x != ERYTHROBLAST and x not in VETO_LABELS)
+    return names if UNIDENTIFIED in names else (*names, UNIDENTIFIED)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.requests import HTTPConnection
 
-from detector.core import CELL_TYPES, UNIDENTIFIED, Frame
+from detector.core import KNOWN_LABELS, UNIDENTIFIED, Frame
 from detector.errors import HematoVisionError, InputError
 from hematovision_models import shipped_model
 from stream import resolve_model
@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 MAX_FILE_SIZE = "500mb"
 TIMER_SECONDS = 1.0
 #: Display order of labels in tables and charts.
-LABEL_ORDER = (*CELL_TYPES, UNIDENTIFIED)
+LABEL_ORDER = (*KNOWN_LABELS, UNIDENTIFIED)
 
 
 def colour_hex(label: str) -> str:
