@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import errno
 import functools
 import hashlib
 import hmac
@@ -40,6 +41,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -903,6 +905,25 @@ def create_app(
     return app
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything starts: a port in use or an address this
+    machine does not have is one line (exit 2), and nothing is left behind."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise HematoVisionError(f"cannot listen on {host}:{port} ({exc.strerror or exc})"
+                                ) from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        why = "the port is in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or exc)
+        raise HematoVisionError(f"cannot listen on {host}:{port}: {why}") from None
+    return sock
+
+
 def main(args: argparse.Namespace) -> int:
     """``hematovision serve [SOURCE] [--model M] [--host H] [--port P] [--auth USER:PASS]``."""
     import uvicorn
@@ -910,19 +931,29 @@ def main(args: argparse.Namespace) -> int:
     model = getattr(args, "model", None)
     if model is not None and not Path(model).expanduser().is_file():
         raise HematoVisionError(f"{model}: model file not found")
+    sock = _listen(args.host, int(args.port))
     settings = SessionSettings(model=str(Path(model).expanduser().resolve()) if model else None)
     session = Session(args.source, default_analyzer_factory, settings=settings, realtime=True)
-    session.start()  # a missing camera / bad file / dead URL fails here, with its message
+    try:
+        session.start()  # a missing camera / bad file / dead URL fails here, with its message
+    except BaseException:
+        sock.close()
+        raise
     app = create_app(session, auth=args.auth, models=list_models(model), image_model=model,
                      allow_url_sources=bool(getattr(args, "allow_url_sources", False)))
     host = args.host
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    print(f"HematoVision live view: http://{shown}:{args.port}/  (source: {args.source}; "
-          f"MJPEG /video.mjpg, figures /stats.json; events in {session.out_dir})", flush=True)
     if host not in ("127.0.0.1", "localhost", "::1") and args.auth is None:
         log.warning("serving on %s without --auth: anyone on the network can see the page",
                     host)
     class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:  # listening: only now is the address worth printing
+                print(f"HematoVision live view: http://{shown}:{args.port}/  (source: "
+                      f"{args.source}; MJPEG /video.mjpg, figures /stats.json; events in "
+                      f"{session.out_dir} once a cell is counted)", flush=True)
+
         def handle_exit(self, sig: int, frame: Any) -> None:
             app.state.closing.set()  # end the MJPEG streams, or shutdown waits for them
             super().handle_exit(sig, frame)
@@ -930,7 +961,8 @@ def main(args: argparse.Namespace) -> int:
     server = Server(uvicorn.Config(app, host=host, port=int(args.port), log_level="warning",
                                    timeout_graceful_shutdown=3))
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         session.close()
+        sock.close()
     return 0

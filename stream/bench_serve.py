@@ -24,6 +24,7 @@ What it measures (on the machine it runs on; other CPU load makes every figure p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import multiprocessing as mp
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +103,9 @@ class _Server:
         self.thread.join(timeout=10)
 
 
-def _session(realtime: bool, model: str | None, loop: bool = True) -> Any:
+@contextlib.contextmanager
+def _session(realtime: bool, model: str | None, loop: bool = True) -> Iterator[Any]:
+    """A demo session whose files go to a temporary folder, removed when it closes."""
     from stream.app import default_analyzer_factory
     from stream.session import Session, SessionSettings
     from stream.sources import open_source
@@ -109,9 +113,14 @@ def _session(realtime: bool, model: str | None, loop: bool = True) -> Any:
     def opener(spec: str, realtime: bool) -> Any:
         return open_source(spec, realtime=realtime, loop=loop)
 
-    return Session("demo", default_analyzer_factory, settings=SessionSettings(model=model),
-                   realtime=realtime, out_dir=tempfile.mkdtemp(prefix="hv-bench-"),
-                   source_opener=opener, max_events=200)
+    with tempfile.TemporaryDirectory(prefix="hv-bench-") as tmp:
+        session = Session("demo", default_analyzer_factory,
+                          settings=SessionSettings(model=model), realtime=realtime,
+                          out_dir=tmp, source_opener=opener, max_events=200)
+        try:
+            yield session
+        finally:
+            session.close()
 
 
 def bench_viewers(counts: list[int], frames: int, model: str | None,
@@ -130,9 +139,9 @@ def bench_viewers(counts: list[int], frames: int, model: str | None,
     raw: dict[int, list[tuple[float, float, float | None]]] = {n: [] for n in counts}
     for _ in range(rounds):
         for n in counts:
-            session = _session(realtime=False, model=model, loop=False)
             port = _free_port()
-            with _Server(create_app(session, page=False), port):
+            with _session(realtime=False, model=model, loop=False) as session, \
+                    _Server(create_app(session, page=False), port):
                 out = _MP.Array("d", max(n, 1))
                 proc = None
                 if n:
@@ -173,10 +182,10 @@ def bench_live(seconds: float, model: str | None, browser: bool,
     """Real-time demo (30 fps) -> MJPEG clients and optionally chromium: fps and latency."""
     from stream.app import create_app
 
-    session = _session(realtime=True, model=model)
     port = _free_port()
     res: dict[str, Any] = {}
-    with _Server(create_app(session, page=False), port):
+    with _session(realtime=True, model=model) as session, \
+            _Server(create_app(session, page=False), port):
         session.start()
         session.wait_jpeg(-1, timeout=10)
         time.sleep(1.0)
@@ -202,7 +211,6 @@ def bench_live(seconds: float, model: str | None, browser: bool,
         if browser:
             res["browser"] = browser_fps(f"http://127.0.0.1:{port}/video.mjpg", seconds)
             res["latency_median_ms_with_browser"] = round(session.latency_median_ms or 0, 1)
-        session.close()
     return res
 
 
@@ -256,27 +264,27 @@ def bench_long(frames: int, model: str | None) -> dict[str, Any]:
     import psutil
 
     proc = psutil.Process()
-    session = _session(realtime=False, model=model, loop=True)
-    session.start()
-    step = max(1, frames // 20)
-    curve: list[tuple[int, float, float]] = []
-    t0 = time.monotonic()
-    next_mark = 0
-    while session.frames < frames:
-        if session.frames >= next_mark:
-            curve.append((session.frames, round(time.monotonic() - t0, 1),
-                          round(proc.memory_info().rss / 2**20, 1)))
-            next_mark += step
-        time.sleep(0.2)
-        if session.state != "running":
-            break
-    curve.append((session.frames, round(time.monotonic() - t0, 1),
-                  round(proc.memory_info().rss / 2**20, 1)))
-    stats = session.stats()
-    session.close()
+    with _session(realtime=False, model=model, loop=True) as session:
+        session.start()
+        step = max(1, frames // 20)
+        curve: list[tuple[int, float, float]] = []
+        t0 = time.monotonic()
+        next_mark = 0
+        while session.frames < frames:
+            if session.frames >= next_mark:
+                curve.append((session.frames, round(time.monotonic() - t0, 1),
+                              round(proc.memory_info().rss / 2**20, 1)))
+                next_mark += step
+            time.sleep(0.2)
+            if session.state != "running":
+                break
+        curve.append((session.frames, round(time.monotonic() - t0, 1),
+                      round(proc.memory_info().rss / 2**20, 1)))
+        stats = session.stats()
+        frames_done = session.frames
     rss = [c[2] for c in curve]
     half = rss[len(rss) // 2:]
-    return {"frames": session.frames, "seconds": curve[-1][1], "total_counted": stats["total"],
+    return {"frames": frames_done, "seconds": curve[-1][1], "total_counted": stats["total"],
             "rss_mb_curve": curve, "rss_first_mb": rss[0], "rss_last_mb": rss[-1],
             "rss_second_half_growth_mb": round(half[-1] - half[0], 1) if half else None}
 
@@ -293,7 +301,12 @@ def bench_long_serve(seconds: float, model: str | None, viewers: int = 1) -> dic
     cmd = [sys.executable, "-m", "stream.cli", "serve", "demo", "--port", str(port)]
     if model:
         cmd += ["--model", model]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from stream.synth import cache_root
+
+    home = tempfile.TemporaryDirectory(prefix="hv-bench-")  # the server's session folder
+    env = {**os.environ, "HOME": home.name, "XDG_CACHE_HOME": str(cache_root().parent)}
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -320,6 +333,7 @@ def bench_long_serve(seconds: float, model: str | None, viewers: int = 1) -> dic
     finally:
         server.terminate()
         server.wait(timeout=30)
+        home.cleanup()
     rss = [c[1] for c in curve]
     half = rss[len(rss) // 2:]
     return {"seconds": seconds, "viewers": viewers, "frames": st["frames"],

@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from detector.errors import HematoVisionError
 from stream import resolve_model
@@ -71,6 +72,16 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, got {v}")
+    return v
+
+
 def _auth(text: str) -> tuple[str, str]:
     user, sep, password = text.partition(":")
     if not sep or not user or not password:
@@ -78,8 +89,15 @@ def _auth(text: str) -> tuple[str, str]:
     return user, password
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line: what is wrong, and where the help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="hematovision",
         description="Segment, classify, track and count white blood cells in smear images "
         "and video.",
@@ -96,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "'picamera' or 'demo' (default)")
     s.add_argument("--model", type=str, default=None, help=model_help)
     s.add_argument("--host", type=str, default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    s.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
     s.add_argument("--auth", type=_auth, default=None, help="require a login USER:PASS")
     s.add_argument("--allow-url-sources", action="store_true",
                    help="let page users switch to rtsp:// and http(s):// sources (the server "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import cv2
 import pytest
@@ -46,3 +47,27 @@ def test_bench_figures(short_clip, tiny_models, capsys):  # noqa: F811
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["threads"] == 1 and "fps_end_to_end" in out
+
+
+def test_serve_bench_leaves_no_temporary_files(tmp_path, monkeypatch):
+    """The live-page measurements write their session files to a folder removed at the end."""
+    from stream import bench_serve, sources
+    from stream.synth import render_video
+
+    clip = render_video(tmp_path / "clip", seconds=1.0, fps=30.0, seed=1, progress=False)
+    monkeypatch.setattr(sources, "demo_video_path", lambda: clip / "video.mp4")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(bench_serve.tempfile, "tempdir", str(scratch))
+    made = []
+    real = bench_serve.tempfile.TemporaryDirectory
+
+    def spy(*a, **kw):
+        made.append(real(*a, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(bench_serve.tempfile, "TemporaryDirectory", spy)
+    r = bench_serve.bench_long(frames=40, model=None)
+    assert r["frames"] >= 40
+    assert [Path(m.name).name.startswith("hv-bench-") for m in made] == [True]
+    assert list(scratch.iterdir()) == []  # written during the run, removed after it
