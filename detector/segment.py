@@ -115,6 +115,9 @@ _FIRM_FRACTION = 0.5
 _FLAT_ENOUGH = 0.8
 #: Grid (columns, rows) the illumination field is evaluated on before it is resized.
 _COARSE = (32, 24)
+#: Below this red-cell diameter in working pixels (low magnification) the frame is read again
+#: at a larger working width.
+_MIN_RBC_WORKING = 18.0
 
 
 @dataclass(frozen=True)
@@ -301,15 +304,35 @@ class Segmenter:
         """White cells in one BGR frame -> Detections (full-res xyxy, score, area, touches_edge)."""
         bgr = _as_bgr(image)
         opt = self.options
-        h, w = bgr.shape[:2]
-        scale = min(1.0, opt.working_width / w)
-        small = _shrink(bgr, opt.working_width, max(8, int(round(h * scale)))) if scale < 1 else bgr
-        sx, sy = w / small.shape[1], h / small.shape[0]
+        width = min(opt.working_width, bgr.shape[1])
+        planes = self._planes(bgr, width)
+        if planes is None:
+            return _no_cells()
+        d_small = planes[3]
+        if self.last_rbc_measured and d_small < _MIN_RBC_WORKING and width < bgr.shape[1]:
+            # Low magnification: red cells too few pixels across at the usual working width to
+            # tell a nucleus from a platelet; look again at a width giving them ~24 pixels.
+            width = min(bgr.shape[1], int(round(width * 24.0 / d_small)))
+            planes = self._planes(bgr, width)
+            if planes is None:
+                return _no_cells()
+        f, off, small, d_small, sxy = planes
+        return self._cells(f, off, small, d_small, sxy)
 
+    def _planes(
+        self, bgr: np.ndarray, width: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, tuple[float, float]] | None:
+        """The frame read at ``width`` working pixels: nucleus-stain plane, cell-body plane, the
+        working copy, red-cell diameter (working px) and the working-to-frame scale; None when
+        the frame is too dark to read."""
+        h, w = bgr.shape[:2]
+        scale = min(1.0, width / w)
+        small = _shrink(bgr, width, max(8, int(round(h * scale)))) if scale < 1 else bgr
+        sxy = (w / small.shape[1], h / small.shape[0])
         small = self._flatten_illumination(small)
         od = self._optical_density(small)
         if od is None:
-            return _no_cells()
+            return None
         od2 = np.ascontiguousarray(od[::2, ::2])  # every 4th pixel suffices for statistics
         u, m = self._rbc_direction(od2)
         self.last_stain_density = m
@@ -320,9 +343,8 @@ class Segmenter:
         b = cv2.transform(od, (basis[1] / m).reshape(1, 3))
         f = cv2.addWeighted(a, float(np.cos(theta)), b, float(np.sin(theta)), 0.0)
         off = cv2.magnitude(a, b) if self.options.body_any_hue else f
-
         d_small = self._rbc_diameter(od2, u, m, f, scale)
-        return self._cells(f, off, small, d_small, (sx, sy))
+        return f, off, small, d_small, sxy
 
     # -- steps --------------------------------------------------------------------------------
     def _flatten_illumination(self, small: np.ndarray) -> np.ndarray:
@@ -477,8 +499,8 @@ class Segmenter:
         # at least r deep, so each trial radius costs two distance transforms.
         area = int(np.count_nonzero(rbc))
         depth = cv2.distanceTransform(rbc, cv2.DIST_L2, 3)
-        lo, hi = 0.2 * fallback / 2, 1.5 * fallback / 2  # radius bounds at half resolution
-        for _ in range(6):
+        lo, hi = max(1.0, 0.12 * fallback / 2), 1.5 * fallback / 2  # radii at half resolution
+        for _ in range(7):
             r = (lo + hi) / 2
             outside = (depth < r).astype(np.uint8)
             kept = 0
@@ -486,7 +508,7 @@ class Segmenter:
                 kept = np.count_nonzero(cv2.distanceTransform(outside, cv2.DIST_L2, 3) <= r)
             lo, hi = (r, hi) if kept > area * _GRANULOMETRY_KEEP else (lo, r)
         d = 2.0 * (lo + hi) * _GRANULOMETRY_CAL
-        if not 0.4 * fallback <= d <= 2.5 * fallback:
+        if not 0.3 * fallback <= d <= 2.5 * fallback:
             log.debug("implausible red-cell diameter %.1f px, using %.1f", d / scale, fallback)
             return fallback
         self.last_rbc_diameter, self.last_rbc_measured = d / scale, True

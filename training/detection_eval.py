@@ -216,15 +216,54 @@ def _restain(img: np.ndarray, tint: np.ndarray) -> np.ndarray:
     return bg * np.exp(-od) - 1.0
 
 
+def _mirror_boxes(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Boxes of a ``w`` x ``h`` photo and of its mirror images on all sides (as
+    ``cv2.BORDER_REFLECT`` pads it), in the padded photo's frame relative to the original's
+    corner; a cell cut by the photo's edge and its mirror image are one (whole) cell (boxes
+    within 2% of the photo's size of each other are joined)."""
+    out = []
+    for b in np.asarray(boxes, np.float32).reshape(-1, 4):
+        xs = [(b[0], b[2]), (-b[2], -b[0]), (2 * w - b[2], 2 * w - b[0])]
+        ys = [(b[1], b[3]), (-b[3], -b[1]), (2 * h - b[3], 2 * h - b[1])]
+        out += [[x1, y1, x2, y2] for x1, x2 in xs for y1, y2 in ys]
+    merged = [list(map(float, b)) for b in out]
+    tol = 0.02 * max(w, h)  # annotated boxes stop a few pixels short of the photo's edge
+    changed = True
+    while changed:  # join boxes that touch across a mirror line
+        changed = False
+        for i in range(len(merged)):
+            for j in range(i + 1, len(merged)):
+                a, c = merged[i], merged[j]
+                near_x = a[0] <= c[2] + tol and c[0] <= a[2] + tol
+                if near_x and a[1] <= c[3] + tol and c[1] <= a[3] + tol:
+                    merged[i] = [min(a[0], c[0]), min(a[1], c[1]), max(a[2], c[2]), max(a[3], c[3])]
+                    del merged[j]
+                    changed = True
+                    break
+            if changed:
+                break
+    return np.asarray(merged, np.float32).reshape(-1, 4)
+
+
+def _visible(b: np.ndarray, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes clipped to a ``w`` x ``h`` frame -> (at least half visible: to be found; less:
+    ignored, neither a hit nor a false alarm)."""
+    clipped = np.clip(b, 0, [w, h, w, h]).astype(np.float32)
+    area = np.prod(np.clip(b[:, 2:] - b[:, :2], 1e-6, None), axis=1)
+    vis = np.prod(np.clip(clipped[:, 2:] - clipped[:, :2], 0, None), axis=1) / area
+    return clipped[vis >= 0.5], clipped[(vis > 0) & (vis < 0.5)]
+
+
 def perturb(
     image: np.ndarray, boxes: np.ndarray, kind: str, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Apply one named perturbation -> (image, boxes, ignore boxes).
 
-    Magnification changes keep the frame size: zooming out (<1) shrinks the picture onto an empty
-    glass canvas of the frame's own background colour; zooming in (>1) crops the centre. GT boxes
-    follow; a box less than half visible after cropping becomes an ignore box (a detection there
-    is neither a hit nor a false alarm).
+    Magnification changes keep the frame size: zooming out (<1) widens the field of view, the
+    smear continuing beyond the photo as its mirror image (white cells included, so the frame is
+    full of cells as a real low-magnification frame is); zooming in (>1) crops the centre. GT
+    boxes follow; a box less than half visible becomes an ignore box (a detection there is
+    neither a hit nor a false alarm).
     """
     rng = np.random.default_rng(seed)
     img = image.astype(np.float32)
@@ -267,25 +306,21 @@ def perturb(
     elif name == "scale":
         s = float(arg)
         if s < 1.0:
-            sw, sh = int(round(w * s)), int(round(h * s))
-            bg = np.percentile(img.reshape(-1, 3), 97, axis=0)
-            canvas = np.empty_like(img)
-            canvas[:] = bg
-            canvas += rng.normal(0, 2.0, canvas.shape).astype(np.float32)
-            ox, oy = (w - sw) // 2, (h - sh) // 2
-            canvas[oy : oy + sh, ox : ox + sw] = cv2.resize(img, (sw, sh), cv2.INTER_AREA)
-            img = canvas
-            boxes = boxes * s + np.array([ox, oy, ox, oy], np.float32)
+            # a wider field of view: the smear continues beyond the photo (mirrored around it,
+            # with its white cells), all shrunk to the frame
+            px, py = int(round((w / s - w) / 2)), int(round((h / s - h) / 2))
+            big = cv2.copyMakeBorder(img, py, py, px, px, cv2.BORDER_REFLECT)
+            img = cv2.resize(big, (w, h), interpolation=cv2.INTER_AREA)
+            fx, fy = w / big.shape[1], h / big.shape[0]
+            boxes = _mirror_boxes(boxes, w, h) + np.array([px, py, px, py], np.float32)
+            boxes = boxes * np.array([fx, fy, fx, fy], np.float32)
+            boxes, ignore = _visible(boxes, w, h)
         else:
             cw, ch = w / s, h / s
             ox, oy = (w - cw) / 2, (h - ch) / 2
             m = np.array([[s, 0, -ox * s], [0, s, -oy * s]], np.float32)
             img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR)
-            b = (boxes - np.array([ox, oy, ox, oy], np.float32)) * s
-            clipped = np.clip(b, 0, [w, h, w, h]).astype(np.float32)
-            area = np.prod(np.clip(b[:, 2:] - b[:, :2], 1e-6, None), axis=1)
-            vis = np.prod(np.clip(clipped[:, 2:] - clipped[:, :2], 0, None), axis=1) / area
-            boxes, ignore = clipped[vis >= 0.5], clipped[(vis > 0) & (vis < 0.5)]
+            boxes, ignore = _visible((boxes - np.array([ox, oy, ox, oy], np.float32)) * s, w, h)
     elif name == "blur":
         img = cv2.GaussianBlur(img, (0, 0), float(arg))
     elif name == "noise":
