@@ -66,8 +66,14 @@ def _wait(pred, timeout: float, step: float = 0.25):  # noqa: ANN001, ANN202
     return pred()
 
 
+AUTH = ("lab", "s3cret")
+
+
 @pytest.fixture
-def served(tmp_path: Path):  # noqa: ANN201
+def served(request: pytest.FixtureRequest, tmp_path: Path):  # noqa: ANN201
+    """`hematovision serve demo` on a free port; ``request.param``: extra serve options."""
+    extra = list(getattr(request, "param", []))
+    auth = AUTH if "--auth" in extra else None
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)")
     pytest.importorskip("playwright.sync_api", reason="playwright not installed ([dev] extra)")
@@ -77,7 +83,7 @@ def served(tmp_path: Path):  # noqa: ANN201
     port = _free_port()
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stream.cli", "serve", "demo", "--port", str(port)],
+        [sys.executable, "-m", "stream.cli", "serve", "demo", "--port", str(port), *extra],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -87,7 +93,7 @@ def served(tmp_path: Path):  # noqa: ANN201
             if proc.poll() is not None:
                 return True
             try:
-                return httpx.get(f"{base}/stats.json", timeout=2).status_code == 200
+                return httpx.get(f"{base}/stats.json", timeout=2, auth=auth).status_code == 200
             except httpx.HTTPError:
                 return False
 
@@ -149,3 +155,33 @@ def test_live_page_shows_video_counts_and_reset(served: str, tmp_path: Path) -> 
         finally:
             browser.close()
     assert (tmp_path / "live.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("served", [["--auth", ":".join(AUTH)]], indirect=True)
+def test_login_form_then_live_view(served: str, tmp_path: Path) -> None:
+    """With --auth the browser lands on the login form; after it, the page and video work."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(served, timeout=60_000)
+            assert page.url.endswith("/login")
+            page.fill("input[name=username]", AUTH[0])
+            page.fill("input[name=password]", "wrong")
+            page.click("button[type=submit]")
+            assert "Wrong user name or password" in page.content()
+            page.fill("input[name=username]", AUTH[0])
+            page.fill("input[name=password]", AUTH[1])
+            page.click("button[type=submit]")
+            page.wait_for_selector("#hv-video", timeout=60_000)
+            first = _wait(lambda: page.evaluate(FRAME_SIGNATURE_JS), 20)
+            assert first is not None and first[:2] == [640, 480], "no frame after login"
+            assert _wait(lambda: _total(page) >= 0, 20), "the counts table did not load"
+            assert page.request.get(f"{served}/stats.json").status == 200
+            stranger = browser.new_context().new_page()  # no cookie
+            assert stranger.request.get(f"{served}/stats.json").status == 401
+            assert stranger.request.get(f"{served}/gradio_api/info").status == 401
+        finally:
+            browser.close()
