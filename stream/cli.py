@@ -1,6 +1,6 @@
 """The ``hematovision`` command line.
 
-Every sub-command's options are declared here (the user-facing contract from DESIGN.md); the work
+Every sub-command's options are declared here (the command line users and scripts rely on); the work
 is done by a ``main(args) -> int`` function in the module that owns it, imported only when that
 command runs, so ``hematovision detect`` never imports TensorFlow or Gradio.
 """
@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", type=str, default=None, help=model_help)
     r.add_argument("--report", type=str, default=None, help="write the final report JSON here")
     r.add_argument("--events", type=str, default=None, help="append one JSON line per counted cell")
-    r.add_argument("--record", type=str, default=None, help="write the annotated video (MP4)")
+    r.add_argument("--record", type=str, default=None,
+                   help="write the annotated video (.webm plays in browsers; .mp4, .avi)")
     r.add_argument("--target", type=_positive_int, default=100, help="cells to count (default 100)")
     r.add_argument("--max-frames", type=_positive_int, default=None, help="stop after N frames")
 

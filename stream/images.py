@@ -6,7 +6,8 @@ analysis takes (H x W x 3 uint8 BGR):
 - grayscale -> 3 equal channels; gray+alpha, RGBA/BGRA and palette images with transparency ->
   composited on white (a slide's background is bright, so white is what transparency hides);
 - 16-bit (and 10/12/14-bit data stored in 16 bits, common with scientific cameras) -> 8-bit,
-  scaled by the smallest of 10, 12, 14, 16 bits that holds the image's largest value;
+  scaled by the smallest of 10, 12, 14, 16 bits that holds the image's largest value (camera
+  and video frames go through the same conversion, ``normalize_image``);
 - floating-point images -> [0, 1] (or [0, 255] when the values exceed 1) scaled to 8-bit.
 
 Limits, each an :class:`InputError` naming the file: not decodable ("not a readable image"),
@@ -76,28 +77,19 @@ def expand_image_arg(arg: str) -> list[Path]:
     raise InputError(f"{arg}: no such file or folder")
 
 
-def iter_image_paths(args: list[str]) -> list[Path]:
-    """Expand every argument (files, folders, globs) into one list of paths, in order, without
-    duplicates. Raises InputError for the first argument that names nothing."""
-    seen: set[Path] = set()
-    out: list[Path] = []
-    for arg in args:
-        for p in expand_image_arg(arg):
-            key = p.resolve()
-            if key not in seen:
-                seen.add(key)
-                out.append(p)
-    return out
+def bit_depth(img: np.ndarray) -> int:
+    """Bits used by 16-bit pixel data: the smallest of 10, 12, 14, 16 that holds its largest
+    value (scientific cameras store 10/12/14-bit data in 16-bit words)."""
+    peak = int(img.max()) if img.size else 0
+    return next((b for b in (10, 12, 14) if peak < (1 << b)), 16)
 
 
-def _to_uint8(img: np.ndarray, path: Path) -> np.ndarray:
+def _to_uint8(img: np.ndarray, path: Path, bits: int | None) -> np.ndarray:
     """Any depth -> uint8, keeping channels."""
     if img.dtype == np.uint8:
         return img
     if img.dtype == np.uint16:
-        peak = int(img.max()) if img.size else 0
-        bits = next((b for b in (10, 12, 14) if peak < (1 << b)), 16)
-        log.debug("%s: %d-bit data in 16-bit image scaled to 8-bit", path, bits)
+        bits = bits or bit_depth(img)
         return cv2.convertScaleAbs(img, alpha=255.0 / ((1 << bits) - 1))
     if img.dtype in (np.float32, np.float64, np.float16):
         f = np.nan_to_num(img.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
@@ -115,10 +107,13 @@ def _composite_on_white(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def normalize_image(img: np.ndarray, path: str | Path = "<image>") -> np.ndarray:
-    """Decoded image of any layout (gray, gray+alpha, BGR, BGRA; 8/16-bit or float) -> BGR uint8."""
+def normalize_image(img: np.ndarray, path: str | Path = "<image>",
+                    bits: int | None = None) -> np.ndarray:
+    """Decoded image or camera frame of any layout (gray, gray+alpha, BGR, BGRA; 8/16-bit or
+    float) -> BGR uint8. 16-bit data is scaled by ``bits`` (default: :func:`bit_depth` of this
+    image; a video source fixes it at its first frame, so brightness does not jump)."""
     path = Path(path)
-    img = _to_uint8(img, path)
+    img = _to_uint8(img, path, bits)
     if img.ndim == 2:
         return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
     if img.ndim != 3:

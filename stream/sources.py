@@ -33,11 +33,10 @@ import numpy as np
 
 from detector.core import Frame
 from detector.errors import InputError
-from stream.images import IMAGE_EXTENSIONS, expand_image_arg, read_still
+from stream.images import IMAGE_EXTENSIONS, bit_depth, expand_image_arg, normalize_image, read_still
 
 log = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".webm", ".wmv"}
 URL_RE = re.compile(r"^(rtsp|rtsps|http|https)://", re.IGNORECASE)
 
 #: Defaults for network streams (milliseconds).
@@ -95,6 +94,20 @@ class Source:
         self.state = "running"
         self.loops = 0
         self.pass_start = 0
+        self._bits: int | None = None  # bit depth of 16-bit frames, fixed at the first one
+
+    def _as_bgr(self, img: np.ndarray | None) -> np.ndarray | None:
+        """A device's frame as (H, W, 3) uint8 BGR, converted as image files are (None if
+        unusable). 16-bit frames are scaled by one bit depth for the whole source."""
+        if img is None or not isinstance(img, np.ndarray) or img.size == 0:
+            return None
+        if img.dtype == np.uint16 and self._bits is None:
+            self._bits = bit_depth(img)
+        try:
+            return normalize_image(img, self.name, bits=self._bits)
+        except InputError as exc:
+            log.warning("%s", exc)
+            return None
 
     def read(self, timeout: float | None = None) -> Frame | None:
         """Next frame, or None at the end of the source (or when ``timeout`` expires)."""
@@ -253,7 +266,7 @@ class LiveSource(Source):
         return dev
 
     def _make_frame(self, img: np.ndarray) -> Frame | None:
-        img = _as_bgr(img)
+        img = self._as_bgr(img)
         if img is None:
             return None
         frame = Frame(img, self.frames_read, time.monotonic())
@@ -338,14 +351,14 @@ class FileSource(Source):
         if self._cap is None:
             return None
         ok, img = _safe_read(self._cap)
-        img = _as_bgr(img) if ok else None
+        img = self._as_bgr(img) if ok else None
         if img is None and self._loop and self._index > 0:
             _safe_release(self._cap)
             self._cap = self._factory()  # start again (index and time keep counting)
             self.loops += 1
             self.pass_start = self._index
             ok, img = _safe_read(self._cap)
-            img = _as_bgr(img) if ok else None
+            img = self._as_bgr(img) if ok else None
         if img is None:
             self.state = "stopped"
             self.close()
@@ -545,7 +558,8 @@ def open_source(
     read_timeout_ms: int = READ_TIMEOUT_MS,
     loop: bool | None = None,
 ) -> Source:
-    """Open SOURCE (see DESIGN.md): camera index, 'picamera', file, folder/glob, URL or 'demo'.
+    """Open SOURCE: a camera index, 'picamera', a video file, an image folder or glob, a stream
+    URL or 'demo'.
 
     Args:
         spec: What the user typed (an int or digit string is a camera index).
@@ -681,26 +695,6 @@ def _safe_read(dev: Any) -> tuple[bool, np.ndarray | None]:
 def _safe_release(dev: Any) -> None:
     with contextlib.suppress(Exception):
         dev.release()
-
-
-def _as_bgr(img: np.ndarray | None) -> np.ndarray | None:
-    """Whatever a device returned, as an (H, W, 3) uint8 BGR array (None if unusable)."""
-    if img is None or not isinstance(img, np.ndarray) or img.size == 0:
-        return None
-    if img.dtype != np.uint8:
-        if img.dtype == np.uint16:
-            img = (img >> 8).astype(np.uint8)
-        else:
-            img = np.clip(img, 0, 255).astype(np.uint8)
-    if img.ndim == 2:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-    if img.ndim == 3 and img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
-    if img.ndim == 3 and img.shape[2] == 3:
-        return np.ascontiguousarray(img)
-    if img.ndim == 3 and img.shape[2] == 1:
-        return cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2BGR)
-    return None
 
 
 def _read_image(path: Path) -> np.ndarray | None:

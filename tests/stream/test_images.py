@@ -12,7 +12,7 @@ import pytest
 
 from detector.errors import InputError
 from stream import images
-from stream.images import expand_image_arg, iter_image_paths, normalize_image, read_image
+from stream.images import expand_image_arg, normalize_image, read_image
 
 
 def _write(path: Path, img: np.ndarray) -> Path:
@@ -53,20 +53,19 @@ def test_expand_files_folders_globs(tmp_path: Path) -> None:
     assert [p.name for p in folder] == ["a.jpg", "b.png", "c.tif"]  # sorted, images only
     assert [p.name for p in expand_image_arg(str(tmp_path / "*.png"))] == ["b.png"]
     assert expand_image_arg(str(tmp_path / "notes.txt")) == [tmp_path / "notes.txt"]
-    both = iter_image_paths([str(tmp_path / "b.png"), str(tmp_path), str(tmp_path / "sub")])
-    assert [p.name for p in both] == ["b.png", "a.jpg", "c.tif", "z.png"]  # no duplicates
+    assert [p.name for p in expand_image_arg(str(tmp_path / "sub"))] == ["z.png"]
 
 
 def test_expand_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match=r"empty: folder holds no images"):
-        iter_image_paths([str(tmp_path / "empty")])
+        expand_image_arg(str(tmp_path / "empty"))
     missing = str(tmp_path / "missing.png")
     with pytest.raises(InputError, match="no such file or folder") as info:
-        iter_image_paths([missing])
+        expand_image_arg(missing)
     assert str(info.value).startswith(missing)
     with pytest.raises(InputError, match="no images match"):
-        iter_image_paths([str(tmp_path / "*.jpg")])
+        expand_image_arg(str(tmp_path / "*.jpg"))
 
 
 # -- reading --------------------------------------------------------------------------------------

@@ -275,3 +275,34 @@ def test_looping_replay_keeps_counting_frames(tmp_path: Path) -> None:
         frames = [src.read() for _ in range(14)]
     assert [f.index for f in frames] == list(range(14))  # analysis mode: every frame, looped
     assert src.loops >= 2  # type: ignore[attr-defined]
+
+
+def test_12_bit_camera_frame_reads_as_the_same_picture_from_a_file(tmp_path: Path) -> None:
+    """One conversion for files and devices: 12-bit data in 16-bit words is scaled by 12 bits
+    in both (a camera frame used to come out ~16x darker than the same picture from a file)."""
+    rng = np.random.default_rng(3)
+    picture = (rng.integers(0, 4096, (48, 64, 3)) | 0x800).astype(np.uint16)  # 12-bit, bright
+    path = tmp_path / "frame.png"
+    assert cv2.imwrite(str(path), picture)
+    from stream.images import read_image
+
+    from_file = read_image(path)
+
+    class Camera12:
+        def isOpened(self) -> bool:  # noqa: N802
+            return True
+
+        def read(self) -> tuple[bool, np.ndarray]:
+            return True, picture.copy()
+
+        def get(self, prop: int) -> float:
+            return 30.0
+
+        def release(self) -> None:
+            pass
+
+    with open_source(0, realtime=True, device_factory=Camera12) as src:
+        frame = src.read(timeout=2.0)
+    assert frame is not None
+    assert np.array_equal(frame.bgr, from_file)
+    assert int(frame.bgr.min()) >= 128 and int(frame.bgr.max()) == 255
