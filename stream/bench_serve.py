@@ -116,7 +116,7 @@ def _session(realtime: bool, model: str | None, loop: bool = True) -> Iterator[A
     with tempfile.TemporaryDirectory(prefix="hv-bench-") as tmp:
         session = Session("demo", default_analyzer_factory,
                           settings=SessionSettings(model=model), realtime=realtime,
-                          out_dir=tmp, source_opener=opener, max_events=200)
+                          out_dir=tmp, source_opener=opener)
         try:
             yield session
         finally:

@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 #: Finished runs whose reports are kept for the export.
 KEEP_RUNS = 20
+#: Control events (start, pause, ...) kept until the first cell is counted.
+MAX_PENDING = 200
 
 
 @dataclass
@@ -133,7 +135,6 @@ class Session:
         out_dir: Folder for the event log and recordings (made at the first write; default
             a new folder under ``~/.cache/hematovision/sessions``).
         jpeg_quality: JPEG quality of the published frames.
-        max_events: Events kept in memory (the event log file keeps them all).
         max_cells: Counted-cell thumbnails kept for the gallery.
         window: Frames over which fps and median latency are computed.
         source_opener: ``open_source``-like callable (tests inject fakes).
@@ -148,7 +149,6 @@ class Session:
         realtime: bool = True,
         out_dir: str | Path | None = None,
         jpeg_quality: int = 80,
-        max_events: int = 500,
         max_cells: int = 24,
         window: int = 120,
         source_opener: Callable[..., Source] | None = None,
@@ -164,9 +164,8 @@ class Session:
         self.publisher = Publisher(jpeg_quality)
         self.gallery = Gallery(max_cells)
         self.meter = Meter(window)
-        self._events: deque[dict[str, Any]] = deque(maxlen=max_events)
         self._log = EventLog(self.out_dir / "events.jsonl")
-        self._log_started = False
+        self._pending: list[dict[str, Any]] | None = []  # events before the first count
         self._recorder: VideoRecorder | None = None
         self.recording_path: Path | None = None
         self.last_recording: Path | None = None
@@ -199,7 +198,9 @@ class Session:
         """
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
-                self._paused.clear()
+                if self._paused.is_set():
+                    self._paused.clear()
+                    self._log_event({"event": "resume"})
                 return
             if self._analyzer is None:
                 self._analyzer = self._build_analyzer()
@@ -229,13 +230,10 @@ class Session:
             self._log_event({"event": "start", "source": str(self.source_spec)})
 
     def pause(self) -> None:
-        """Freeze the view and the count; frames arriving meanwhile are discarded."""
+        """Freeze the view and the count; frames arriving meanwhile are discarded (``start``
+        resumes)."""
         self._paused.set()
         self._log_event({"event": "pause"})
-
-    def resume(self) -> None:
-        self._paused.clear()
-        self._log_event({"event": "resume"})
 
     def stop(self) -> None:
         """Stop the worker, close the source and any recording (the last frame stays shown)."""
@@ -369,10 +367,6 @@ class Session:
         """Last counted cells, newest first."""
         return self.gallery.newest_first()
 
-    def events(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(self._events)
-
     @property
     def state(self) -> str:
         if self._error:
@@ -462,9 +456,9 @@ class Session:
             paths[key] = write_report(folder / f"report-{key}.json", old)
         paths["events"] = folder / "events.jsonl"
         with self._lock:
-            kept = None if self._log_started else list(self._events)
-        paths["events"].write_bytes(self._log.read_bytes() if kept is None else
-                                    "".join(json.dumps(e) + "\n" for e in kept).encode())
+            pending = self._pending
+            paths["events"].write_bytes(self._log.read_bytes() if pending is None else
+                                        "".join(json.dumps(e) + "\n" for e in pending).encode())
         video = self.last_recording
         if video is not None and video.exists() and video.stat().st_size > 0:
             paths["video"] = video
@@ -580,16 +574,15 @@ class Session:
                 self.publisher.set_summary(to_json(analyzer.tally.summary()))
 
     def _log_event(self, record: dict[str, Any]) -> None:
-        """Keep the event in memory; the file starts with the first counted cell (then with
-        the events kept so far), so a session that counted nothing leaves no folder behind."""
+        """Append to the event log. The file starts with the first counted cell (preceded by
+        the controls so far), so a session that counted nothing leaves no folder behind."""
         record = {"time": round(time.time(), 3), **record}
         with self._lock:
-            self._events.append(record)
-            if not self._log_started:
+            if self._pending is not None:
+                self._pending = [*self._pending[-(MAX_PENDING - 1):], record]
                 if record["event"] != "counted":
                     return
-                self._log_started = True
-                backlog = list(self._events)
+                backlog, self._pending = self._pending, None
             else:
                 backlog = [record]
             try:

@@ -79,7 +79,6 @@ class Source:
         state: "running", "reconnecting", "stopped" or "error: ...".
         monotonic_clock: True when ``Frame.t`` is ``time.monotonic()`` at capture (False: the
             presentation time within a file).
-        loops: How many times a looping file started again from its beginning.
         pass_start: ``Frame.index`` of the first frame of the current pass through a looping file
             (0 until it loops): frames from this index on show the same cells again.
     """
@@ -92,7 +91,6 @@ class Source:
     def __init__(self) -> None:
         self.dropped = 0
         self.state = "running"
-        self.loops = 0
         self.pass_start = 0
         self._bits: int | None = None  # bit depth of 16-bit frames, fixed at the first one
 
@@ -216,7 +214,6 @@ class LiveSource(Source):
                         continue
                     if self._loop:
                         restart = True  # reopen at once: play the file again
-                        self.loops += 1
                         self.pass_start = self.frames_read
                         continue
                     break  # end of file
@@ -355,7 +352,6 @@ class FileSource(Source):
         if img is None and self._loop and self._index > 0:
             _safe_release(self._cap)
             self._cap = self._factory()  # start again (index and time keep counting)
-            self.loops += 1
             self.pass_start = self._index
             ok, img = _safe_read(self._cap)
             img = self._as_bgr(img) if ok else None
