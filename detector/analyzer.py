@@ -21,7 +21,7 @@ from detector.core import CountEvent, Detections, Frame, Summary, in_view
 from detector.crop import CropRule
 from detector.focus import SharpGate, cell_sharpness, frame_sharpness
 from detector.tally import Tally
-from detector.track import Tracker
+from detector.track import Tracker, TrackerOptions
 from detector.vote import VoteOptions, Voter
 
 log = logging.getLogger(__name__)
@@ -79,25 +79,25 @@ class Analyzer:
         self,
         segmenter: SegmenterLike,
         classifier: ClassifierLike,
-        tracker: Tracker | None = None,
-        tally: Tally | None = None,
         *,
         target: int = 100,
-        frame_gate: SharpGate | None = None,
+        track: TrackerOptions | None = None,
         vote: VoteOptions | None = None,
+        frame_gate: SharpGate | None = None,
         naive: bool = False,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        """``frame_gate`` skips blurred frames (focus relative to the recent frames); ``vote``:
-        how many sightings vote and how sharp they must be. ``naive=True`` classifies every
+        """``target``: cells to count; ``track``: tracker settings; ``vote``: how many sightings
+        vote and how sharp they must be; ``frame_gate`` skips blurred frames (focus relative to
+        the recent frames). ``naive=True`` classifies every
         cell in every frame (the design we avoid; for bench). ``clock`` times the stages
         (``time.thread_time`` gives CPU time, which a busy machine does not inflate)."""
         self.segmenter = segmenter
         self.classifier = classifier
-        self.tracker = tracker or Tracker()
+        self.tracker = Tracker(track)
         self.labels: tuple[str, ...] = tuple(classifier.labels)
         self.voter = Voter(self.labels, self._label_of, vote)
-        self.tally = tally or Tally(self.labels, target=target)
+        self.tally = Tally(self.labels, target=target)
         self.frame_gate = frame_gate or SharpGate(ratio=0.6)
         self.naive = naive
         self.clock = clock

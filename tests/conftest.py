@@ -24,7 +24,9 @@ def bccd_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def shipped_model() -> Path:
-    """The default model shipped in models/."""
-    path = REPO / "models" / "hematovision.tflite"
+    """The default model shipped in models/, as the installed package finds it."""
+    from hematovision_models import shipped_model as find
+
+    path = find()
     assert path.is_file(), f"shipped model missing: {path}"
     return path
