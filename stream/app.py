@@ -42,7 +42,6 @@ import re
 import secrets
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -794,7 +793,10 @@ def build_page(session: Session, *, models: dict[str, str], image_model: str | N
         record.input(page_action("recording", toggle_record), inputs=record, outputs=message)
 
         def export() -> list[str]:
-            folder = Path(tempfile.mkdtemp(prefix="hematovision-export-"))
+            # straight into Gradio's cache, which serves the files as they are: no second copy,
+            # and nothing left in the system's temporary folder
+            folder = Path(page.GRADIO_CACHE) / f"export-{secrets.token_hex(8)}"
+            folder.mkdir(parents=True)
             paths = session.export(folder)
             if "video" in paths and paths["video"].parent != folder:
                 dst = folder / paths["video"].name
