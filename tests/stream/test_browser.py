@@ -84,7 +84,8 @@ def served(request: pytest.FixtureRequest, tmp_path: Path):  # noqa: ANN201
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "stream.cli", "serve", "demo", "--port", str(port), *extra],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "gradio-cache")})
     base = f"http://127.0.0.1:{port}"
     try:
         import httpx
