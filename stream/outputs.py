@@ -13,6 +13,8 @@ Shared by ``hematovision run`` and the live session, so both write the same file
   it falls behind, frames are left out of the recording and counted in ``skipped``.
 - :func:`build_report`, :func:`write_report`, :func:`write_report_csv`: the report's fields
   common to ``run --report`` and the page's export, written atomically.
+- :class:`Runs`: the runs of a live session (a replayed file starts a new one) and the reports
+  of the finished ones; :func:`export_files` writes them all for download.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import json
 import logging
 import queue
 import threading
+from collections import deque
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -38,12 +42,20 @@ CODECS = {".webm": "VP80", ".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi
 
 
 class EventLog:
-    """A JSON Lines file, appended and flushed per line; created at the first line."""
+    """A JSON Lines file, appended and flushed per line; created at the first line.
 
-    def __init__(self, path: str | Path | None) -> None:
+    ``hold_until="counted"``: records before the first whose ``event`` is that are held in
+    memory (the last ``hold`` of them) and written with it, so a live session that counted
+    nothing leaves no file or folder behind.
+    """
+
+    def __init__(self, path: str | Path | None, *, hold_until: str | None = None,
+                 hold: int = 200) -> None:
         self.path = Path(path) if path else None
         self._fh: IO[str] | None = None
         self._lock = threading.Lock()
+        self._hold_until = hold_until
+        self._held: deque[dict[str, Any]] = deque(maxlen=hold)
 
     def check(self) -> None:
         """Fail now, with one line, when the file cannot be written (not at the first cell)."""
@@ -54,8 +66,15 @@ class EventLog:
         if self.path is None:
             return
         with self._lock:
+            if self._hold_until is not None:
+                self._held.append(record)
+                if record.get("event") != self._hold_until:
+                    return
+                self._hold_until = None
+            records = [*self._held, *([] if self._held else [record])]
+            self._held.clear()
             fh = self._fh or self._open()
-            fh.write(json.dumps(record) + "\n")
+            fh.write("".join(json.dumps(r) + "\n" for r in records))
             fh.flush()
 
     def _open(self) -> IO[str]:
@@ -70,11 +89,14 @@ class EventLog:
         return self._fh
 
     def read_bytes(self) -> bytes:
-        """What was written so far (b"" before the first line)."""
+        """The log so far, held records included."""
         with self._lock:
             if self._fh is not None:
                 self._fh.flush()
-        return self.path.read_bytes() if self.path is not None and self.path.exists() else b""
+            held = "".join(json.dumps(r) + "\n" for r in self._held).encode()
+        if self.path is not None and self.path.exists():
+            return self.path.read_bytes() + held
+        return held
 
     def close(self) -> None:
         with self._lock:
@@ -216,3 +238,46 @@ def write_report_csv(path: str | Path, report: dict[str, Any]) -> Path:
             w.writerow([label, n, report["differential"].get(label, 0.0), lo, hi])
         w.writerow(["total", report["total"], 100.0 if report["total"] else 0.0, "", ""])
     return path
+
+
+@dataclass
+class Runs:
+    """The counts of one live session: the current run (its number, first frame, start time)
+    and the reports of the finished ones, kept for the export (the last ``keep``)."""
+
+    number: int = 1
+    note: str = ""
+    first_frame: int = 0
+    started: float | None = None
+    keep: int = 20
+    finished: deque[dict[str, Any]] = field(default_factory=deque)
+
+    def begin(self, frame: int) -> None:
+        """The count restarts at session frame ``frame`` (its clock starts with the worker)."""
+        self.first_frame, self.started = frame, None
+
+    def close(self, report: dict[str, Any], why: str) -> None:
+        """The current run ended (``why``): keep its report and number the next one."""
+        self.finished.append({**report, "ended": why})
+        while len(self.finished) > self.keep:
+            self.finished.popleft()
+        self.number += 1
+        self.note = (f"run {self.number}: {why}, so the count restarted; run {self.number - 1} "
+                     f"({report['total']} cells) is kept in the export")
+
+
+def export_files(folder: str | Path, report: dict[str, Any], earlier: list[dict[str, Any]],
+                 events: bytes, video: Path | None) -> dict[str, Path]:
+    """The downloads of a count: report.json and report.csv, report-runN.json for each earlier
+    run, events.jsonl, and the recorded video (named, not copied) when there is one."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"json": write_report(folder / "report.json", report),
+             "csv": write_report_csv(folder / "report.csv", report)}
+    for old in earlier:
+        paths[f"run{old['run']}"] = write_report(folder / f"report-run{old['run']}.json", old)
+    paths["events"] = folder / "events.jsonl"
+    paths["events"].write_bytes(events)
+    if video is not None and video.exists() and video.stat().st_size > 0:
+        paths["video"] = video
+    return paths

@@ -19,12 +19,10 @@ recordings) appears with the first line of the event log.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,14 +35,7 @@ from detector.analyzer import cell_thumbnail
 from detector.core import Frame
 from detector.errors import HematoVisionError
 from detector.tally import wilson_interval as _wilson
-from stream.outputs import (
-    EventLog,
-    VideoRecorder,
-    build_report,
-    to_json,
-    write_report,
-    write_report_csv,
-)
+from stream.outputs import EventLog, Runs, VideoRecorder, build_report, export_files, to_json
 from stream.publish import CellThumb, Gallery, Meter, Published, Publisher
 from stream.sources import Source, open_source
 
@@ -52,10 +43,6 @@ __all__ = ["AnalyzerFactory", "CellThumb", "Published", "Session", "SessionSetti
 
 log = logging.getLogger(__name__)
 
-#: Finished runs whose reports are kept for the export.
-KEEP_RUNS = 20
-#: Control events (start, pause, ...) kept until the first cell is counted.
-MAX_PENDING = 200
 
 
 @dataclass
@@ -164,8 +151,7 @@ class Session:
         self.publisher = Publisher(jpeg_quality)
         self.gallery = Gallery(max_cells)
         self.meter = Meter(window)
-        self._log = EventLog(self.out_dir / "events.jsonl")
-        self._pending: list[dict[str, Any]] | None = []  # events before the first count
+        self._log = EventLog(self.out_dir / "events.jsonl", hold_until="counted")
         self._recorder: VideoRecorder | None = None
         self.recording_path: Path | None = None
         self.last_recording: Path | None = None
@@ -179,11 +165,7 @@ class Session:
         self.frames = 0  # analysed by this session, all runs
         self.viewers = 0
 
-        self.run = 1
-        self.note = ""
-        self._runs: deque[dict[str, Any]] = deque(maxlen=KEEP_RUNS)
-        self._run_frame0 = 0
-        self._run_t0: float | None = None
+        self.runs = Runs()
         self._pass_start = 0
         self._replays = False  # the last source was a file (started again = a replay)
 
@@ -211,7 +193,7 @@ class Session:
                     f"{type(exc).__name__}: {exc}")
                 log.info("source %s: %s", self.source_spec, self._error)
                 raise
-            if self._replays and self.frames > self._run_frame0:
+            if self._replays and self.frames > self.runs.first_frame:
                 self._new_run(f"{_name(self.source_spec)} was started again from its beginning")
             self._launch(source)
 
@@ -412,8 +394,8 @@ class Session:
             "dropped": int(src.dropped) if src is not None else 0,
             "source": str(self.source_spec),
             "state": self.state,
-            "run": self.run,
-            "note": self.note,
+            "run": self.runs.number,
+            "note": self.runs.note,
             "frame": pub.frame_id,
             "frames": self.frames,
             "latency_ms": None if lat is None else round(lat, 1),
@@ -434,35 +416,21 @@ class Session:
     def report(self) -> dict[str, Any]:
         """The current run's report (the fields of ``run --report`` that a live count has)."""
         s = self.stats()
-        seconds = (time.monotonic() - self._run_t0) if self._run_t0 else 0.0
+        started = self.runs.started
         summary = {**s, "target_reached": s["total"] >= s["target"]}
         return build_report(summary, source=s["source"], model=s["model"],
-                            frames=self.frames - self._run_frame0, seconds=seconds,
-                            run=self.run, min_score=s["min_score"], dropped=s["dropped"],
-                            state=s["state"])
+                            frames=self.frames - self.runs.first_frame,
+                            seconds=time.monotonic() - started if started else 0.0,
+                            run=self.runs.number, min_score=s["min_score"],
+                            dropped=s["dropped"], state=s["state"])
 
     def export(self, folder: str | Path) -> dict[str, Path]:
-        """Write report.json, report.csv, the reports of earlier runs (report-runN.json) and a
-        copy of the event log; name the last recording."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        rep = self.report()
-        paths = {"json": write_report(folder / "report.json", rep),
-                 "csv": write_report_csv(folder / "report.csv", rep)}
+        """Write the reports (this run's and earlier runs') and the event log into ``folder``;
+        name the last recording (:func:`stream.outputs.export_files`)."""
         with self._lock:
-            runs = list(self._runs)
-        for old in runs:
-            key = f"run{old['run']}"
-            paths[key] = write_report(folder / f"report-{key}.json", old)
-        paths["events"] = folder / "events.jsonl"
-        with self._lock:
-            pending = self._pending
-            paths["events"].write_bytes(self._log.read_bytes() if pending is None else
-                                        "".join(json.dumps(e) + "\n" for e in pending).encode())
-        video = self.last_recording
-        if video is not None and video.exists() and video.stat().st_size > 0:
-            paths["video"] = video
-        return paths
+            earlier = list(self.runs.finished)
+        return export_files(folder, self.report(), earlier, self._log.read_bytes(),
+                            self.last_recording)
 
     # ---------------------------------------------------------------- worker
     def _build_analyzer(self) -> AnalyzerLike:
@@ -481,8 +449,7 @@ class Session:
     def _start_count(self) -> None:
         """A fresh count in the analyzer: clear the gallery, publish zero counts."""
         self.gallery.clear()
-        self._run_frame0 = self.frames
-        self._run_t0 = None
+        self.runs.begin(self.frames)
         self.publisher.set_summary(self._empty_summary())
 
     def _new_run(self, why: str) -> None:
@@ -494,27 +461,23 @@ class Session:
             for event in analyzer.finish():
                 self._log_event({"event": "counted", **to_json(event)})
             self.publisher.set_summary(to_json(analyzer.tally.summary()))
-            report = {**self.report(), "ended": why}
-            self._runs.append(report)
+            self.runs.close(self.report(), why)
             analyzer.reset()
             self._start_count()
-            self.run += 1
-            self.note = (f"run {self.run}: {why}, so the count restarted; run {self.run - 1} "
-                         f"({report['total']} cells) is kept in the export")
-            self._log_event({"event": "new_run", "run": self.run, "why": why})
-            log.info("%s", self.note)
+            self._log_event({"event": "new_run", "run": self.runs.number, "why": why})
+            log.info("%s", self.runs.note)
 
     def _work(self, source: Source) -> None:
         with self._lock:
-            if self._run_t0 is None:
-                self._run_t0 = time.monotonic()
+            if self.runs.started is None:
+                self.runs.started = time.monotonic()
             if not self.latest().summary:
                 self.publisher.set_summary(self._empty_summary())
         try:
             while not self._stop.is_set():
                 frame = source.read(timeout=0.5)
                 if frame is None:
-                    if getattr(source, "ended", True) or source.state == "stopped":
+                    if source.ended or source.state == "stopped":
                         self._finish()
                         break
                     continue
@@ -524,7 +487,7 @@ class Session:
                 if source.pass_start > self._pass_start and frame.index >= source.pass_start:
                     self._pass_start = source.pass_start
                     self._new_run(f"{_name(self.source_spec)} started again from its beginning")
-                    self._run_t0 = time.monotonic()
+                    self.runs.started = time.monotonic()
                 self._process(frame, source, received)
         except Exception as exc:  # noqa: BLE001 - surface as state, keep the page alive
             self._error = f"{type(exc).__name__}: {exc}"
@@ -574,22 +537,11 @@ class Session:
                 self.publisher.set_summary(to_json(analyzer.tally.summary()))
 
     def _log_event(self, record: dict[str, Any]) -> None:
-        """Append to the event log. The file starts with the first counted cell (preceded by
-        the controls so far), so a session that counted nothing leaves no folder behind."""
-        record = {"time": round(time.time(), 3), **record}
-        with self._lock:
-            if self._pending is not None:
-                self._pending = [*self._pending[-(MAX_PENDING - 1):], record]
-                if record["event"] != "counted":
-                    return
-                backlog, self._pending = self._pending, None
-            else:
-                backlog = [record]
-            try:
-                for r in backlog:
-                    self._log.write(r)
-            except HematoVisionError as exc:  # a full disk must not stop the count
-                log.warning("%s", exc)
+        """Append to the event log (its file starts with the first counted cell)."""
+        try:
+            self._log.write({"time": round(time.time(), 3), **record})
+        except HematoVisionError as exc:  # a full disk must not stop the count
+            log.warning("%s", exc)
 
     def _close_recorder(self) -> None:
         with self._lock:

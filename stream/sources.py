@@ -111,6 +111,12 @@ class Source:
         """Next frame, or None at the end of the source (or when ``timeout`` expires)."""
         raise NotImplementedError
 
+    @property
+    def ended(self) -> bool:
+        """True once ``read`` has nothing more to give. Sources read in the consumer's thread
+        return None only at their end; live sources override this."""
+        return True
+
     def close(self) -> None:
         """Stop reading and release the device."""
         self.state = "stopped"

@@ -439,10 +439,10 @@ def test_demo_clip_total_after_two_passes_equals_one(tmp_path: Path) -> None:
     s.start()
     deadline = time.monotonic() + 120
     totals = []
-    while s.run < 3 and time.monotonic() < deadline:
+    while s.runs.number < 3 and time.monotonic() < deadline:
         totals.append(s.stats()["total"])
         time.sleep(0.01)
     s.close()
-    runs = [r["total"] for r in s._runs]
+    runs = [r["total"] for r in s.runs.finished]
     assert len(runs) == 2 and runs[0] == runs[1] > 0  # pass 2 counted what pass 1 counted
     assert max(totals) == runs[0]  # and the shown total never went past one pass
