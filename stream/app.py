@@ -647,7 +647,7 @@ def build_page(session: Session, *, models: dict[str, str], image_model: str | N
 
         async def preprocess_data(self, block_fn: Any, inputs: list[Any], state: Any,
                                   explicit_call: bool = False) -> Any:
-            action = getattr(block_fn, "name", None) or "event"
+            action = getattr(block_fn, "api_name", None) or getattr(block_fn, "name", "event")
             if foreign_files(inputs, registry):
                 raise page_error(action, InputError(
                     "only files uploaded through this page can be used"))
@@ -746,16 +746,17 @@ def build_page(session: Session, *, models: dict[str, str], image_model: str | N
         outputs = [status, progress, table, chart, gallery, sent_state]
         gr.Timer(TIMER_SECONDS).tick(page_action("refresh", refresh), inputs=sent_state,
                                      outputs=outputs, show_progress="hidden", queue=False)
-        page.load(page_action("refresh", lambda: refresh(None)), outputs=outputs, queue=False)
+        page.load(page_action("refresh", lambda: refresh(None)), outputs=outputs, queue=False,
+                  api_name="load")
 
         start_btn.click(page_action("start", lambda: _do(session.start, "started")),
-                        outputs=message)
+                        outputs=message, api_name="start")
         pause_btn.click(page_action("pause", lambda: _do(session.pause, "paused")),
-                        outputs=message)
+                        outputs=message, api_name="pause")
         stop_btn.click(page_action("stop", lambda: _do(session.stop, "stopped")),
-                       outputs=message)
+                       outputs=message, api_name="stop")
         reset_btn.click(page_action("reset", lambda: _do(session.reset, "counts reset")),
-                        outputs=message).then(page_action("refresh", refresh),
+                        outputs=message, api_name="reset").then(page_action("refresh", refresh),
                                               inputs=sent_state, outputs=outputs)
 
         def use_source(k: str, c: float, u: str, f: str | None) -> str:
@@ -773,10 +774,10 @@ def build_page(session: Session, *, models: dict[str, str], image_model: str | N
                       inputs=[kind, camera, url, upload], outputs=message)
         target.change(page_action("target", lambda n: _do(
             lambda: session.set_target(int(n or 1)), f"target {int(n or 1)}")),
-            inputs=target, outputs=message)
+            inputs=target, outputs=message, api_name="set_target")
         min_score.release(page_action("min score", lambda v: _do(
             lambda: session.set_min_score(float(v)), f"min score {float(v):.2f}")),
-            inputs=min_score, outputs=message)
+            inputs=min_score, outputs=message, api_name="set_min_score")
 
         def choose_model(name: str | None) -> str:
             if not name or name not in models:

@@ -311,14 +311,14 @@ def test_unexpected_page_error_is_one_line_and_hides_details(
         with TestClient(app) as client:
             with caplog.at_level(logging.WARNING, logger="stream.app"):
                 s.source_spec = "boom"  # the start button fails with an unexpected error
-                out = client.post("/gradio_api/run/lambda_1", json={"data": []}).json()
+                out = client.post("/gradio_api/run/start", json={"data": []}).json()
             assert out["error"] == "start failed (the server log says why)"
             (rec,) = [r for r in caplog.records if r.name == "stream.app"]
             assert rec.exc_info is None and "RuntimeError: device boom exploded at video9" in \
                 rec.getMessage()
             caplog.clear()
             with caplog.at_level(logging.INFO, logger="stream.app"):  # -v: with the traceback
-                client.post("/gradio_api/run/lambda_1", json={"data": []})
+                client.post("/gradio_api/run/start", json={"data": []})
             (rec,) = [r for r in caplog.records if r.name == "stream.app"]
             assert rec.exc_info is not None
     finally:
