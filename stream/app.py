@@ -312,7 +312,8 @@ class UploadGate:
       otherwise all files of that request are deleted and the answer is 415. Accepted files
       are recorded in the :class:`UploadRegistry`.
     - ``/gradio_api/file=URL`` and ``/gradio_api/proxy=``: refused (Gradio would fetch the URL
-      for the caller: the page never needs that).
+      for the caller: the page never needs that); so is ``/gradio_api/process_recording``
+      (ffmpeg on any posted file, for Gradio's screen recorder, which the page does not use).
     """
 
     def __init__(self, app: Any, uploads: UploadRegistry) -> None:
@@ -325,7 +326,8 @@ class UploadGate:
             return
         path = scope.get("path", "")
         rest = path.split("/file=", 1)[1] if "/file=" in path else ""
-        if "/proxy=" in path or "://" in rest or rest.lower().startswith(("http:", "https:")):
+        if "/proxy=" in path or "://" in rest or rest.lower().startswith(("http:", "https:")) \
+                or path.rstrip("/").endswith("/gradio_api/process_recording"):
             await JSONResponse({"detail": "not allowed"}, status_code=403)(scope, receive, send)
             return
         if scope.get("method") == "POST" and path.rstrip("/").endswith("/gradio_api/upload"):

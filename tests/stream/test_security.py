@@ -168,6 +168,10 @@ def test_uploads_checked_by_content_then_usable(page: tuple[TestClient, Session]
         assert r.status_code == 415, name
         assert "not an image or video" in r.json()["detail"] and str(gradio_tmp) not in r.text
     assert not [p for p in gradio_tmp.rglob("*") if p.is_file()], "a refused upload was kept"
+    # Gradio's screen-recording route runs ffmpeg on any posted file: the page does not use it
+    r = client.post("/gradio_api/process_recording",
+                    files={"video": ("v.mp4", b"\x00\x00\x00\x18ftypmp42", "video/mp4")})
+    assert r.status_code == 403
 
     r = _upload(client, "smear.png", _png(1), "image/png")
     assert r.status_code == 200
