@@ -380,7 +380,7 @@ def _remove_upload(path: Path) -> None:
 def foreign_files(value: Any, uploads: UploadRegistry) -> int:
     """How many file objects in an event's input name a file that is not a page upload."""
     if isinstance(value, dict):
-        if "path" in value:
+        if value.get("path") is not None:  # (a webcam frame comes as a data: URL, no path)
             return 0 if value["path"] in uploads else 1
         return sum(foreign_files(v, uploads) for v in value.values())
     if isinstance(value, list | tuple):
