@@ -446,3 +446,45 @@ def test_demo_clip_total_after_two_passes_equals_one(tmp_path: Path) -> None:
     runs = [r["total"] for r in s.runs.finished]
     assert len(runs) == 2 and runs[0] == runs[1] > 0  # pass 2 counted what pass 1 counted
     assert max(totals) == runs[0]  # and the shown total never went past one pass
+
+
+PLAY_JS = """
+async () => {
+  const v = document.querySelector('video');
+  const ok = await new Promise(done => {
+    if (v.readyState >= 2) return done(true);
+    v.onloadeddata = () => done(true);
+    v.onerror = () => done(false);
+    setTimeout(() => done(false), 10000);
+  });
+  return {ok, width: v.videoWidth, duration: v.duration};
+}
+"""
+
+
+@pytest.mark.parametrize(("name", "plays"), [("page.webm", True), ("page.mp4", False)])
+def test_recording_plays_in_a_browser(tmp_path: Path, name: str, plays: bool) -> None:
+    """Chromium decodes the page's recording (VP8 WebM); the old mp4v MP4 it does not."""
+    from stream.outputs import VideoRecorder
+
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("chromium not installed")
+    playwright = pytest.importorskip("playwright.sync_api")
+    rec = VideoRecorder(tmp_path / name, 30.0)
+    for i in range(30):
+        img = np.full((96, 128, 3), 40, np.uint8)
+        cv2.circle(img, (4 * i, 48), 12, (0, 0, 255), -1)
+        rec.write(img)
+    rec.close()
+    (tmp_path / "p.html").write_text(f"<video src='{name}' muted></video>")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium),
+                                    args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.goto((tmp_path / "p.html").as_uri())
+        r = page.evaluate(PLAY_JS)
+        browser.close()
+    assert r["ok"] is plays
+    if plays:
+        assert r["width"] == 128 and r["duration"] == pytest.approx(1.0, abs=0.1)
