@@ -13,55 +13,49 @@ Two ways of delivering frames:
 * Analysis (files and folders with ``realtime=False``): frames are read in the consumer's thread,
   as fast as it asks, and none is dropped.
 
-Devices are opened by small factories (``device_factory`` arguments, or :func:`make_device`), so
+Devices (``stream.devices``) are opened by small factories (``device_factory`` arguments), so
 tests can inject a fake ``cv2.VideoCapture``-like object.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
 
-import cv2
 import numpy as np
 
 from detector.core import Frame
 from detector.errors import InputError
+from stream.devices import (
+    OPEN_TIMEOUT_MS,
+    READ_TIMEOUT_MS,
+    Device,
+    DeviceFactory,
+    FolderDevice,
+    PiCameraDevice,
+    device_fps,
+    is_opened,
+    make_camera,
+    make_url,
+    open_video_file,
+    safe_read,
+    safe_release,
+)
 from stream.images import IMAGE_EXTENSIONS, bit_depth, expand_image_arg, normalize_image, read_still
 
 log = logging.getLogger(__name__)
 
 URL_RE = re.compile(r"^(rtsp|rtsps|http|https)://", re.IGNORECASE)
 
-#: Defaults for network streams (milliseconds).
-OPEN_TIMEOUT_MS = 10_000
-READ_TIMEOUT_MS = 5_000
 #: Demo video parameters (the cache folder name includes DEMO_VERSION; bump it when they change).
 DEMO_VERSION = "1"
 DEMO_SECONDS = 60.0
 DEMO_FPS = 30.0
 DEMO_SIZE = (640, 480)
-
-
-class Device(Protocol):
-    """The part of ``cv2.VideoCapture`` a source uses."""
-
-    def read(self) -> tuple[bool, np.ndarray | None]: ...
-
-    def release(self) -> None: ...
-
-    def isOpened(self) -> bool: ...  # noqa: N802 (cv2 spelling)
-
-    def get(self, prop: int) -> float: ...
-
-
-DeviceFactory = Callable[[], Device]
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +184,7 @@ class LiveSource(Source):
         self._device: Device | None = first_device
         if self._device is None:
             self._device = factory()
-        self.fps = fps or _device_fps(self._device) or 0.0
+        self.fps = fps or device_fps(self._device) or 0.0
         self._thread = threading.Thread(target=self._run, name=f"capture:{name}", daemon=True)
         self._thread.start()
 
@@ -208,11 +202,11 @@ class LiveSource(Source):
                     if dev is None:
                         delay = min(delay * 2, self._backoff[1])
                         continue
-                ok, img = _safe_read(dev)
+                ok, img = safe_read(dev)
                 if self._stop.is_set():
                     break
                 if not ok or img is None:
-                    _safe_release(dev)
+                    safe_release(dev)
                     self._device = None
                     if self._reconnect:
                         self._set_state("reconnecting")
@@ -243,7 +237,7 @@ class LiveSource(Source):
             self._set_state(f"error: {exc}")
         finally:
             if self._device is not None:
-                _safe_release(self._device)
+                safe_release(self._device)
                 self._device = None
             with self._cond:
                 self._ended = True
@@ -261,8 +255,8 @@ class LiveSource(Source):
             log.warning("%s: reopen failed (%s)", self.name, exc)
             self._set_state("reconnecting")
             return None
-        if not _is_opened(dev):
-            _safe_release(dev)
+        if not is_opened(dev):
+            safe_release(dev)
             self._set_state("reconnecting")
             return None
         self._device = dev
@@ -336,9 +330,9 @@ class FileSource(Source):
                  first_device: Device | None = None, loop: bool = False) -> None:
         super().__init__()
         self.name = str(path)
-        self._factory = factory or (lambda: _open_video_file(path))
+        self._factory = factory or (lambda: open_video_file(path))
         self._cap: Device | None = first_device if first_device is not None else self._factory()
-        self.fps = _device_fps(self._cap) or 30.0
+        self.fps = device_fps(self._cap) or 30.0
         self._index = 0
         self._loop = loop
         self._first: Frame | None = None
@@ -353,13 +347,13 @@ class FileSource(Source):
             return frame
         if self._cap is None:
             return None
-        ok, img = _safe_read(self._cap)
+        ok, img = safe_read(self._cap)
         img = self._as_bgr(img) if ok else None
         if img is None and self._loop and self._index > 0:
-            _safe_release(self._cap)
+            safe_release(self._cap)
             self._cap = self._factory()  # start again (index and time keep counting)
             self.pass_start = self._index
-            ok, img = _safe_read(self._cap)
+            ok, img = safe_read(self._cap)
             img = self._as_bgr(img) if ok else None
         if img is None:
             self.state = "stopped"
@@ -372,7 +366,7 @@ class FileSource(Source):
     def close(self) -> None:
         self._first = None
         if self._cap is not None:
-            _safe_release(self._cap)
+            safe_release(self._cap)
             self._cap = None
         self.state = "stopped"
 
@@ -406,130 +400,6 @@ class ImageFolderSource(Source):
             return Frame(img, index, float(index))
         self.state = "stopped"
         return None
-
-
-class _FolderDevice:
-    """An image list as a cv2-like device, for real-time replay through LiveSource."""
-
-    def __init__(self, paths: list[Path]) -> None:
-        self._paths = list(paths)
-        self._i = 0
-
-    def read(self) -> tuple[bool, np.ndarray | None]:
-        while self._i < len(self._paths):
-            img = _read_image(self._paths[self._i])
-            self._i += 1
-            if img is not None:
-                return True, img
-        return False, None
-
-    def isOpened(self) -> bool:  # noqa: N802
-        return True
-
-    def get(self, prop: int) -> float:
-        return 0.0
-
-    def release(self) -> None:
-        self._i = len(self._paths)
-
-
-# --------------------------------------------------------------------------------------------
-# Device factories (override in tests)
-
-
-def make_camera(index: int, width: int | None, height: int | None, fps: float | None) -> Device:
-    """Open V4L2 camera ``index`` with the requested size and fps (one-frame driver buffer)."""
-    with _quiet_opencv():  # a missing camera is our one-line error, not OpenCV's warnings
-        cap = cv2.VideoCapture(index, cv2.CAP_V4L2)
-    if width:
-        cap.set(cv2.CAP_PROP_FRAME_WIDTH, width)
-    if height:
-        cap.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
-    if fps:
-        cap.set(cv2.CAP_PROP_FPS, fps)
-    cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
-    return cap
-
-
-def make_url(
-    url: str, open_timeout_ms: int = OPEN_TIMEOUT_MS, read_timeout_ms: int = READ_TIMEOUT_MS
-) -> Device:
-    """Open a network stream with bounded open and read timeouts (FFmpeg backend)."""
-    params = [
-        cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(open_timeout_ms),
-        cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(read_timeout_ms),
-    ]
-    with _quiet_opencv():
-        return cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
-
-
-@contextlib.contextmanager
-def _quiet_opencv() -> Iterator[None]:
-    """OpenCV's own log at ERROR level only, while opening a device (restored afterwards)."""
-    try:
-        level = cv2.utils.logging.getLogLevel()
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-    except AttributeError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        cv2.utils.logging.setLogLevel(level)
-
-
-class PiCameraDevice:
-    """The Raspberry Pi camera through picamera2, as a cv2-like device.
-
-    One ``main`` stream at the requested size (default 640x480) feeds both analysis and display:
-    at that size the ISP's scaler does the work a separate ``lores`` stream would (lores is
-    YUV420 only and would need a colour conversion per frame). picamera2's "RGB888" is BGR byte
-    order in memory, which is what OpenCV wants. Not tested on hardware here (no Pi camera).
-    """
-
-    def __init__(self, width: int | None, height: int | None, fps: float | None) -> None:
-        try:
-            from picamera2 import Picamera2  # type: ignore[import-not-found]
-        except ImportError:
-            raise InputError(
-                "source 'picamera' needs picamera2: install hematovision[pi] on a Raspberry Pi "
-                "(pip install 'hematovision[pi]', or apt install python3-picamera2)"
-            ) from None
-        size = (int(width or 640), int(height or 480))
-        self._cam = Picamera2()
-        controls = {"FrameRate": float(fps)} if fps else {}
-        config = self._cam.create_video_configuration(
-            main={"size": size, "format": "RGB888"}, controls=controls, buffer_count=2
-        )
-        self._cam.configure(config)
-        self._cam.start()
-        self._fps = float(fps or 30.0)
-
-    def read(self) -> tuple[bool, np.ndarray | None]:
-        try:
-            return True, self._cam.capture_array("main")
-        except Exception as exc:  # noqa: BLE001
-            log.warning("picamera read failed: %s", exc)
-            return False, None
-
-    def isOpened(self) -> bool:  # noqa: N802
-        return True
-
-    def get(self, prop: int) -> float:
-        return self._fps if prop == cv2.CAP_PROP_FPS else 0.0
-
-    def release(self) -> None:
-        with contextlib.suppress(Exception):
-            self._cam.stop()
-            self._cam.close()
-
-
-def _open_video_file(path: Path) -> Device:
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        cap.release()
-        raise InputError(f"{path}: not a readable video file")
-    return cap
 
 
 # --------------------------------------------------------------------------------------------
@@ -628,19 +498,19 @@ def _open_live(name: str, factory: DeviceFactory, fps: float, fail_message: str)
         raise
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"{fail_message}: {exc}") from None
-    if not _is_opened(first):
-        _safe_release(first)
+    if not is_opened(first):
+        safe_release(first)
         raise InputError(fail_message)
     return LiveSource(name, factory, fps=fps, is_live=True, reconnect=True, first_device=first)
 
 
 def _open_file(path: Path, *, realtime: bool, loop: bool, name: str,
                device_factory: DeviceFactory | None) -> Source:
-    factory = device_factory or (lambda: _open_video_file(path))
+    factory = device_factory or (lambda: open_video_file(path))
     first = factory()
-    if not _is_opened(first):
+    if not is_opened(first):
         raise InputError(f"{path}: not a readable video file")
-    probe_fps = _device_fps(first)
+    probe_fps = device_fps(first)
     if realtime:
         src: Source = LiveSource(name, factory, fps=probe_fps or 30.0, is_live=False,
                                  pace=probe_fps or 30.0, reconnect=False, loop=loop,
@@ -656,7 +526,7 @@ def _open_file(path: Path, *, realtime: bool, loop: bool, name: str,
 def _open_images(name: str, paths: list[Path], *, realtime: bool, fps: float | None) -> Source:
     if realtime:
         rate = fps or 2.0
-        return LiveSource(name, lambda: _FolderDevice(paths), fps=rate, is_live=False,
+        return LiveSource(name, lambda: FolderDevice(paths), fps=rate, is_live=False,
                           pace=rate, reconnect=False, loop=False)
     return ImageFolderSource(name, paths)
 
@@ -670,39 +540,3 @@ def _redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
 
 
-def _device_fps(dev: Any) -> float:
-    try:
-        value = float(dev.get(cv2.CAP_PROP_FPS))
-    except Exception:  # noqa: BLE001
-        return 0.0
-    return value if 0.5 <= value <= 1000 else 0.0
-
-
-def _is_opened(dev: Any) -> bool:
-    try:
-        return bool(dev.isOpened())
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def _safe_read(dev: Any) -> tuple[bool, np.ndarray | None]:
-    try:
-        ok, img = dev.read()
-    except Exception as exc:  # noqa: BLE001
-        log.warning("device read raised %s", exc)
-        return False, None
-    return bool(ok), img
-
-
-def _safe_release(dev: Any) -> None:
-    with contextlib.suppress(Exception):
-        dev.release()
-
-
-def _read_image(path: Path) -> np.ndarray | None:
-    """An image file to analyse as BGR; None, with a warning, if it cannot be used."""
-    try:
-        return read_still(path)
-    except InputError as exc:
-        log.warning("skipping %s", exc)
-        return None
