@@ -740,7 +740,8 @@ def build_page(session: Session, *, models: dict[str, str], image_model: str | N
             with gr.Row():
                 cam_in = gr.Image(sources=["webcam"], streaming=True, type="numpy",
                                   label="webcam")
-                cam_out = gr.Image(type="numpy", label="analysed", interactive=False)
+                cam_out = gr.Image(type="numpy", label="analysed", interactive=False,
+                                   elem_id="hv-cam-out")
             cam_counts = gr.HTML()
             cam_reset = gr.Button("Reset webcam counts")
 

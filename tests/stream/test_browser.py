@@ -18,7 +18,8 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[2]
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]  # a test camera
 
 pytestmark = pytest.mark.browser
 
@@ -153,9 +154,21 @@ def test_live_page_shows_video_counts_and_reset(served: str, tmp_path: Path) -> 
             page.screenshot(path=str(tmp_path / "export.png"), full_page=True)
             assert exported, "export offered no report.csv"
             assert page.locator("a[href*='events.jsonl']").count() >= 1
+
+            # the browser-webcam tab: chromium's test camera streams frames (data: URLs, no
+            # server path), and they come back analysed
+            page.get_by_role("tab", name="Browser webcam").click()
+            page.get_by_text("Click to Access Webcam").first.click()
+            page.get_by_text("Record").first.click()
+            analysed = _wait(lambda: page.evaluate(
+                "(document.querySelector('#hv-cam-out img') || {}).naturalWidth || 0"), 30)
+            page.screenshot(path=str(tmp_path / "webcam.png"), full_page=True)
+            assert analysed > 0, "no analysed webcam frame"
         finally:
             browser.close()
     assert (tmp_path / "live.png").stat().st_size > 10_000
+    log = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in log and "stream.app: page " not in log, log[-2000:]  # none failed
 
 
 @pytest.mark.parametrize("served", [["--auth", ":".join(AUTH)]], indirect=True)
