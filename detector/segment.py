@@ -115,6 +115,10 @@ _FIRM_FRACTION = 0.5
 _FLAT_ENOUGH = 0.8
 #: Grid (columns, rows) the illumination field is evaluated on before it is resized.
 _COARSE = (32, 24)
+#: Single-cell images: the cell is at least this share of the crop's shorter side, and its
+#: centre at most ``_SINGLE_MAX_OFFSET`` of it from the crop's centre.
+_SINGLE_MIN_SIZE = 0.2
+_SINGLE_MAX_OFFSET = 0.2
 #: Below this red-cell diameter in working pixels (low magnification) the frame is read again
 #: at a larger working width.
 _MIN_RBC_WORKING = 18.0
@@ -140,6 +144,11 @@ class SegmenterOptions:
         merge_distance: nucleus fragments closer than this are lobes of one cell.
         min_nucleus_area: smallest nucleus (visible part, for edge cells) in red-cell disc areas;
             rejects platelets, debris and slivers of cells at the frame edge.
+        small_nucleus_area: a nucleus smaller than this (red-cell disc areas) is a white cell's
+            only with ``min_small_cytoplasm`` red-cell areas of cytoplasm around it: the small
+            lobes of a neutrophil have it, a large granular platelet (up to ~0.3; PBC's) has
+            almost none.
+        min_small_cytoplasm: cytoplasm (red-cell areas) a small nucleus needs.
         min_fragment_area: the largest solid piece of a nucleus group, in red-cell disc areas:
             a nucleus or one of its lobes is a blob of this size at least, a platelet clump only
             a scatter of platelet-sized dots (a platelet is ~0.05) however many it holds.
@@ -176,6 +185,8 @@ class SegmenterOptions:
     cell_level: float = 0.2
     merge_distance: float = 0.2
     min_nucleus_area: float = 0.15
+    small_nucleus_area: float = 0.3
+    min_small_cytoplasm: float = 0.5
     min_nucleus_mass: float = 0.22
     min_fragment_area: float = 0.08
     weak_nucleus_mass: float = 0.5
@@ -272,6 +283,21 @@ def _quadratic_bases(
     return design(by, bx).astype(np.float32), design(cy, cx).astype(np.float32)
 
 
+def _centre_index(xyxy: np.ndarray, w: int, h: int) -> int | None:
+    """Index of the box over the image centre (nearest centre first), else of the box whose
+    centre is nearest the image centre within ``_SINGLE_MAX_OFFSET`` of the shorter side."""
+    if not len(xyxy):
+        return None
+    cx, cy = w / 2.0, h / 2.0
+    bc = (xyxy[:, :2] + xyxy[:, 2:]) / 2.0
+    dist = np.hypot(bc[:, 0] - cx, bc[:, 1] - cy)
+    over = (xyxy[:, 0] <= cx) & (cx <= xyxy[:, 2]) & (xyxy[:, 1] <= cy) & (cy <= xyxy[:, 3])
+    if over.any():
+        return int(np.flatnonzero(over)[np.argmin(dist[over])])
+    k = int(np.argmin(dist))
+    return k if dist[k] <= _SINGLE_MAX_OFFSET * min(w, h) else None
+
+
 def _connected_to(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
     """The parts of boolean ``mask`` (8-connected) that touch the boolean ``seed`` pixels."""
     nb, lab = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
@@ -319,12 +345,102 @@ class Segmenter:
         f, off, small, d_small, sxy = planes
         return self._cells(f, off, small, d_small, sxy)
 
+    def find_single(self, image: np.ndarray | Frame) -> Detections:
+        """The one cell of a single-cell image -> Detections of at most one row.
+
+        A single-cell image is a crop centred on one cell, as analysers' galleries and the
+        public cell-image sets show them: the cell may fill the crop or touch its edge, and red
+        cells around it may be few or none, so the red-cell size and stain read from the crop
+        can be off. The cell is the one :meth:`find` reports over the centre (or nearest to it,
+        within a fifth of the crop); failing that, the densest nuclear stain at the centre,
+        boxed with a rim of cytoplasm. An image with no nucleus near its centre, or only a
+        platelet-sized one, gives no cell.
+        """
+        bgr = _as_bgr(image)
+        det = self.find(bgr)
+        k = _centre_index(det.xyxy, bgr.shape[1], bgr.shape[0])
+        if k is not None:
+            return det[[k]]
+        return self._centre_nucleus(bgr)
+
+    def find_still(self, image: np.ndarray | Frame) -> Detections:
+        """White cells of a still photo, recognising single-cell images.
+
+        A photo whose only whole cell sits over its centre and is large for the photo (at least
+        a fifth of its shorter side; other cells, if any, cut by its edge) is a single-cell
+        image: the result is that one cell (:meth:`find_single`). Any other photo is a field and
+        gets :meth:`find`'s cells.
+        """
+        bgr = _as_bgr(image)
+        h, w = bgr.shape[:2]
+        det = self.find(bgr)
+        k = _centre_index(det.xyxy, w, h)
+        others = [i for i in range(len(det)) if i != k and not det.touches_edge[i]]
+        if k is not None:
+            x1, y1, x2, y2 = det.xyxy[k]
+            big = max(x2 - x1, y2 - y1) >= _SINGLE_MIN_SIZE * min(w, h)
+            return det[[k]] if big and not others else det
+        if others:
+            return det
+        one = self._centre_nucleus(bgr)
+        return one if len(one) else det
+
+    def _centre_nucleus(self, bgr: np.ndarray) -> Detections:
+        """The densest nuclear stain at the centre of a crop, boxed with its cytoplasm rim."""
+        opt = self.options
+        h, w = bgr.shape[:2]
+        planes = self._planes(bgr, min(opt.working_width, w), ring=True)
+        if planes is None:
+            return _no_cells()
+        f, off, small, d, sxy = planes
+        hs, ws = f.shape
+        cy, cx = hs // 2, ws // 2
+        win = f[hs // 3 : hs - hs // 3, ws // 3 : ws - ws // 3]
+        peak = _quantile(win.ravel(), 0.98) if win.size else 0.0
+        if peak < opt.nucleus_level:
+            return _no_cells()  # nothing nuclear at the centre
+        core = (f > max(opt.nucleus_level, 0.5 * peak)).astype(np.uint8)
+        rm = max(1, int(round(opt.merge_distance * d / 2)))
+        grown = cv2.dilate(core, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * rm + 1,) * 2))
+        n, labels, stats, cents = cv2.connectedComponentsWithStats(grown, connectivity=8)
+        if n < 2:
+            return _no_cells()
+        dist = np.hypot(cents[1:, 0] - cx, cents[1:, 1] - cy)
+        i = int(labels[cy, cx]) or 1 + int(np.argmin(dist))
+        if labels[cy, cx] == 0 and dist[i - 1] > _SINGLE_MAX_OFFSET * min(hs, ws):
+            return _no_cells()
+        own = (labels == i) & (core > 0)
+        area = float(np.count_nonzero(own))
+        x, y, bw, bh = (int(v) for v in stats[i, :4])
+        # a nucleus: red-cell sized rules where the red cells were measured, else (or when the
+        # nucleus fills much of the crop) its size relative to the crop
+        rbc_area = np.pi / 4 * d * d
+        large = max(bw, bh) - 2 * rm >= _SINGLE_MIN_SIZE * min(hs, ws)
+        if area < opt.small_nucleus_area * rbc_area and not large:  # platelet-sized
+            return _no_cells()
+        pad = int(round(0.3 * max(bw, bh)))
+        x1, y1 = max(0, x - pad), max(0, y - pad)
+        x2, y2 = min(ws, x + bw + pad), min(hs, y + bh + pad)
+        touches = x1 == 0 or y1 == 0 or x2 == ws or y2 == hs
+        mass = (float(f[own].sum()) - opt.nucleus_level * area) / (opt.nucleus_level * rbc_area)
+        return Detections(
+            xyxy=np.array([[x1 * sxy[0], y1 * sxy[1], x2 * sxy[0], y2 * sxy[1]]], np.float32),
+            score=np.array([1.0 - 0.5 ** max(mass / opt.min_nucleus_mass, 0.0)], np.float32),
+            area=np.array([(x2 - x1) * (y2 - y1) * sxy[0] * sxy[1]], np.float32),
+            touches_edge=np.array([touches]),
+            data={
+                "nucleus_area": np.array([area * sxy[0] * sxy[1]], np.float32),
+                "nucleus_mass": np.array([mass], np.float32),
+            },
+        )
+
     def _planes(
-        self, bgr: np.ndarray, width: int
+        self, bgr: np.ndarray, width: int, ring: bool = False
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, tuple[float, float]] | None:
         """The frame read at ``width`` working pixels: nucleus-stain plane, cell-body plane, the
         working copy, red-cell diameter (working px) and the working-to-frame scale; None when
-        the frame is too dark to read."""
+        the frame is too dark to read. ``ring``: the red-cell stain is read from the outer band
+        of the frame only (a crop centred on a large cell: the red cells are around it)."""
         h, w = bgr.shape[:2]
         scale = min(1.0, width / w)
         small = _shrink(bgr, width, max(8, int(round(h * scale)))) if scale < 1 else bgr
@@ -334,7 +450,13 @@ class Segmenter:
         if od is None:
             return None
         od2 = np.ascontiguousarray(od[::2, ::2])  # every 4th pixel suffices for statistics
-        u, m = self._rbc_direction(od2)
+        if ring:
+            hh, ww = od2.shape[:2]
+            band = np.ones((hh, ww), bool)
+            band[hh // 4 : hh - hh // 4, ww // 4 : ww - ww // 4] = False
+            u, m = self._rbc_direction(od2[band].reshape(-1, 1, 3))
+        else:
+            u, m = self._rbc_direction(od2)
         self.last_stain_density = m
         theta, basis = self._nucleus_direction(od2, u, m)
         # a, b: OD off the red-cell direction (two axes), in units of red-cell density; f is the
@@ -579,10 +701,15 @@ class Segmenter:
             # A faint nucleus, or a scatter of pieces none of which is most of it (a platelet
             # clump looks like that; so do the lobes of a neutrophil, inside their cytoplasm),
             # needs a white cell's cytoplasm around it.
+            cyto = np.count_nonzero(region) - np.count_nonzero(own)
             if (mass[i] < opt.min_nucleus_mass or biggest < 0.5 * core_area[i]) and (
-                np.count_nonzero(region) - np.count_nonzero(own) < opt.min_weak_cytoplasm * rbc_area
+                cyto < opt.min_weak_cytoplasm * rbc_area
             ):
                 continue
+            if core_area[i] < opt.small_nucleus_area * rbc_area and (
+                cyto < opt.min_small_cytoplasm * rbc_area
+            ):
+                continue  # platelet-sized and no cytoplasm: a (giant) platelet
             ys, xs = np.nonzero(region)
             bx1, bx2 = int(xs.min()) + x1, int(xs.max()) + x1 + 1
             by1, by2 = int(ys.min()) + y1, int(ys.max()) + y1 + 1

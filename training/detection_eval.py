@@ -16,7 +16,7 @@ import logging
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import cv2
@@ -369,12 +369,74 @@ def evaluate_robustness(
     return out
 
 
+#: Folder names of single-cell image sets that are not white cells (see evaluate_single_cells).
+NOT_WHITE = ("platelet", "erythroblast")
+
+
+def _over_centre(xyxy: np.ndarray, w: int, h: int) -> bool:
+    cx, cy = w / 2.0, h / 2.0
+    return bool(np.any((xyxy[:, 0] <= cx) & (cx <= xyxy[:, 2]) & (xyxy[:, 1] <= cy)
+                       & (cy <= xyxy[:, 3])))
+
+
+def evaluate_single_cells(
+    folder: Path, segmenter, progress: bool = True, tuned: Callable[[int], bool] | None = None
+) -> dict[str, dict]:
+    """Single-cell images (a folder per class, one labelled cell at the centre of each image,
+    as PBC): per class, the share of images where the still-image analysis
+    (``segmenter.find_still``) reports a cell over the centre (``found``), reports exactly one
+    cell (``one_cell``), and where the field analysis (``segmenter.find``) has a cell over the
+    centre (``found_field``). For ``platelet`` and ``erythroblast`` folders ``found`` is the
+    share taken for a white-cell candidate. ``tuned(i)`` marks images (by their index in the
+    class folder's sorted list) used while tuning: figures are also given for the rest.
+    """
+    from stream.images import IMAGE_EXTENSIONS
+
+    classes = sorted(d for d in Path(folder).iterdir() if d.is_dir())
+    if not classes:
+        raise InputError(f"{folder}: no class folders")
+    out: dict[str, dict] = {}
+    for d in classes:
+        files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        it: Iterable[tuple[int, Path]] = enumerate(files)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(list(it), desc=d.name, unit="img", file=sys.stderr, leave=False)
+        rows = []
+        for i, f in it:
+            img = cv2.imread(str(f), cv2.IMREAD_COLOR)
+            if img is None:
+                raise InputError(f"{f}: cannot read image")
+            h, w = img.shape[:2]
+            still = segmenter.find_still(img)
+            field = segmenter.find(img)
+            rows.append((i, _over_centre(still.xyxy, w, h), len(still) == 1,
+                         _over_centre(field.xyxy, w, h)))
+        arr = np.array([r[1:] for r in rows], dtype=float).reshape(-1, 3)
+        res = {"images": len(rows), "found": float(arr[:, 0].mean()) if len(rows) else 0.0,
+               "one_cell": float(arr[:, 1].mean()) if len(rows) else 0.0,
+               "found_field": float(arr[:, 2].mean()) if len(rows) else 0.0,
+               "missed": [files[r[0]].name for r in rows if not r[1]]}
+        if tuned is not None:
+            held = [r for r in rows if not tuned(r[0])]
+            res["held_out_images"] = len(held)
+            res["held_out_found"] = float(np.mean([r[1] for r in held])) if held else 0.0
+        out[d.name] = res
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m training.detection_eval FOLDER [--json]``: print the detection figures."""
     from detector.segment import Segmenter
 
     p = argparse.ArgumentParser(prog="python -m training.detection_eval", description=__doc__)
     p.add_argument("folder", type=Path, help="Pascal VOC folder (JPEGImages/, Annotations/)")
+    p.add_argument(
+        "--single-cells", type=Path, default=None, metavar="FOLDER",
+        help="also score single-cell images: a folder per class, the cell at each image's centre "
+        "(e.g. PBC); platelet/ and erythroblast/ count as not white cells",
+    )
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--threads", type=int, default=1, help="OpenCV threads while timing")
     p.add_argument(
@@ -387,6 +449,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = evaluate_detection(records, Segmenter(), threads=args.threads)
         if args.robustness:
             res["robustness"] = evaluate_robustness(records, Segmenter())
+        if args.single_cells is not None:
+            # images 0, 10, 20... and 1, 13, 25... of each class were looked at while tuning
+            res["single_cells"] = evaluate_single_cells(
+                args.single_cells, Segmenter(), tuned=lambda i: i % 10 == 0 or i % 12 == 1
+            )
     except HematoVisionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -403,6 +470,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for fail in res["failures"]:
         print(f"  {Path(fail['image']).name}: missed {fail['missed']} false {fail['false']}")
+    for name, r in res.get("single_cells", {}).items():
+        what = "taken for a white cell" if name in NOT_WHITE else "found"
+        print(
+            f"{name:22s} {r['images']:5d} images  {what} {r['found']:.4f} "
+            f"(held out {r['held_out_found']:.4f} of {r['held_out_images']})  one cell "
+            f"{r['one_cell']:.4f}  field analysis {r['found_field']:.4f}"
+        )
     for kind, r in res.get("robustness", {}).items():
         print(
             f"{kind:12s} recall {r['recall']:.4f}  precision {r['precision']:.4f}  "

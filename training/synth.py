@@ -13,6 +13,7 @@ import numpy as np
 
 from detector.core import CELL_TYPES
 from stream.synth import SlideSimulator, load_truth, render_video
+from stream.synth.settings import RBC_PX_640
 
 
 def annotate(bgr: np.ndarray, frame_truth: dict[str, Any], labels: dict[int, str]) -> np.ndarray:
@@ -65,11 +66,18 @@ def save_docs_frame(path: str | Path, seed: int = 1, index: int = 894) -> Path:
 
 
 def main(args: Any) -> int:
-    """``hematovision synth OUT_DIR [--seconds S] [--fps F] [--seed N] [--size WxH]``."""
+    """``hematovision synth OUT_DIR [--seconds S] [--fps F] [--seed N] [--size WxH]
+    [--wbc-per-frame D] [--stain PRESET] [--magnification X]``."""
     # FFmpeg reads this once, at OpenCV's first video I/O: keeps the H.264 probe quiet.
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-    density = getattr(args, "wbc_per_frame", None)
-    settings = {} if density is None else {"wbc_per_frame": float(density)}
+    settings: dict[str, Any] = {}
+    if getattr(args, "wbc_per_frame", None) is not None:
+        settings["wbc_per_frame"] = float(args.wbc_per_frame)
+    if getattr(args, "stain", None) is not None:
+        settings["stain"] = args.stain
+    if getattr(args, "magnification", None) is not None:
+        w, h = args.size
+        settings["rbc_px"] = RBC_PX_640 * min(w / 640.0, h / 480.0) * float(args.magnification)
     out = render_video(args.out_dir, seconds=args.seconds, fps=args.fps, seed=args.seed,
                        size=tuple(args.size), progress=None, **settings)
     truth = load_truth(out)

@@ -25,6 +25,19 @@ NORMAL_DIFFERENTIAL: dict[str, float] = {
 MIN_SIZE = (128, 96)
 
 
+#: Stains and cameras of other labs: the red cells' colour (BGR as seen on the reference
+#: illuminant) and the camera's white balance, exposure and vignetting. Nuclei keep the
+#: Romanowsky violet (strength and hue still vary with the seed).
+STAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "bccd": {},
+    "grey_rbc": {"rbc": (163, 160, 163), "white_balance": (1.02, 1.0, 0.97)},
+    "teal_rbc": {"rbc": (178, 166, 146), "white_balance": (1.05, 1.0, 0.9)},
+    "yellow_bg": {"rbc": (150, 160, 192), "white_balance": (0.78, 0.95, 1.04)},
+    "blue_bg": {"rbc": (166, 160, 170), "white_balance": (1.06, 0.97, 0.82)},
+    "dim_vignetted": {"exposure": 0.45, "vignette": 0.5},
+}
+
+
 @dataclass
 class SynthSettings:
     """Every knob of the simulator. Fields left ``None`` are drawn from the seed (stain, optics
@@ -66,6 +79,9 @@ class SynthSettings:
     """Linear brightness slope across the frame (fraction, uneven illumination)."""
     noise_sigma: float | None = None
     """Sensor noise standard deviation in grey levels."""
+    stain: str | None = None
+    """A named stain and camera (see ``STAIN_PRESETS``): red-cell colour and white balance of
+    another lab's microscope; None: BCCD's pink red cells."""
     # --- focus ---
     focus_base: float | None = None
     """Smallest defocus blur sigma, pixels at 640x480 scale."""
@@ -97,6 +113,15 @@ class SynthSettings:
 
     def resolved(self, seed: int, size: tuple[int, int]) -> SynthSettings:
         """A copy with every None filled from the seed (stain/optics/motion differ per seed)."""
+        out = self._resolved(seed, size)
+        preset = STAIN_PRESETS.get(out.stain or "", {})
+        for name, value in preset.items():  # a preset's camera, unless set explicitly
+            if name in ("white_balance", "exposure", "vignette") and getattr(self, name) is None:
+                setattr(out, name, value)
+        out.validate()
+        return out
+
+    def _resolved(self, seed: int, size: tuple[int, int]) -> SynthSettings:
         rng = np.random.default_rng([seed, 1])
         w, h = size
         draws: dict[str, Any] = {
@@ -129,6 +154,8 @@ class SynthSettings:
             if not ok:
                 raise InputError(f"synth setting {what}")
 
+        need(self.stain is None or self.stain in STAIN_PRESETS,
+             f"stain must be one of {sorted(STAIN_PRESETS)}, got {self.stain!r}")
         need(1.5 <= self.slide_area <= 200,
              f"slide_area must be in [1.5, 200], got {self.slide_area}")
         need(self.rbc_px is None or 8 <= self.rbc_px <= 1000,

@@ -17,6 +17,7 @@ from detector.errors import InputError
 from stream.synth.settings import (
     NORMAL_DIFFERENTIAL,
     RBC_PX_640,
+    STAIN_PRESETS,
     SynthSettings,
     check_seed,
     check_size,
@@ -352,10 +353,12 @@ def _paint_wbc(p: _Painter, rng: np.random.Generator, label: str, cx: float, cy:
 
 
 def _build_colors(s: SynthSettings) -> dict[str, np.ndarray]:
-    """Stain OD vectors for one slide: strength and hue varied per seed."""
+    """Stain OD vectors for one slide: the stain preset's colours, strength and hue varied per
+    seed."""
+    preset = STAIN_PRESETS.get(s.stain or "", {})
     out = {}
     for key, od in _OD.items():
-        v = od.copy()
+        v = _od(preset[key]) if key in preset else od.copy()
         if key in _HEMA_KEYS:
             v *= s.hema_strength
             # hue: move absorbance between blue/green (magenta-ish) and red (blue-ish)
