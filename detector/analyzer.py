@@ -229,7 +229,7 @@ class Analyzer:
         for i in due:
             tid = int(dets.track_id[i])
             box = dets.xyxy[i]
-            ok, best = voter.sighting(tid, cell_sharpness(frame.bgr, box), frame.index)
+            ok, best = voter.sighting(tid, cell_sharpness(frame.bgr, box))
             if ok:
                 sharp.append(i)
                 if best:

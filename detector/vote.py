@@ -36,7 +36,7 @@ class VoteOptions:
     cell_ratio: float = 0.6
     """A sighting votes when at least this sharp relative to the cell's sharpest recent one."""
     max_sightings: int = 8
-    """How many recent sightings (frame index, sharpness) are remembered per cell."""
+    """How many recent sightings' sharpness values are remembered per cell."""
     decide_after: int = 30
     """Frames a cell may be unseen in view before it is decided from the votes it has (about
     1 s): the count does not wait for its track to end."""
@@ -49,7 +49,8 @@ class Ballot:
     first_frame: int
     last_frame: int
     last_box: np.ndarray
-    sightings: deque[tuple[int, float]]
+    sightings: deque[float]
+    """Sharpness of the recent due sightings."""
     confirmed: bool = False
     ever_whole: bool = False
     votes: list[np.ndarray] = field(default_factory=list)
@@ -100,11 +101,11 @@ class Voter:
                 out.append(int(i))
         return out
 
-    def sighting(self, track_id: int, sharpness: float, frame_index: int) -> tuple[bool, bool]:
+    def sighting(self, track_id: int, sharpness: float) -> tuple[bool, bool]:
         """Record one due sighting -> (sharp enough to vote, the sharpest so far)."""
         b = self.ballots[track_id]
-        best = max((v for _, v in b.sightings), default=0.0)
-        b.sightings.append((frame_index, sharpness))
+        best = max(b.sightings, default=0.0)
+        b.sightings.append(sharpness)
         return sharpness >= self.options.cell_ratio * best, sharpness >= best
 
     def set_thumb(self, track_id: int, thumb: np.ndarray | None) -> None:

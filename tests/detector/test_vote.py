@@ -64,12 +64,12 @@ def test_votes_are_averaged():
 def test_sightings_relative_to_the_cells_sharpest():
     v = Voter(LABELS, label_of, VoteOptions(cell_ratio=0.6, max_sightings=3))
     v.observe(dets([1], [True]), np.array([True]), 0)
-    assert v.sighting(1, 10.0, 0) == (True, True)
-    assert v.sighting(1, 5.0, 1) == (False, False)  # 5 < 0.6 * 10
-    assert v.sighting(1, 6.0, 2) == (True, False)
-    assert v.sighting(1, 4.0, 3) == (False, False)  # 4 < 0.6 * 10
-    assert list(v.ballots[1].sightings) == [(1, 5.0), (2, 6.0), (3, 4.0)]  # 3 kept: 10 gone
-    assert v.sighting(1, 4.0, 4) == (True, False)  # best now 6: 4 >= 3.6
+    assert v.sighting(1, 10.0) == (True, True)
+    assert v.sighting(1, 5.0) == (False, False)  # 5 < 0.6 * 10
+    assert v.sighting(1, 6.0) == (True, False)
+    assert v.sighting(1, 4.0) == (False, False)  # 4 < 0.6 * 10
+    assert list(v.ballots[1].sightings) == [5.0, 6.0, 4.0]  # 3 kept: 10 gone
+    assert v.sighting(1, 4.0) == (True, False)  # best now 6: 4 >= 3.6
 
 
 def test_close_and_leaving():
