@@ -897,10 +897,11 @@ def create_app(
         blocks = build_page(session, models=models if models is not None else list_models(),
                             image_model=image_model, analyzer_factory=analyzer_factory,
                             uploads=uploads, allow_urls=allow_url_sources)
+        # off: run history (Hugging Face buckets), MCP (its tools take URLs), error details
         gr.mount_gradio_app(app, blocks, path="/", max_file_size=max_file_size,
                             auth_dependency=guard.request_user if auth is not None else None,
                             ssr_mode=False, css=CSS, footer_links=[], run_history=False,
-                            show_error=False)
+                            mcp_server=False, show_error=False)
     else:
         @app.get("/", include_in_schema=False)
         async def root() -> RedirectResponse:
