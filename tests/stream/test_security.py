@@ -211,6 +211,8 @@ def test_login_needed_everywhere_but_the_login_page(tmp_path: Path, gradio_tmp: 
             anon = statuses()
             assert all(code == 401 for code in anon.values()), anon
             assert s.source_spec == "fake"  # the anonymous POST switched nothing
+            assert _upload(client, "a.png", _png(2), "image/png").status_code == 401
+            assert not gradio_tmp.exists() or not any(gradio_tmp.rglob("*.png"))
             html = client.get("/", headers={"accept": "text/html"}, follow_redirects=False)
             assert html.status_code == 303 and html.headers["location"] == "/login"
             assert set(statuses(auth=("lab", "wrong")).values()) == {401}
