@@ -60,7 +60,7 @@ from detector.core import KNOWN_LABELS, UNIDENTIFIED, Frame
 from detector.errors import HematoVisionError, InputError
 from hematovision_models import shipped_model
 from stream import resolve_model
-from stream.mjpeg import make_router
+from stream.mjpeg import make_router, public_source
 from stream.session import AnalyzerFactory, Session, SessionSettings
 from stream.sources import URL_RE
 
@@ -503,7 +503,7 @@ def status_html(stats: dict[str, Any]) -> str:
     lat = stats.get("latency_ms")
     rec = " &#9679; REC" if stats.get("recording") else ""
     return (f"<div class='hv-status'><span id='hv-state' style='color:{colour}'>{state}</span>"
-            f"{rec} &middot; source <code>{html.escape(_short_source(stats.get('source')))}</code> "
+            f"{rec} &middot; source <code>{html.escape(public_source(stats.get('source')))}</code> "
             f"&middot; model <code>{html.escape(str(stats.get('model', '')))}</code><br>"
             f"<span id='hv-fps'>{float(stats.get('fps', 0)):.1f}</span> fps analysed &middot; "
             f"latency {'-' if lat is None else f'{lat:.0f} ms'} &middot; "
@@ -511,12 +511,6 @@ def status_html(stats: dict[str, Any]) -> str:
             f"{int(stats.get('viewers', 0))}"
             + (f"<br><span id='hv-note'>{html.escape(str(stats['note']))}</span>"
                if stats.get("note") else "") + "</div>")
-
-
-def _short_source(source: Any) -> str:
-    """A file's name instead of its full (upload cache) path; URLs and cameras as they are."""
-    text = str(source or "")
-    return text if URL_RE.match(text) or "/" not in text else Path(text).name
 
 
 def gallery_html(cells: list[Any]) -> str:
@@ -764,8 +758,8 @@ def build_page(session: Session, *, models: dict[str, str], image_model: str | N
 
         def use_source(k: str, c: float, u: str, f: str | None) -> str:
             spec = page_source_spec(k, c, u, f, allow_urls=allow_urls, uploads=registry)
-            shown = Path(str(spec)).name if k == "upload" else str(spec)
-            running = _short_source(session.source_spec)
+            shown = public_source(spec)
+            running = public_source(session.source_spec)
             try:
                 session.switch_source(spec)
             except HematoVisionError as exc:

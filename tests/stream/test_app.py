@@ -25,7 +25,9 @@ from stream.app import (
     media_kind,
     page_source_spec,
     scrub_paths,
+    status_html,
 )
+from stream.mjpeg import public_source
 from stream.session import Session, SessionSettings
 from tests.stream.test_session import FakeAnalyzer, ListSource
 
@@ -321,6 +323,22 @@ def test_unexpected_page_error_is_one_line_and_hides_details(
                 client.post("/gradio_api/run/start", json={"data": []})
             (rec,) = [r for r in caplog.records if r.name == "stream.app"]
             assert rec.exc_info is not None
+    finally:
+        s.close()
+
+
+def test_sources_shown_without_server_paths_or_passwords(tmp_path: Path) -> None:
+    assert public_source("rtsp://lab:pa55@cam.lab/live") == "rtsp://lab:***@cam.lab/live"
+    assert public_source("/tmp/gradio/3f2a/smear.mp4") == "smear.mp4"
+    assert public_source("C:\\videos\\smear.mp4") == "smear.mp4"
+    assert public_source(0) == "0" and public_source("demo") == "demo"
+    s = Session("rtsp://lab:pa55@cam.lab/live", lambda st: FakeAnalyzer(st),
+                out_dir=tmp_path / "s", source_opener=lambda spec, realtime: EndlessSource())
+    s.start()
+    try:
+        with TestClient(create_app(s, page=False)) as client:
+            assert client.get("/stats.json").json()["source"] == "rtsp://lab:***@cam.lab/live"
+        assert "pa55" not in status_html(s.stats())
     finally:
         s.close()
 
