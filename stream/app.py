@@ -325,7 +325,10 @@ class UploadGate:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        rest = path.split("/file=", 1)[1] if "/file=" in path else ""
+        rest = ""  # what Gradio's file routes would serve
+        for marker in ("/file=", "/gradio_api/file/"):
+            if marker in path:
+                rest = path.split(marker, 1)[1]
         if "/proxy=" in path or "://" in rest or rest.lower().startswith(("http:", "https:")) \
                 or path.rstrip("/").endswith("/gradio_api/process_recording"):
             await JSONResponse({"detail": "not allowed"}, status_code=403)(scope, receive, send)

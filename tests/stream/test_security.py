@@ -135,7 +135,8 @@ def test_no_endpoint_hands_out_a_server_file(page: tuple[TestClient, Session], t
     for target in [secret_txt, secret_png, *cached]:
         for route in (f"/gradio_api/file={target}", f"/gradio_api/file/{target}",
                       f"/file={target}", f"/gradio_api/proxy=http://127.0.0.1/{target}",
-                      f"/gradio_api/file=http://127.0.0.1/{target}"):
+                      f"/gradio_api/file=http://127.0.0.1/{target}",
+                      f"/gradio_api/file/http://127.0.0.1/{target}"):
             r = client.get(route)
             texts.append(r.text)
             assert r.status_code in (403, 404) or target in cached, route
