@@ -184,12 +184,6 @@ class VideoRecorder:
         self.frames += 1
 
 
-def to_json(value: Any) -> dict[str, Any]:
-    """A count summary or counted-cell event as a JSON-ready dict (the detector's objects
-    have ``to_json()``; plain dicts are copied)."""
-    return value.to_json() if hasattr(value, "to_json") else dict(value)
-
-
 def build_report(summary: dict[str, Any], *, source: str, model: str, frames: int,
                  seconds: float, **extra: Any) -> dict[str, Any]:
     """The report of one count: source, model, frames, time, counts, total, differential and

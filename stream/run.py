@@ -28,10 +28,10 @@ import cv2
 import numpy as np
 
 from detector.analyzer import STAGES, Analyzer, FrameResult, build_analyzer
-from detector.core import UNIDENTIFIED, Frame
+from detector.core import UNIDENTIFIED, CountEvent, Frame
 from detector.errors import HematoVisionError, InputError
 from detector.still import StillCells, analyse_still, draw_still
-from stream.outputs import EventLog, VideoRecorder, build_report, to_json, write_report
+from stream.outputs import EventLog, VideoRecorder, build_report, write_report
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def run_report(analyzer: Analyzer | None, stats: RunStats, *, source: str, model
                source_fps: float | None, error: str | None, interrupted: bool
                ) -> dict[str, Any]:
     """The ``--report`` dict, with what was counted so far."""
-    summary = to_json(analyzer.tally.summary()) if analyzer else {}
+    summary = analyzer.tally.summary().to_json() if analyzer else {}
     wall = stats.wall or (time.perf_counter() - stats.t0)
     n = max(stats.frames, 1)
     return build_report(
@@ -127,10 +127,7 @@ def _stills_or_sequence(frames: Iterator[Frame], max_frames: int | None
     frames of one moving field (False: track)? Returns the frames, none lost, and the answer."""
     import itertools
 
-    try:
-        from detector.motion import same_scene
-    except ImportError:  # the tracker module held it before stage motion had its own
-        from detector.track import same_scene  # type: ignore[attr-defined,no-redef]
+    from detector.motion import same_scene
 
     head = [f for f in itertools.islice(frames, 1 if max_frames == 1 else 2)]
     still = len(head) < 2 or not same_scene(head[0].bgr, head[1].bgr)
@@ -139,7 +136,7 @@ def _stills_or_sequence(frames: Iterator[Frame], max_frames: int | None
 
 
 def count_still(analyzer: Analyzer, frame: Frame, first_id: int
-                ) -> tuple[StillCells, list[dict[str, Any]]]:
+                ) -> tuple[StillCells, list[CountEvent]]:
     """Name every cell of one photo (``detector.still``) and count each once -> (cells, events).
 
     Cells get ids ``first_id, first_id + 1, ...``; each event carries ``cut``."""
@@ -148,9 +145,9 @@ def count_still(analyzer: Analyzer, frame: Frame, first_id: int
     events = []
     for i, name in enumerate(cells.names):
         event = analyzer.tally.count(first_id + i, name, float(dets.score[i]), frame.index,
-                                     frame.index, dets.xyxy[i])
+                                     frame.index, dets.xyxy[i], cut=bool(cut[i]))
         if event is not None:
-            events.append({**to_json(event), "cut": bool(cut[i])})
+            events.append(event)
     return cells, events
 
 
@@ -207,7 +204,7 @@ def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str,
                         stats.add(result)
                         counted = result.counted
                     for ev in counted:
-                        events.write(to_json(ev))
+                        events.write(ev.to_json())
                     if recorder is not None:
                         t = time.perf_counter()
                         recorder.write(_draw_still(frame, cells, analyzer) if still
@@ -234,7 +231,7 @@ def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str,
         try:
             if analyzer is not None:
                 for ev in analyzer.finish():
-                    events.write(to_json(ev))
+                    events.write(ev.to_json())
         except HematoVisionError as exc:  # the events file itself cannot be written
             error = error or str(exc)
         finally:

@@ -32,10 +32,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from detector.analyzer import cell_thumbnail
-from detector.core import Frame
+from detector.core import CountEvent, Frame, Summary
 from detector.errors import HematoVisionError
 from detector.tally import wilson_interval as _wilson
-from stream.outputs import EventLog, Runs, VideoRecorder, build_report, export_files, to_json
+from stream.outputs import EventLog, Runs, VideoRecorder, build_report, export_files
 from stream.publish import CellThumb, Gallery, Meter, Published, Publisher
 from stream.sources import Source, open_source
 
@@ -66,18 +66,16 @@ class ClassifierInfo(Protocol):
     model_path: Path
 
 
-class SummaryLike(Protocol):
-    def summary(self) -> Any: ...
+class TallyLike(Protocol):
+    def summary(self) -> Summary: ...
 
 
 class AnalysisResult(Protocol):
-    """What the session reads from one analysed frame (``detector.analyzer.FrameResult``):
-    the counted cells' events and the count summary, each a dict or an object with
-    ``to_json()``."""
+    """What the session reads from one analysed frame (``detector.analyzer.FrameResult``)."""
 
     frame: Frame
-    counted: list[Any]
-    summary: Any
+    counted: list[CountEvent]
+    summary: Summary
     timings: dict[str, float]
     thumbs: dict[int, np.ndarray]
 
@@ -86,13 +84,13 @@ class AnalyzerLike(Protocol):
     """The analyzer as the session uses it (``detector.analyzer.Analyzer``)."""
 
     classifier: ClassifierInfo
-    tally: SummaryLike
+    tally: TallyLike
 
     def process(self, frame: Frame) -> AnalysisResult: ...
 
     def render(self, result: Any, fps: float | None = None) -> np.ndarray: ...
 
-    def finish(self) -> list[Any]: ...
+    def finish(self) -> list[CountEvent]: ...
 
     def reset(self) -> None: ...
 
@@ -438,7 +436,7 @@ class Session:
 
     def _empty_summary(self) -> dict[str, Any]:
         if self._analyzer is not None:
-            return to_json(self._analyzer.tally.summary())
+            return self._analyzer.tally.summary().to_json()
         return {"counts": {}, "total": 0, "target": self.settings.target, "differential": {}}
 
     def _current_min_score(self) -> float | None:
@@ -459,8 +457,8 @@ class Session:
             if analyzer is None:
                 return
             for event in analyzer.finish():
-                self._log_event({"event": "counted", **to_json(event)})
-            self.publisher.set_summary(to_json(analyzer.tally.summary()))
+                self._log_event({"event": "counted", **event.to_json()})
+            self.publisher.set_summary(analyzer.tally.summary().to_json())
             self.runs.close(self.report(), why)
             analyzer.reset()
             self._start_count()
@@ -505,10 +503,9 @@ class Session:
             t1 = time.perf_counter()
             annotated = analyzer.render(result, fps=self.fps or None)
             t2 = time.perf_counter()
-            summary = to_json(result.summary)
-            summary.setdefault("target", self.settings.target)
+            summary = result.summary.to_json()
             for counted in result.counted:
-                event = to_json(counted)
+                event = counted.to_json()
                 self._log_event({"event": "counted", **event})
                 crop = result.thumbs.get(int(event.get("track_id", -1)))
                 if crop is None and event.get("box") is not None:
@@ -532,9 +529,9 @@ class Session:
                 return
             events = analyzer.finish()
             for event in events:
-                self._log_event({"event": "counted", **to_json(event)})
+                self._log_event({"event": "counted", **event.to_json()})
             if events:
-                self.publisher.set_summary(to_json(analyzer.tally.summary()))
+                self.publisher.set_summary(analyzer.tally.summary().to_json())
 
     def _log_event(self, record: dict[str, Any]) -> None:
         """Append to the event log (its file starts with the first counted cell)."""

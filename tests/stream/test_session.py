@@ -13,8 +13,9 @@ import cv2
 import numpy as np
 import pytest
 
-from detector.core import Detections, Frame
+from detector.core import CountEvent, Detections, Frame, Summary
 from detector.errors import InputError
+from detector.tally import Tally
 from stream.session import Session, SessionSettings, wilson_interval
 from stream.sources import LiveSource, Source
 
@@ -23,8 +24,8 @@ from stream.sources import LiveSource, Source
 class FakeResult:
     frame: Frame
     detections: Detections
-    counted: list[dict[str, Any]]
-    summary: dict[str, Any]
+    counted: list[CountEvent]
+    summary: Summary
     timings: dict[str, float] = field(default_factory=dict)
     thumbs: dict[int, np.ndarray] = field(default_factory=dict)
 
@@ -37,53 +38,38 @@ class FakeClassifier:
         self.min_score = min_score
 
 
-class FakeTally:
-    def __init__(self, analyzer: FakeAnalyzer) -> None:
-        self.analyzer = analyzer
-
-    def summary(self) -> dict[str, Any]:
-        a = self.analyzer
-        total = sum(a.counts.values())
-        return {"counts": dict(a.counts), "total": total, "target": a.target,
-                "differential": {k: 100 * v / total if total else 0.0
-                                 for k, v in a.counts.items()}}
-
-
 class FakeAnalyzer:
-    """Counts one 'neutrophil' every ``every`` frames; the frame's first pixel is its number."""
+    """Counts one 'neutrophil' every ``every`` frames (track id = frame index) on a real Tally."""
 
     def __init__(self, settings: SessionSettings, every: int = 2) -> None:
         self.settings = settings
         self.classifier = FakeClassifier(settings.min_score or 0.5)
         self.every = every
-        self.counts = {"neutrophil": 0, "lymphocyte": 0, "unidentified": 0}
-        self.target = settings.target
+        self.tally = Tally(FakeClassifier.labels, target=settings.target)
         self.processed = 0
         self.renders = 0
         self.resets = 0
-        self.tally = FakeTally(self)
 
     def reset(self) -> None:
-        self.counts = dict.fromkeys(self.counts, 0)
+        self.tally.reset()
         self.resets += 1
 
     def set_target(self, n: int) -> None:
-        self.target = n
+        self.tally.target = n
 
     def set_min_score(self, value: float) -> None:
         self.classifier.min_score = value
 
-    def finish(self) -> list[dict]:
+    def finish(self) -> list[CountEvent]:
         return []
 
     def process(self, frame: Frame) -> FakeResult:
         self.processed += 1
         counted = []
         if frame.index % self.every == 0:
-            self.counts["neutrophil"] += 1
-            counted.append({"track_id": frame.index, "label": "neutrophil", "score": 0.9,
-                            "first_frame": frame.index, "last_frame": frame.index,
-                            "box": [2.0, 2.0, 20.0, 20.0]})
+            event = self.tally.count(frame.index, "neutrophil", 0.9, frame.index, frame.index,
+                                     (2.0, 2.0, 20.0, 20.0))
+            counted = [event] if event is not None else []
         return FakeResult(frame, Detections.empty(), counted, self.tally.summary(),
                           {"segment": 0.001})
 
@@ -333,7 +319,7 @@ def test_gallery_uses_the_analyzers_thumbnails(tmp_path: Path) -> None:
     class ThumbAnalyzer(FakeAnalyzer):
         def process(self, frame: Frame) -> FakeResult:
             res = super().process(frame)
-            res.thumbs = {ev["track_id"]: np.full((30, 30, 3), (0, 0, 200), np.uint8)
+            res.thumbs = {ev.track_id: np.full((30, 30, 3), (0, 0, 200), np.uint8)
                           for ev in res.counted}  # red crops: not from this (green) frame
             return res
 
@@ -380,18 +366,10 @@ class LoopingSource(ListSource):
         return frame
 
 
-class SameCellsAnalyzer(FakeAnalyzer):
-    """Counts the cell shown at position ``index % period``: a replay shows the same cells."""
-
-    period = 10
-
-    def process(self, frame: Frame) -> FakeResult:
-        return super().process(Frame(frame.bgr, frame.index % self.period, frame.t))
-
-
 def test_a_looping_file_never_counts_a_cell_twice(tmp_path: Path) -> None:
     """Two passes of a looping clip: the second is a new run, the first one's report is kept."""
-    s = Session("demo", lambda st: SameCellsAnalyzer(st), out_dir=tmp_path / "s",
+    # the fake gives each frame's cell a new track id, as a tracker would on a replay
+    s = Session("demo", lambda st: FakeAnalyzer(st), out_dir=tmp_path / "s",
                 source_opener=lambda spec, realtime: LoopingSource(10, passes=2), realtime=False)
     s.start()
     _wait_stopped(s)
