@@ -187,7 +187,8 @@ class VideoRecorder:
 def build_report(summary: dict[str, Any], *, source: str, model: str, frames: int,
                  seconds: float, **extra: Any) -> dict[str, Any]:
     """The report of one count: source, model, frames, time, counts, total, differential and
-    95 % intervals (rounded to 2 decimals), target, then ``extra`` fields, then the date."""
+    95 % intervals (rounded to 2 decimals), target, nucleated red cells (NRBC, and per 100 white
+    cells) and vetoed candidates (platelets, artefacts), then ``extra`` fields, then the date."""
     return {
         "source": source,
         "model": model,
@@ -203,6 +204,9 @@ def build_report(summary: dict[str, Any], *, source: str, model: str, frames: in
         "ci_method": "Wilson score interval, 95 %, percent of total",
         "target": int(summary.get("target", 0)),
         "target_reached": bool(summary.get("target_reached", False)),
+        "nrbc": int(summary.get("nrbc", 0)),
+        "nrbc_per_100_wbc": float(summary.get("nrbc_per_100_wbc", 0.0)),
+        "vetoed": int(summary.get("vetoed", 0)),
         **extra,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
