@@ -507,9 +507,9 @@ class Session:
             for counted in result.counted:
                 event = counted.to_json()
                 self._log_event({"event": "counted", **event})
-                crop = result.thumbs.get(int(event.get("track_id", -1)))
-                if crop is None and event.get("box") is not None:
-                    crop = cell_thumbnail(frame.bgr, np.asarray(event["box"], np.float32)[:4])
+                crop = result.thumbs.get(counted.track_id)  # its sharpest sighting
+                if crop is None:
+                    crop = cell_thumbnail(frame.bgr, np.asarray(counted.box, np.float32))
                 self.gallery.add(crop, event)
             if self._recorder is not None:
                 self._recorder.write(annotated)
