@@ -136,3 +136,28 @@ def test_stills_counted_each_on_its_own():
     assert an.tally.total == total > 0
     ids = [e.track_id for e in an.tally.events]
     assert len(ids) == len(set(ids))
+
+
+class RenamingClassifier(FakeClassifier):
+    """The fake's answers under other names: eosinophil discs are erythroblasts, lymphocyte
+    discs platelets."""
+
+    labels = ("neutrophil", "erythroblast", "platelet")
+
+    def label_of(self, scores_row: np.ndarray) -> tuple[str, float]:
+        name, score = super().label_of(scores_row)
+        return self.labels[LABELS.index(name)] if name in LABELS else name, score
+
+
+def test_erythroblasts_reported_apart_and_platelets_never_counted():
+    slide, path = slide_and_path()  # 2 neutrophils, 1 "eosinophil" disc, 2 "lymphocyte" discs
+    an = Analyzer(FakeSegmenter(slide, path), RenamingClassifier(), target=5)
+    results = run(an, slide, path)
+    events = [e for r in results for e in r.counted] + an.finish()
+    assert sorted(e.label for e in events) == ["erythroblast", "neutrophil", "neutrophil"]
+    s = an.tally.summary()
+    assert s.counts == {"neutrophil": 2, "unidentified": 0} and s.total == 2
+    assert (s.nrbc, s.nrbc_per_100_wbc, s.vetoed) == (1, 50.0, 2)
+    assert not s.target_reached
+    shown = {str(x) for r in results for x in r.detections.data["label"]}
+    assert {"platelet", "erythroblast", "neutrophil"} <= shown  # named on screen all the same
