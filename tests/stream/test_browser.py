@@ -199,3 +199,13 @@ def test_login_form_then_live_view(served: str, tmp_path: Path) -> None:
             assert stranger.request.get(f"{served}/gradio_api/info").status == 401
         finally:
             browser.close()
+
+    # an outside probe, logged in, sends server paths to every endpoint of the real server
+    import httpx
+
+    from tests.stream.test_security import probe_server_paths
+
+    secret_dir = tmp_path / "secrets"
+    secret_dir.mkdir()
+    with httpx.Client(base_url=served, auth=AUTH, timeout=60) as client:
+        probe_server_paths(client, secret_dir, tmp_path / "gradio-cache")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -100,13 +101,15 @@ def _errors(texts: list[str]) -> list[str]:
     return out
 
 
-def test_no_endpoint_hands_out_a_server_file(page: tuple[TestClient, Session], tmp_path: Path,
-                                             gradio_tmp: Path) -> None:
-    client, session = page
+def probe_server_paths(client: httpx.Client, secret_dir: Path, gradio_tmp: Path) -> None:
+    """Send every endpoint of ``/gradio_api/info`` the server paths of two secrets made in
+    ``secret_dir``, ask the file routes for them and for whatever Gradio's cache holds, and
+    assert that no secret byte comes back, no copy lands in ``gradio_tmp`` and no error
+    message names a server path. Works on a TestClient and on a real server alike."""
     token = secrets.token_hex(16).encode()
-    secret_txt = tmp_path / "secret.txt"
+    secret_txt = secret_dir / "secret.txt"
     secret_txt.write_bytes(b"password=" + token)
-    secret_png = tmp_path / "secret.png"  # a real image: a content check alone would pass it
+    secret_png = secret_dir / "secret.png"  # a real image: a content check alone would pass it
     secret_png.write_bytes(_png(7))
     secrets_bytes = [secret_txt.read_bytes(), secret_png.read_bytes()]
 
@@ -146,11 +149,17 @@ def test_no_endpoint_hands_out_a_server_file(page: tuple[TestClient, Session], t
     assert token.decode() not in blob
     assert base64.b64encode(secrets_bytes[1]).decode()[:40] not in blob
     errors = _errors(texts)
-    assert len(errors) > 20 and all(str(tmp_path) not in e for e in errors), \
+    assert len(errors) > 20 and all(str(secret_dir) not in e for e in errors), \
         "an error message names a server path"
     for p in cached:
         content = p.read_bytes()
         assert all(s not in content for s in secrets_bytes), f"copy of a secret in {p}"
+
+
+def test_no_endpoint_hands_out_a_server_file(page: tuple[TestClient, Session], tmp_path: Path,
+                                             gradio_tmp: Path) -> None:
+    client, session = page
+    probe_server_paths(client, tmp_path, gradio_tmp)
     assert session.source_spec == "fake"  # nothing switched to a server file
 
 
