@@ -228,6 +228,9 @@ def test_login_needed_everywhere_but_the_login_page(tmp_path: Path, gradio_tmp: 
             assert set(statuses(auth=("lab", "wrong")).values()) == {401}
             client.cookies.set("hv_session", "bGFifDk5OTk5OTk5OTk5.forged")
             assert set(statuses().values()) == {401}
+            expired = app.state.guard.make_cookie("lab", now=time.time() - 13 * 3600)
+            client.cookies.set("hv_session", expired)  # signed by this server, 13 h old
+            assert set(statuses().values()) == {401}
             client.cookies.clear()
 
             basic = statuses(auth=("lab", "s3cret"))
