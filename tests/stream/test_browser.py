@@ -82,11 +82,17 @@ def served(request: pytest.FixtureRequest, tmp_path: Path):  # noqa: ANN201
             not os.environ.get("HEMATOVISION_MODEL"):
         pytest.skip("no model: models/hematovision.tflite missing and HEMATOVISION_MODEL unset")
     port = _free_port()
+    from stream.synth import cache_root
+
+    # the server's session folder (under HOME) and Gradio's files stay in the test folder;
+    # the rendered demo clip is still taken from (or cached in) the usual place
+    (tmp_path / "home").mkdir()
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "XDG_CACHE_HOME": str(cache_root().parent),
+           "GRADIO_TEMP_DIR": str(tmp_path / "gradio-cache")}
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "stream.cli", "serve", "demo", "--port", str(port), *extra],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "gradio-cache")})
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         import httpx
