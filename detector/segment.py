@@ -96,6 +96,12 @@ _RBC_PRIORS = [
         _RBC_DIR0, np.array([1.0, 1.0, 1.0], np.float32), np.array([0.45, 0.55, 0.7], np.float32)
     )
 ]
+#: Least cosine between a red-cell colour mode and the nearest of _RBC_PRIORS (~16 degrees).
+_RBC_PRIOR_COS = 0.96
+#: Romanowsky nuclear violet (BGR OD direction), and its sine with pink red cells (_RBC_DIR0).
+_VIOLET = np.array([0.15, 0.85, 0.5], dtype=np.float32)
+_VIOLET /= np.linalg.norm(_VIOLET)
+_SIN_PINK = float(np.linalg.norm(_VIOLET - float(_VIOLET @ _RBC_DIR0) * _RBC_DIR0))
 #: "Absorbs more red light, less blue light" in BGR OD space.
 _BLUE_SHIFT = np.array([-1.0, 0.0, 1.0], dtype=np.float32)
 _ONES3 = np.ones(3, dtype=np.float32)
@@ -463,7 +469,13 @@ class Segmenter:
         # nucleus-stain channel, off the any-hue magnitude used for cell bodies.
         a = cv2.transform(od, (basis[0] / m).reshape(1, 3))
         b = cv2.transform(od, (basis[1] / m).reshape(1, 3))
-        f = cv2.addWeighted(a, float(np.cos(theta)), b, float(np.sin(theta)), 0.0)
+        # Red cells whose colour is closer to the nuclear violet (grey, blue-grey, teal) leave
+        # less of a nucleus's stain off their direction: give it back (colour deconvolution's
+        # 1 / sin of the angle between the two stains, relative to pink red cells).
+        sin_u = float(np.linalg.norm(_VIOLET - float(_VIOLET @ u) * u))
+        pink = max(range(len(_RBC_PRIORS)), key=lambda k: float(_RBC_PRIORS[k] @ u)) == 0
+        gain = 1.0 if pink else min(max(_SIN_PINK / max(sin_u, 1e-3), 1.0), 2.0)
+        f = cv2.addWeighted(a, gain * float(np.cos(theta)), b, gain * float(np.sin(theta)), 0.0)
         off = cv2.magnitude(a, b) if self.options.body_any_hue else f
         d_small = self._rbc_diameter(od2, u, m, f, scale)
         return f, off, small, d_small, sxy
@@ -551,7 +563,11 @@ class Segmenter:
                     break
                 u = inside.astype(np.float32) @ vd  # sum of the directions inside the cone
                 u /= float(np.linalg.norm(u))
-            if inside is not None and (best is None or int(inside.sum()) > best[0]):
+            # A mode that drifted far from every red-cell colour is a large white cell's
+            # cytoplasm (a frame or crop filled by one cell), not the red cells.
+            if inside is None or max(float(q @ u) for q in _RBC_PRIORS) < _RBC_PRIOR_COS:
+                continue
+            if best is None or int(inside.sum()) > best[0]:
                 best = (int(inside.sum()), u, inside)
                 if best[0] > 0.5 * len(vd):
                     break  # most stained pixels are of this colour: no other mode can be larger
@@ -630,7 +646,7 @@ class Segmenter:
                 kept = np.count_nonzero(cv2.distanceTransform(outside, cv2.DIST_L2, 3) <= r)
             lo, hi = (r, hi) if kept > area * _GRANULOMETRY_KEEP else (lo, r)
         d = 2.0 * (lo + hi) * _GRANULOMETRY_CAL
-        if not 0.3 * fallback <= d <= 2.5 * fallback:
+        if not 0.3 * fallback <= d <= 3.0 * fallback:
             log.debug("implausible red-cell diameter %.1f px, using %.1f", d / scale, fallback)
             return fallback
         self.last_rbc_diameter, self.last_rbc_measured = d / scale, True

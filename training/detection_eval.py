@@ -389,6 +389,8 @@ def evaluate_single_cells(
     centre (``found_field``). For ``platelet`` and ``erythroblast`` folders ``found`` is the
     share taken for a white-cell candidate. ``tuned(i)`` marks images (by their index in the
     class folder's sorted list) used while tuning: figures are also given for the rest.
+    Hidden files (``.DS_*``, macOS folder metadata in the published PBC archive) and
+    unreadable files are skipped with a warning.
     """
     from stream.images import IMAGE_EXTENSIONS
 
@@ -397,7 +399,8 @@ def evaluate_single_cells(
         raise InputError(f"{folder}: no class folders")
     out: dict[str, dict] = {}
     for d in classes:
-        files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(f for f in d.iterdir()
+                       if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))
         it: Iterable[tuple[int, Path]] = enumerate(files)
         if progress:
             from tqdm import tqdm
@@ -407,7 +410,8 @@ def evaluate_single_cells(
         for i, f in it:
             img = cv2.imread(str(f), cv2.IMREAD_COLOR)
             if img is None:
-                raise InputError(f"{f}: cannot read image")
+                log.warning("%s: not a readable image, skipped", f)
+                continue
             h, w = img.shape[:2]
             still = segmenter.find_still(img)
             field = segmenter.find(img)

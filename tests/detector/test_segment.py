@@ -23,13 +23,17 @@ def smear(
     platelets: tuple[tuple[int, int], ...] = (),
     scale: float = 1.0,
     seed: int = 0,
+    rbc: tuple[int, int, int] = RBC,
+    bg: tuple[int, int, int] = BG,
 ) -> np.ndarray:
-    """A synthetic smear: pink red-cell discs (100 px at scale 1) on glass, neutrophils (a
-    180 px cytoplasm disc with a three-lobed nucleus) centred at ``cells``, and platelet dots."""
+    """A synthetic smear: red-cell discs (100 px at scale 1; pink unless ``rbc`` says
+    otherwise) on glass, neutrophils (a 180 px cytoplasm disc with a three-lobed nucleus)
+    centred at ``cells``, and platelet dots."""
     rng = np.random.default_rng(seed)
     w, h = size
     img = np.empty((h, w, 3), np.uint8)
-    img[:] = BG
+    img[:] = bg
+    pallor = tuple(int((a + b) / 2) for a, b in zip(rbc, bg, strict=True))
     r_rbc = int(50 * scale)
     # A loose grid of red cells, away from the white cells.
     for y in range(r_rbc, h, int(2.3 * r_rbc)):
@@ -38,8 +42,8 @@ def smear(
             c = (int(x + jx), int(y + jy))
             if any(np.hypot(c[0] - cx, c[1] - cy) < 150 * scale for cx, cy in cells):
                 continue
-            cv2.circle(img, c, r_rbc, RBC, -1, cv2.LINE_AA)
-            cv2.circle(img, c, int(r_rbc * 0.35), (175, 172, 192), -1, cv2.LINE_AA)  # pallor
+            cv2.circle(img, c, r_rbc, rbc, -1, cv2.LINE_AA)
+            cv2.circle(img, c, int(r_rbc * 0.35), pallor, -1, cv2.LINE_AA)
     for cx, cy in cells:
         cv2.circle(img, (cx, cy), int(90 * scale), CYTO, -1, cv2.LINE_AA)
         for dx, dy in ((-35, -10), (0, 25), (35, -10)):  # three lobes joined by thin strands
@@ -218,6 +222,86 @@ def test_bad_options_are_rejected() -> None:
         SegmenterOptions(cell_level=0.9, nucleus_level=0.5)
 
 
+# -- other microscopes: stains, illumination, magnification, single-cell images ---------------
+
+TEAL = (180, 160, 130)  # blue-grey red cells (another stain's buffer / another camera)
+
+
+@pytest.mark.parametrize("rbc", [TEAL, (160, 160, 160)], ids=["teal", "grey"])
+def test_red_cells_grey_or_teal_do_not_hide_or_fake_white_cells(rbc) -> None:
+    img = smear(cells=((200, 240), (470, 260)), rbc=rbc, platelets=((80, 80), (560, 420)))
+    det = Segmenter().find(img)
+    assert len(det) == 2
+    order = np.argsort(det.xyxy[:, 0])
+    for k, (cx, cy) in zip(order, ((200, 240), (470, 260)), strict=True):
+        assert box_iou(det.xyxy[k : k + 1], cell_box(cx, cy))[0, 0] > 0.6
+    # red cells alone, teal or grey, are not white cells
+    assert len(Segmenter().find(smear(cells=(), rbc=rbc))) == 0
+
+
+@pytest.mark.parametrize("gains", [(0.72, 0.92, 1.0), (1.0, 0.9, 0.74)], ids=["yellow", "blue"])
+def test_yellowish_or_bluish_light_gives_the_same_cell(gains) -> None:
+    img = (smear(cells=((300, 220),)) * np.array(gains)).astype(np.uint8)
+    det = Segmenter().find(img)
+    assert len(det) == 1 and box_iou(det.xyxy, cell_box(300, 220))[0, 0] > 0.7
+
+
+def test_cell_in_a_dark_vignetted_corner_is_whole_not_cut() -> None:
+    # Corners at 40% of the centre's light; the cell sits 20 px clear of the corner's borders.
+    img = smear(cells=((112, 112),)).astype(np.float32)
+    h, w = img.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    r2 = ((xx - w / 2) ** 2 + (yy - h / 2) ** 2) / ((w / 2) ** 2 + (h / 2) ** 2)
+    img = (img * (1.0 - 0.6 * r2)[..., None]).astype(np.uint8)
+    seg = Segmenter()
+    det = seg.find(img)
+    assert seg.last_illumination < 0.6
+    assert len(det) == 1 and not det.touches_edge[0]
+    assert box_iou(det.xyxy, cell_box(112, 112))[0, 0] > 0.6
+
+
+@pytest.mark.parametrize("scale, size", [(0.4, (640, 480)), (2.0, (1280, 960))])
+def test_low_and_high_magnification(scale: float, size: tuple[int, int]) -> None:
+    """Red cells of 40 px (0.4x BCCD's magnification) or 200 px (2x): the size is measured
+    from the frame and the cells are found with the configured (100 px) size left as it is."""
+    w, h = size
+    cells = ((150, 120), (450, 130), (300, 360)) if scale < 1 else ((w // 2, h // 2),)
+    seg = Segmenter()
+    det = seg.find(smear(size=size, cells=cells, scale=scale, platelets=((40, 40), (600, 300))))
+    assert seg.last_rbc_measured
+    assert 0.7 * 100 * scale < seg.last_rbc_diameter < 1.45 * 100 * scale
+    assert len(det) == len(cells)
+    for cx, cy in cells:
+        assert box_iou(det.xyxy, cell_box(cx, cy, scale))[:, 0].max() > 0.6
+
+
+def test_white_cell_filling_a_2x_frame() -> None:
+    """At 2x on a 640x480 camera a white cell fills most of the frame and few red cells are
+    left to measure: the cell is still found, whole."""
+    det = Segmenter().find(smear(cells=((320, 240),), scale=2.0))
+    assert len(det) == 1
+    assert box_iou(det.xyxy, cell_box(320, 240, 2.0))[0, 0] > 0.6
+
+
+def test_single_cell_crop_filling_the_frame() -> None:
+    """A 200x200 crop of one cell that nearly fills it, with slivers of red cells around."""
+    crop = smear(cells=((320, 240),))[140:340, 220:420]
+    seg = Segmenter()
+    one = seg.find_single(crop)
+    assert len(one) == 1
+    assert box_iou(one.xyxy, cell_box(100, 100))[0, 0] > 0.6
+    still = seg.find_still(crop)
+    assert len(still) == 1 and box_iou(still.xyxy, one.xyxy)[0, 0] > 0.9
+    # a crop of red cells and a platelet at the centre is no cell
+    plain = smear(cells=(), platelets=((320, 240),))[140:340, 220:420]
+    assert len(seg.find_single(plain)) == 0
+
+
+def test_field_with_two_whole_cells_is_not_a_single_cell_image() -> None:
+    img = smear(cells=((320, 240), (520, 300)), size=(640, 480))
+    assert len(Segmenter().find_still(img)) == 2
+
+
 # -- real images -------------------------------------------------------------------------------
 
 
@@ -257,3 +341,24 @@ def test_real_single_cell_crop_and_perturbed_copies(bccd_dir) -> None:
         det = Segmenter().find(shifted)
         pairs, false, missed = match_centres(det.xyxy, boxes)
         assert len(pairs) == 1 and not false and not missed, kind
+
+
+PBC_WHITE = ("basophil", "eosinophil", "immature_granulocyte", "lymphocyte", "monocyte",
+             "neutrophil")
+
+
+def test_real_pbc_single_cell_images(bccd_dir) -> None:
+    """PBC (another analyser, stain, magnification and white balance): the labelled cell at
+    the centre of the first 4 images of each white-cell class is the one cell reported."""
+    pbc = bccd_dir.parent / "pbc"
+    if not pbc.is_dir():
+        pytest.skip(f"PBC images not found at {pbc}")
+    seg = Segmenter()
+    for name in PBC_WHITE:
+        for f in [p for p in sorted((pbc / name).glob("*.jpg")) if not p.name.startswith(".")][:4]:
+            img = cv2.imread(str(f))
+            h, w = img.shape[:2]
+            det = seg.find_still(img)
+            assert len(det) == 1, f.name
+            x1, y1, x2, y2 = det.xyxy[0]
+            assert x1 <= w / 2 <= x2 and y1 <= h / 2 <= y2, f.name
