@@ -19,6 +19,7 @@ import numpy as np
 
 from detector import draw
 from detector.core import UNIDENTIFIED, Detections, Frame
+from detector.segment import Segmenter
 
 #: A box reaching this close (pixels) to the photo's border counts as cut by it.
 EDGE_MARGIN = 1.0
@@ -73,11 +74,22 @@ def cut_by_edge(dets: Detections, width: int, height: int,
 
 
 def analyse_still(image: np.ndarray | Frame, segmenter: StillSegmenter,
-                  classifier: StillClassifier) -> StillCells:
-    """Find every white cell of one BGR photo and name it, all crops in one classifier call."""
+                  classifier: StillClassifier, single_cell: bool = False) -> StillCells:
+    """Find every white cell of one BGR photo and name it, all crops in one classifier call.
+
+    A photo that shows one centred cell (a crop, as in single-cell data sets and analysers'
+    galleries) gives that one cell (``Segmenter.find_still``; test doubles with only ``find``
+    get the field analysis). ``single_cell``: the whole photo is one cell, only classified.
+    """
     bgr = image.bgr if isinstance(image, Frame) else image
     h, w = bgr.shape[:2]
-    dets = segmenter.find(image)
+    if single_cell:
+        dets = Detections(xyxy=np.array([[0, 0, w, h]], np.float32),
+                          touches_edge=np.zeros(1, dtype=bool))
+    elif isinstance(segmenter, Segmenter):
+        dets = segmenter.find_still(image)
+    else:
+        dets = segmenter.find(image)
     if len(dets):
         dets = dets[np.lexsort((dets.xyxy[:, 0], dets.xyxy[:, 1]))]
     labels = tuple(classifier.labels)
@@ -90,7 +102,7 @@ def analyse_still(image: np.ndarray | Frame, segmenter: StillSegmenter,
         dets.class_id[i] = labels.index(label) if label in labels else -1
         dets.score[i] = top
     dets.data["label"] = names
-    dets.data["cut"] = cut_by_edge(dets, w, h)
+    dets.data["cut"] = cut_by_edge(dets, w, h) & (not single_cell)  # a crop is the whole cell
     return StillCells(dets, scores, labels)
 
 

@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", type=str, default=None, help=model_help)
     d.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
     d.add_argument("--save-dir", type=str, default=None, help="write an annotated PNG per image")
+    d.add_argument("--single-cell", action="store_true",
+                   help="each image is one cell (a crop): classify the whole image, no search")
 
     y = sub.add_parser("synth", help="render a synthetic smear video with per-cell ground truth")
     y.add_argument("out_dir", help="folder for video.mp4 and truth.json")

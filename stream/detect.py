@@ -157,7 +157,8 @@ def main(args: argparse.Namespace) -> int:
             seen.add(key)
             try:
                 image = read_still(path)
-                cells = analyse_still(image, segmenter, classifier)
+                cells = analyse_still(image, segmenter, classifier,
+                                      single_cell=bool(getattr(args, "single_cell", False)))
             except HematoVisionError as exc:
                 _err(str(exc))
                 failed += 1

@@ -362,3 +362,27 @@ def test_real_pbc_single_cell_images(bccd_dir) -> None:
             assert len(det) == 1, f.name
             x1, y1, x2, y2 = det.xyxy[0]
             assert x1 <= w / 2 <= x2 and y1 <= h / 2 <= y2, f.name
+
+
+def test_still_analysis_recognises_single_cell_images_and_whole_image_option() -> None:
+    """The still-image analysis gives a crop's one centred cell, and with ``single_cell`` the
+    whole image as one (uncut) cell, only classified."""
+    from detector.still import analyse_still
+
+    class OneClass:
+        labels = ("neutrophil",)
+
+        def classify_boxes(self, frame_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
+            return np.ones((len(xyxy), 1), np.float32)
+
+        def label_of(self, row: np.ndarray) -> tuple[str, float]:
+            return "neutrophil", float(row[0])
+
+    # a crop centred on one cell, with a neighbour cut by its edge
+    img = smear(cells=((320, 240), (560, 240)))[100:380, 180:460]
+    cells = analyse_still(img, Segmenter(), OneClass())
+    assert len(cells) == 1 and not cells.cut[0]
+    assert box_iou(cells.detections.xyxy, cell_box(140, 140))[0, 0] > 0.6
+    whole = analyse_still(img, Segmenter(), OneClass(), single_cell=True)
+    assert whole.detections.xyxy.tolist() == [[0.0, 0.0, 280.0, 280.0]]
+    assert whole.names == ["neutrophil"] and not whole.cut[0]
