@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -70,7 +71,59 @@ def test_perturbations_keep_shape_and_boxes(kind: str) -> None:
     boxes = np.array([[20, 10, 44, 38]], np.float32)
     out, b, ign = perturb(img, boxes, kind)
     assert out.shape == img.shape and out.dtype == np.uint8
-    assert len(b) + len(ign) == 1
-    if kind.startswith("scale_"):
-        s = float(kind.split("_")[1])
+    s = float(kind.split("_")[1]) if kind.startswith("scale_") else 1.0
+    if s < 1:  # a wider field: the photo's box and its mirror images, each shrunk
+        centre = np.array([32 + (32 - 32) * s, 24 + (24 - 24) * s])  # the photo's centre
+        mid = (b[:, :2] + b[:, 2:]) / 2
+        k = int(np.argmin(np.hypot(*(mid - centre).T)))
+        np.testing.assert_allclose(b[k, 2] - b[k, 0], 24 * s, rtol=0.1)
+        assert len(b) + len(ign) >= (2 if s <= 0.5 else 1)
+    else:
+        assert len(b) + len(ign) == 1
+    if s > 1:
         np.testing.assert_allclose(b[0, 2] - b[0, 0], 24 * s, rtol=0.05)
+
+
+def test_mirror_boxes_join_a_cell_cut_by_the_edge() -> None:
+    from training.detection_eval import _mirror_boxes
+
+    # a cell cut by the left edge and its mirror image are one whole cell spanning the edge
+    out = _mirror_boxes(np.array([[0, 10, 20, 30]], np.float32), 100, 80)
+    assert [-20, 10, 20, 30] in out.tolist()
+    assert len(out) == 6  # 9 copies, the three across the left edge joined in pairs
+
+
+def test_restain_turns_red_cells_teal_and_keeps_nuclei() -> None:
+    bg, pink, violet = (212, 212, 212), (155, 150, 182), (200, 100, 130)
+    img = np.zeros((20, 30, 3), np.uint8)
+    img[:] = bg
+    img[:, 10:20] = pink
+    img[:, 20:] = violet
+    out, _, _ = perturb(img, np.empty((0, 4)), "rbc_teal")
+    b, g, r = (int(v) for v in out[5, 15])
+    assert b > r + 15  # red cells now absorb red more than blue: blue-grey/teal
+    np.testing.assert_allclose(out[5, 25], violet, atol=10)  # the nucleus keeps its colour
+    np.testing.assert_allclose(out[5, 5], bg, atol=2)
+
+
+def test_single_cell_figures(tmp_path: Path) -> None:
+    from training.detection_eval import evaluate_single_cells
+
+    for name, n in (("lymphocyte", 3), ("platelet", 2)):
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            cv2.imwrite(str(tmp_path / name / f"{i}.png"), np.full((40, 40, 3), 200, np.uint8))
+    (tmp_path / "platelet" / ".DS_1.jpg").write_bytes(b"not an image")
+
+    class Centre(StubSegmenter):
+        def find_still(self, image: np.ndarray) -> Detections:
+            return self.find(image)
+
+    res = evaluate_single_cells(tmp_path, Centre([[10, 10, 30, 30]]), progress=False,
+                                tuned=lambda i: i == 0)
+    assert res["lymphocyte"]["images"] == 3 and res["lymphocyte"]["found"] == 1.0
+    assert res["lymphocyte"]["held_out_images"] == 2
+    assert res["platelet"]["images"] == 2 and res["platelet"]["one_cell"] == 1.0
+    res = evaluate_single_cells(tmp_path, Centre([[0, 0, 5, 5]]), progress=False)
+    assert res["lymphocyte"]["found"] == 0.0
+    assert res["lymphocyte"]["missed"] == ["0.png", "1.png", "2.png"]
