@@ -376,3 +376,38 @@ def test_demo_needs_no_training_package() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parents[2])
     assert out.stdout.strip() == "[]"
+
+
+def test_stain_presets_change_colours_not_cells() -> None:
+    """Another lab's stain changes the red cells' colour and the camera, never the slide's
+    cells (same seed, same truth); an unknown preset is a clear error."""
+    base = make_slide(seed=4, size=SMALL)
+    teal = make_slide(seed=4, size=SMALL, stain="teal_rbc")
+    assert [c.box for c in teal.cells] == [c.box for c in base.cells]
+    # red-cell pixels: the commonest stained colour. Pink absorbs green most (B > R in OD
+    # terms: R light passes); teal absorbs red more than blue.
+    def stained_mean(img: np.ndarray) -> np.ndarray:
+        px = img.reshape(-1, 3).astype(float)
+        dark = px.sum(1) < np.percentile(px.sum(1), 50)
+        return px[dark].mean(0)
+
+    b, g, r = stained_mean(base.image)
+    assert r > b  # pink
+    b, g, r = stained_mean(teal.image)
+    assert b > r  # blue-grey / teal
+    dim = make_slide(seed=4, size=SMALL, stain="dim_vignetted")
+    assert dim.settings.exposure == 0.45 and dim.settings.vignette == 0.5
+    assert dim.image.mean() < 0.6 * base.image.mean()
+    with pytest.raises(InputError, match="stain must be one of"):
+        make_slide(seed=4, size=SMALL, stain="purple")
+
+
+def test_cli_stain_and_magnification(tmp_path: Path) -> None:
+    from stream.cli import main as cli_main
+
+    out = tmp_path / "mag"
+    assert cli_main(["synth", str(out), "--seconds", "0.2", "--fps", "10", "--size", "320x240",
+                     "--stain", "yellow_bg", "--magnification", "0.5"]) == 0
+    settings = load_truth(out)["settings"]
+    assert settings["stain"] == "yellow_bg"
+    assert settings["rbc_px"] == pytest.approx(105.0 * 0.5 * 0.5)
