@@ -113,14 +113,19 @@ class DataSet:
 # ----------------------------------------------------------------------------------- segmenter
 
 
-def default_box_finder() -> BoxFinder:
-    """The run-time segmenter as a box finder (training crops come from the boxes users get)."""
+def default_box_finder(single: bool = False) -> BoxFinder:
+    """The run-time segmenter as a box finder (training crops come from the boxes users get).
+
+    ``single``: the image is a single-cell image (a crop centred on one cell, as in PBC): the
+    segmenter's single-cell path, the one the run time takes for such images.
+    """
     from detector.segment import Segmenter
 
     seg = Segmenter()
+    method = getattr(seg, "find_single", seg.find) if single else seg.find
 
     def find(bgr: np.ndarray) -> np.ndarray:
-        return np.asarray(seg.find(bgr).xyxy, dtype=np.float32).reshape(-1, 4)
+        return np.asarray(method(bgr).xyxy, dtype=np.float32).reshape(-1, 4)
 
     return find
 
@@ -333,7 +338,7 @@ def _class_order(label: str) -> tuple[int, str]:
 def load_datasets(
     folders: Sequence[str | Path],
     rule: CropRule,
-    finder: BoxFinder | None | str = "default",
+    finder: BoxFinder | str | None = "default",
     min_images: int = 5,
     voc_extras: bool = False,
     cache_dir: str | Path | None = None,
@@ -348,7 +353,6 @@ def load_datasets(
         import detector.segment as segment
 
         seg_key = hashlib.sha1(Path(segment.__file__).read_bytes()).hexdigest()
-        finder = default_box_finder()
     parts: list[DataSet] = []
     for f in folders:
         p = Path(f)
@@ -356,7 +360,8 @@ def load_datasets(
             raise InputError(f"{p}: not a folder")
         cache = None
         if cache_dir is not None and seg_key is not None:
-            key = _key([_folder_fingerprint(p), rule.margin, voc_extras and is_voc(p), seg_key])
+            key = _key([_folder_fingerprint(p), rule.margin, voc_extras and is_voc(p), seg_key,
+                        "find" if is_voc(p) else "find_single"])
             cache = Path(cache_dir) / f"dataset-{p.name}-{key}.json"
         if cache is not None and cache.is_file():
             d = json.loads(cache.read_text())
@@ -364,8 +369,12 @@ def load_datasets(
                                  tuple(d["classes"]), d["info"]))
             log.info("%s: samples read from cache %s", p, cache)
             continue
-        part = (read_voc(p, finder, extras=voc_extras) if is_voc(p)
-                else read_class_folders(p, rule, finder))
+        if finder == "default":  # built only when a folder is read afresh
+            part = (read_voc(p, default_box_finder(), extras=voc_extras) if is_voc(p)
+                    else read_class_folders(p, rule, default_box_finder(single=True)))
+        else:
+            part = (read_voc(p, finder, extras=voc_extras) if is_voc(p)
+                    else read_class_folders(p, rule, finder))
         parts.append(part)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
