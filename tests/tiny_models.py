@@ -143,28 +143,26 @@ def _convert(model, *, quant: str | None, size: int, channels: int = 3) -> bytes
         return conv.convert()
 
 
-def build_tiny_models(out_dir: Path) -> Path:
-    """Convert and write every tiny model (with its card) into ``out_dir``; return ``out_dir``."""
+def build_tiny_models(out_dir: Path, names: tuple[str, ...] | None = None) -> Path:
+    """Convert and write the tiny models (each with its card) into ``out_dir``: all of them, or
+    only ``names``; return ``out_dir``."""
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     s = TINY_SIZE
-    prob = _keras_model(s, softmax=True)
-    write_model(out_dir, "int8", _convert(prob, quant="int8", size=s),
-                card_for("int8", dtype="int8"))
-    write_model(out_dir, "uint8", _convert(prob, quant="uint8", size=s),
-                card_for("uint8", dtype="uint8"))
-    write_model(out_dir, "float32", _convert(prob, quant=None, size=s),
-                card_for("float32", dtype="float32"))
-    logits = _keras_model(s, softmax=False)
-    write_model(out_dir, "logits", _convert(logits, quant="int8", size=s),
-                card_for("logits", dtype="int8", outputs="logits"))
-    gray = _keras_model(s, softmax=True, channels=1)
-    write_model(out_dir, "gray", _convert(gray, quant=None, size=s, channels=1),
-                card_for("gray", dtype="float32", channels=1))
-    int_in = _keras_model(s, softmax=True, int_input=True)
-    write_model(out_dir, "int32in", _convert(int_in, quant=None, size=s),
-                card_for("int32in", dtype="float32"))
+    recipes = {  # name: (keras model arguments, quantization, card arguments)
+        "int8": ({"softmax": True}, "int8", {"dtype": "int8"}),
+        "uint8": ({"softmax": True}, "uint8", {"dtype": "uint8"}),
+        "float32": ({"softmax": True}, None, {"dtype": "float32"}),
+        "logits": ({"softmax": False}, "int8", {"dtype": "int8", "outputs": "logits"}),
+        "gray": ({"softmax": True, "channels": 1}, None, {"dtype": "float32", "channels": 1}),
+        "int32in": ({"softmax": True, "int_input": True}, None, {"dtype": "float32"}),
+    }
+    for name in names or tuple(recipes):
+        model_kw, quant, card_kw = recipes[name]
+        model = _keras_model(s, **model_kw)
+        tflite = _convert(model, quant=quant, size=s, channels=model_kw.get("channels", 3))
+        write_model(out_dir, name, tflite, card_for(name, **card_kw))
     return out_dir
 
 
