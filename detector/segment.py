@@ -7,21 +7,31 @@ keeps a 640x480 frame well under the real-time budget on one core.
 How a frame is read (all steps adapt to the frame, none uses a colour threshold tuned to one
 image set):
 
+0. **Illumination field.** The lamp's field (vignetting, an off-centre or tilted lamp) is the
+   upper envelope of the glass brightness: the brightest pixel of each block fitted by a
+   quadratic surface, refitted on the blocks at or above it (blocks covered by cells do not pull
+   it down; a cell filling a crop cannot dent a quadratic). Where it falls below 0.8 of its peak
+   it is divided out, so a cell in a dark corner reads as it would in the centre.
 1. **White balance and optical density.** The brightest mode of each channel (a high percentile:
-   the empty glass between cells) is the frame's illuminant. Each pixel becomes optical density
+   the plasma/glass between cells) is the frame's white point. Each pixel becomes optical density
    ``OD_c = -log(I_c / I0_c)`` (Beer-Lambert), so illumination colour and brightness drop out and
-   stains add up linearly.
+   stains add up linearly (a yellowish or bluish background is the white point, not a stain).
 2. **Red-cell stain direction.** Red cells are most of the stained area in a smear; their OD
-   direction (pink: absorbs green most) is found per frame as the mode of the stained pixels'
-   directions (mean shift in a narrowing cone from a default, so that a large white cell or its
-   cytoplasm cannot capture it). Their median density ``m`` is the frame's stain strength.
+   direction is found per frame as the mode of the stained pixels' directions, by mean shift in
+   a narrowing cone from each of three priors (pink, grey, blue-grey/teal: other stains, buffers
+   and cameras); a mode that drifts far from all three is a large white cell's cytoplasm (a
+   frame or crop filled by one cell), not red cells. Their median density ``m`` is the frame's
+   stain strength.
 3. **Nucleus-stain channel.** Romanowsky stains colour nuclei bluer than red cells whatever the
    exact hue: they absorb more red and less blue light. In the plane orthogonal to the red-cell
    direction (so red cells of any density and the glass score ~0) the channel points from that
    "blue shift" towards violet; where a frame has enough strongly stained pixels near that
    direction (nuclei, platelets), their median direction is used, so redder or bluer stains keep
    full contrast. It is divided by ``m``, so one threshold works for pale and dark stains
-   (gamma, staining time, lamp).
+   (gamma, staining time, lamp). Red cells that are not pink (grey, teal) lie closer to the
+   nuclear violet and leave less of it off their direction: the channel is scaled by 1 / sin of
+   the angle between the violet and the red cells (relative to pink), as colour deconvolution
+   does. So a nucleus is dense blue-violet stain, not "darker or more purple than pink".
 4. **Nuclei and cells.** Pixels above ``nucleus_level`` are nucleus cores. Core fragments closer
    than ``merge_distance`` red-cell diameters are one cell (the lobes of a neutrophil); cores
    further apart stay separate cells. The cell body (nucleus + cytoplasm) is the smoothed stain
@@ -35,8 +45,11 @@ image set):
 Scale: all sizes are in red-cell diameters. The diameter is estimated per frame from the red-cell
 mask by granulometry (the disc radius whose morphological opening keeps 60 % of the red-cell area,
 which touching and overlapping cells do not fool); when a frame has too few red cells, or the
-estimate is implausible (outside 0.4-2.5x), the configured ``rbc_diameter`` is used. So other
-magnifications and cameras work without retuning. The opening radius is calibrated to BCCD's
+estimate is implausible (outside 0.3-3x), the configured ``rbc_diameter`` is used. So other
+magnifications and cameras work without retuning. At low magnification (red cells under 18
+working pixels, ~0.7x BCCD's at 640x480) the frame is read again at a working width that gives
+red cells ~24 pixels (slower: ~2-4 ms for such frames) so nuclei and platelets stay apart.
+The opening radius is calibrated to BCCD's
 annotated red-cell boxes (x1.42: red cells with open pale centres read small as binary masks);
 on BCCD 90 % of frames fall within -16 % / +20 % of the annotated size. Crisp cells with filled
 centres read up to ~1/3 large (the simulator's red cells read 1.2-1.4x), which makes the nucleus
@@ -53,6 +66,12 @@ Deliberate handling of the things that are not white cells:
   cell's cytoplasm (``min_weak_cytoplasm``), which keeps small-lobed nuclei in defocused frames.
   Platelet clumps right next to a white cell are not merged into it unless they are within
   the merge distance.
+- **Large granular platelets** (PBC's: up to ~0.3 red-cell areas, granular, almost no
+  cytoplasm) are kept only with ``min_small_cytoplasm`` around a nucleus smaller than
+  ``small_nucleus_area``; the largest still pass and are left to the classifier's ``platelet``
+  class, which vetoes them.
+- **Platelet clumps** are a scatter of platelet-sized dots: a nucleus group needs one solid piece
+  of ``min_fragment_area`` and, when no piece is most of it, a white cell's cytoplasm.
 - **Stain debris / precipitate and dust** are small or not blue-shifted (dark grey dirt absorbs all
   channels alike and scores ~0 on the nucleus channel); groups larger than ``max_cell_diameter``
   red-cell diameters (stain smears, thick clumped areas) are rejected too.
@@ -61,6 +80,13 @@ Deliberate handling of the things that are not white cells:
   into the frame (a sliver at the border is not a cell one could name); the tracker judges a
   cell once it is fully in view, still images still get it.
 - **Blank, dark or unstained frames** (no glass background, nothing blue-shifted) give no cells.
+
+**Single-cell images** (a crop centred on one cell, as in analysers' galleries and single-cell
+data sets; the cell may fill or touch the crop): ``find_single`` returns the cell over the centre
+(or nearest it), falling back, when the red cells of the crop are too few or the cell fills it,
+on the densest nuclear stain at the centre with the red-cell stain read from the crop's outer
+band; ``find_still`` recognises such an image (its only whole cell centred and at least a fifth
+of the shorter side) and returns that one cell, else the field's cells.
 
 ``score`` is a segmentation confidence in [0, 1] from the nucleus contrast and how plausible its
 size is. Focus is not measured here: the analyzer measures it only for the cells it may
