@@ -38,7 +38,6 @@ import html
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import socket
@@ -47,7 +46,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -56,11 +55,16 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.requests import HTTPConnection
 
+if TYPE_CHECKING:
+    from gradio.block_function import BlockFunction
+    from gradio.state_holder import SessionState
+
 from detector.core import KNOWN_LABELS, UNIDENTIFIED, Frame
 from detector.errors import HematoVisionError, InputError
 from hematovision_models import shipped_model
 from stream import resolve_model
-from stream.mjpeg import make_router, public_source
+from stream.mjpeg import make_router
+from stream.publish import public_source, scrub_paths
 from stream.session import AnalyzerFactory, Session, SessionSettings
 from stream.sources import URL_RE
 
@@ -393,14 +397,6 @@ def foreign_files(value: Any, uploads: UploadRegistry) -> int:
 
 # ------------------------------------------------------------------------------ page errors
 
-_PATH_RE = re.compile(r"(?<![\w:/.~-])(?:~|[A-Za-z]:)?[/\\](?:[^\s'\"/\\:]+[/\\])*([^\s'\"/\\:]*)")
-
-
-def scrub_paths(text: str) -> str:
-    """A message with every absolute server path cut to its last part (URLs are left alone)."""
-    return " ".join(_PATH_RE.sub(lambda m: m.group(1) or "/", text).split())
-
-
 def page_error(action: str, exc: BaseException) -> Exception:
     """Log one line (the traceback too with -v) and make the short message the page shows."""
     import gradio as gr
@@ -500,13 +496,15 @@ def progress_html(stats: dict[str, Any]) -> str:
 
 
 def status_html(stats: dict[str, Any]) -> str:
-    state = html.escape(scrub_paths(str(stats.get("state", ""))))
+    """State, source, model and speed of ``Session.stats()`` (whose source and state are
+    already as viewers may see them)."""
+    state = html.escape(str(stats.get("state", "")))
     colour = "#2ca02c" if state == "running" else ("#d62728" if state.startswith("error")
                                                     else "#ff7f0e")
     lat = stats.get("latency_ms")
     rec = " &#9679; REC" if stats.get("recording") else ""
     return (f"<div class='hv-status'><span id='hv-state' style='color:{colour}'>{state}</span>"
-            f"{rec} &middot; source <code>{html.escape(public_source(stats.get('source')))}</code> "
+            f"{rec} &middot; source <code>{html.escape(str(stats.get('source', '')))}</code> "
             f"&middot; model <code>{html.escape(str(stats.get('model', '')))}</code><br>"
             f"<span id='hv-fps'>{float(stats.get('fps', 0)):.1f}</span> fps analysed &middot; "
             f"latency {'-' if lat is None else f'{lat:.0f} ms'} &middot; "
@@ -641,12 +639,14 @@ def build_page(session: Session, *, models: dict[str, str], image_model: str | N
 
         ``preprocess_data`` is where Gradio copies the files an event names into its cache
         (every input, whatever its component); the check runs before that copy. Gradio's own
-        errors in reading an input are shown and logged like the handlers' (one line).
+        errors in reading an input or in turning a handler's result into the page's output
+        are shown and logged like the handlers' (one line, no traceback in the terminal).
         """
 
-        async def preprocess_data(self, block_fn: Any, inputs: list[Any], state: Any,
-                                  explicit_call: bool = False) -> Any:
-            action = getattr(block_fn, "api_name", None) or getattr(block_fn, "name", "event")
+        async def preprocess_data(self, block_fn: BlockFunction, inputs: list[Any],
+                                  state: SessionState | None, explicit_call: bool = False
+                                  ) -> list[Any]:
+            action = _action_name(block_fn)
             if foreign_files(inputs, registry):
                 raise page_error(action, InputError(
                     "only files uploaded through this page can be used"))
@@ -654,6 +654,13 @@ def build_page(session: Session, *, models: dict[str, str], image_model: str | N
                 return await super().preprocess_data(block_fn, inputs, state, explicit_call)
             except Exception as exc:  # noqa: BLE001 - shown and logged as one line
                 raise page_error(action, exc) from None
+
+        async def postprocess_data(self, block_fn: BlockFunction, predictions: list | dict,
+                                   state: SessionState | None) -> list[Any]:
+            try:
+                return await super().postprocess_data(block_fn, predictions, state)
+            except Exception as exc:  # noqa: BLE001 - shown and logged as one line
+                raise page_error(_action_name(block_fn), exc) from None
 
     def refresh(sent: dict | None = None) -> tuple[Any, ...]:
         """New HTML for the panels; unchanged ones are skipped (no resend, no re-render)."""
@@ -844,6 +851,11 @@ def build_page(session: Session, *, models: dict[str, str], image_model: str | N
         cam_reset.click(page_action("webcam reset", webcam_reset), inputs=cam_state,
                         outputs=[cam_counts, cam_state])
     return page
+
+
+def _action_name(block_fn: BlockFunction) -> str:
+    """A page event as the log names it: its API name (start, set_target, ...) or handler."""
+    return block_fn.api_name or block_fn.name or "event"
 
 
 def _current_model_name(session: Session, models: dict[str, str]) -> str | None:

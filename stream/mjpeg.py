@@ -15,30 +15,17 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
-from pathlib import PurePath, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from stream.session import Session
-from stream.sources import URL_RE
-from stream.sources import _redact as redact_url
 
 log = logging.getLogger(__name__)
 
 BOUNDARY = "frame"
 MEDIA_TYPE = f"multipart/x-mixed-replace; boundary={BOUNDARY}"
-
-
-def public_source(source: Any) -> str:
-    """A source as viewers see it: a file by its name, not its server path; a URL without its
-    password; a camera by its index."""
-    text = str(source if source is not None else "")
-    if URL_RE.match(text):
-        return redact_url(text)
-    path: PurePath = PureWindowsPath(text) if "\\" in text else PurePosixPath(text)
-    return path.name if len(path.parts) > 1 else text
 
 
 def mjpeg_part(jpeg: bytes) -> bytes:
@@ -119,8 +106,6 @@ def make_router(get_session: Any, dependencies: list[Any] | None = None,
     @router.get("/stats.json")
     async def stats() -> JSONResponse:
         """counts, total, differential, ci95, fps, dropped, source, state, latency_ms, ..."""
-        st = get_session().stats()
-        st["source"] = public_source(st.get("source"))
-        return JSONResponse(st, headers={"Cache-Control": "no-cache"})
+        return JSONResponse(get_session().stats(), headers={"Cache-Control": "no-cache"})
 
     return router

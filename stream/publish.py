@@ -5,6 +5,8 @@
   it, wait for a newer one on a Condition, or register a callback run after each new JPEG.
 - :class:`Gallery`: the last counted cells as small JPEG tiles.
 - :class:`Meter`: frames per second, capture-to-JPEG latency and per-stage times over a window.
+- :func:`public_source`, :func:`scrub_paths`: a source and a message as viewers may see them
+  (the page, ``/stats.json``, the page's export): no URL password, no server path.
 
 Everything is bounded (deques with maxlen), so a long run stays flat in memory.
 """
@@ -12,18 +14,51 @@ Everything is bounded (deques with maxlen), so a long run stays flat in memory.
 from __future__ import annotations
 
 import logging
+import re
 import statistics
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import PurePath, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import cv2
 import numpy as np
 
+from stream.sources import URL_RE, redact_url
+
 log = logging.getLogger(__name__)
+
+_PATH_RE = re.compile(r"(?<![\w:/.~-])(?:~|[A-Za-z]:)?[/\\](?:[^\s'\"/\\:]+[/\\])*([^\s'\"/\\:]*)")
+
+
+def public_source(source: str | int | None) -> str:
+    """A source as viewers see it: a file by its name, not its server path; a URL without its
+    password; a camera by its index."""
+    text = str(source if source is not None else "")
+    if URL_RE.match(text):
+        return redact_url(text)
+    path: PurePath = PureWindowsPath(text) if "\\" in text else PurePosixPath(text)
+    return path.name if len(path.parts) > 1 else text
+
+
+def scrub_paths(text: str) -> str:
+    """A message with every absolute server path cut to its last part (URLs are left alone),
+    on one line."""
+    return " ".join(_PATH_RE.sub(lambda m: m.group(1) or "/", text).split())
+
+
+def public_error(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one short line for viewers: our own errors (``HematoVisionError``) by
+    their message, anything else with its type (a bug), server paths cut to names."""
+    from detector.errors import HematoVisionError
+
+    text = scrub_paths(str(exc))
+    if not isinstance(exc, HematoVisionError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass

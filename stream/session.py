@@ -14,6 +14,11 @@ keeps counting (the slide under it has moved on, and the tracker knows the cells
 
 Files are written only when there is something to write: the session folder (event log,
 recordings) appears with the first line of the event log.
+
+What the session hands out (``stats()``, ``report()``, the event log and the export) names its
+source as viewers may see it (:func:`stream.publish.public_source`: a file by its name, a URL
+without its password) and its errors without server paths: page users did not choose the
+server's folders and must not learn them.
 """
 
 from __future__ import annotations
@@ -36,7 +41,16 @@ from detector.core import CountEvent, Frame, Summary
 from detector.errors import HematoVisionError
 from detector.tally import wilson_interval as _wilson
 from stream.outputs import EventLog, Runs, VideoRecorder, build_report, export_files
-from stream.publish import CellThumb, Gallery, Meter, Published, Publisher
+from stream.publish import (
+    CellThumb,
+    Gallery,
+    Meter,
+    Published,
+    Publisher,
+    public_error,
+    public_source,
+    scrub_paths,
+)
 from stream.sources import Source, open_source
 
 __all__ = ["AnalyzerFactory", "CellThumb", "Published", "Session", "SessionSettings"]
@@ -187,8 +201,7 @@ class Session:
             try:
                 source = self._opener(self.source_spec, realtime=self.realtime)
             except Exception as exc:
-                self._error = str(exc) if isinstance(exc, HematoVisionError) else (
-                    f"{type(exc).__name__}: {exc}")
+                self._error = public_error(exc)
                 log.info("source %s: %s", self.source_spec, self._error)
                 raise
             if self._replays and self.frames > self.runs.first_frame:
@@ -207,7 +220,7 @@ class Session:
             self._thread = threading.Thread(target=self._work, args=(source,), name="session",
                                             daemon=True)
             self._thread.start()
-            self._log_event({"event": "start", "source": str(self.source_spec)})
+            self._log_event({"event": "start", "source": public_source(self.source_spec)})
 
     def pause(self) -> None:
         """Freeze the view and the count; frames arriving meanwhile are discarded (``start``
@@ -296,7 +309,7 @@ class Session:
             self.source_spec = spec
             self._analyzer = analyzer
             self._start_count()
-            self._log_event({"event": "source", "source": str(spec)})
+            self._log_event({"event": "source", "source": public_source(spec)})
             self._launch(source)
 
     def set_recording(self, on: bool) -> Path | None:
@@ -309,7 +322,7 @@ class Session:
                 fps = self._source.fps if self._source is not None else 30.0
                 self._recorder = VideoRecorder(path, fps or 30.0, background=True)
                 self.recording_path = path
-                self._log_event({"event": "record", "on": True, "path": str(path)})
+                self._log_event({"event": "record", "on": True, "file": path.name})
             elif not on and self._recorder is not None:
                 self._close_recorder()
                 self._log_event({"event": "record", "on": False})
@@ -357,7 +370,7 @@ class Session:
             return "paused"
         src = self._source
         if src is not None and src.state not in ("running", "stopped"):
-            return src.state  # reconnecting, error: ...
+            return scrub_paths(src.state)  # reconnecting, error: ...
         return "running"  # (also while the worker finishes a source that has ended)
 
     @property
@@ -390,7 +403,7 @@ class Session:
                                               for k, v in counts.items()}).items()},
             "fps": round(self.fps, 2),
             "dropped": int(src.dropped) if src is not None else 0,
-            "source": str(self.source_spec),
+            "source": public_source(self.source_spec),
             "state": self.state,
             "run": self.runs.number,
             "note": self.runs.note,
@@ -488,8 +501,9 @@ class Session:
                     self.runs.started = time.monotonic()
                 self._process(frame, source, received)
         except Exception as exc:  # noqa: BLE001 - surface as state, keep the page alive
-            self._error = f"{type(exc).__name__}: {exc}"
-            log.exception("session worker failed")
+            self._error = f"analysis stopped ({public_error(exc)})"
+            log.error("session worker failed: %s: %s", type(exc).__name__, exc,
+                      exc_info=exc if log.isEnabledFor(logging.INFO) else None)
         finally:
             self._close_recorder()
             source.close()

@@ -233,8 +233,9 @@ class LiveSource(Source):
                 if self.state != "running":
                     self._set_state("running")
         except Exception as exc:  # noqa: BLE001 - the thread must report, not die silently
-            log.exception("%s: capture thread failed", self.name)
-            self._set_state(f"error: {exc}")
+            log.error("%s: capture thread failed: %s: %s", self.name, type(exc).__name__, exc,
+                      exc_info=exc if log.isEnabledFor(logging.INFO) else None)
+            self._set_state(f"error: {type(exc).__name__}: {exc}")
         finally:
             if self._device is not None:
                 safe_release(self._device)
@@ -466,8 +467,8 @@ def open_source(
     if URL_RE.match(text):
         factory = device_factory or (lambda: make_url(text, open_timeout_ms, read_timeout_ms))
         return _open_live(
-            _redact(text), factory, fps or 0.0,
-            f"stream {_redact(text)} could not be opened (no answer within "
+            redact_url(text), factory, fps or 0.0,
+            f"stream {redact_url(text)} could not be opened (no answer within "
             f"{open_timeout_ms / 1000:g} s, or not a video stream)",
         )
 
@@ -535,8 +536,9 @@ def _open_images(name: str, paths: list[Path], *, realtime: bool, fps: float | N
 # Helpers
 
 
-def _redact(url: str) -> str:
-    """The URL without a password (rtsp://user:pass@host -> rtsp://user:***@host)."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+def redact_url(url: str) -> str:
+    """The URL without a password (rtsp://user:pass@host -> rtsp://user:***@host; an ``@`` in
+    the password is hidden too)."""
+    return re.sub(r"(://[^:/@]*):[^/]*@", r"\1:***@", url)
 
 

@@ -24,10 +24,9 @@ from stream.app import (
     differential_svg,
     media_kind,
     page_source_spec,
-    scrub_paths,
     status_html,
 )
-from stream.mjpeg import public_source
+from stream.publish import public_source, scrub_paths
 from stream.session import Session, SessionSettings
 from tests.stream.test_session import FakeAnalyzer, ListSource
 
@@ -352,3 +351,45 @@ def test_counts_table_and_chart_html() -> None:
     assert "<th id='hv-total'>4</th>" in table and "30.1&ndash;95.4" in table
     svg = differential_svg(st)
     assert svg.startswith("<svg") and svg.count("<rect") == 2 and "75%" in svg
+
+
+def test_worker_crash_and_output_errors_are_one_line_and_shown(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash of the session's worker is an 'error' state on /stats.json and the page; an
+    error in Gradio's output processing is one log line and a short message, no traceback."""
+    import gradio as gr
+
+    from tests.stream.test_session import BrokenAnalyzer, ListSource
+
+    s = Session("/srv/lab/uploads/smear.mp4", lambda st: BrokenAnalyzer(st),
+                out_dir=tmp_path / "s", source_opener=lambda spec, realtime: ListSource(50))
+    try:
+        app = create_app(s, models={})
+        with TestClient(app) as client, caplog.at_level(logging.WARNING, logger="stream"):
+            s.start()
+            deadline = time.monotonic() + 10
+            while not s.state.startswith("error") and time.monotonic() < deadline:
+                time.sleep(0.01)
+            st = client.get("/stats.json").json()
+            assert st["state"] == "error: analysis stopped (RuntimeError: cannot read weights.bin)"
+            assert st["source"] == "smear.mp4" and st["total"] == 2
+            page = status_html(st)
+            assert "analysis stopped" in page and "#d62728" in page and "/opt" not in page
+
+            def broken(self: Any, value: Any) -> Any:
+                raise ValueError("cannot show /usr/lib/python3/site-packages/x.py")
+
+            monkeypatch.setattr(gr.Markdown, "postprocess", broken)
+            out = client.post("/gradio_api/run/pause", json={"data": []}).json()
+            assert out["error"] == "pause failed (the server log says why)"
+    finally:
+        s.close()
+    crash, output = [r for r in caplog.records if r.name.startswith("stream")]
+    assert crash.getMessage() == ("session worker failed: RuntimeError: cannot read "
+                                  "/opt/hematovision/secret/weights.bin")
+    assert output.getMessage().startswith("page pause: ComponentProcessingError: Could not "
+                                          "postprocess output")
+    assert output.getMessage().endswith("Original error: ValueError: cannot show x.py")
+    assert crash.exc_info is None and output.exc_info is None
+    assert "Traceback" not in capfd.readouterr().err

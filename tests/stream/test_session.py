@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -466,3 +467,70 @@ def test_recording_plays_in_a_browser(tmp_path: Path, name: str, plays: bool) ->
     assert r["ok"] is plays
     if plays:
         assert r["width"] == 128 and r["duration"] == pytest.approx(1.0, abs=0.1)
+
+
+@pytest.mark.parametrize("spec, shown", [
+    ("/srv/lab/uploads/3f2a9c/smear.mp4", "smear.mp4"),
+    ("rtsp://lab:pa55@cam.lab/live", "rtsp://lab:***@cam.lab/live"),
+])
+def test_exports_name_the_source_without_server_path_or_password(
+        tmp_path: Path, spec: str, shown: str) -> None:
+    """report.json, report-runN.json and events.jsonl of the page's export (and /stats.json)
+    hand out neither the server's folders nor a URL's password."""
+    s = Session(spec, lambda st: FakeAnalyzer(st), out_dir=tmp_path / "s",
+                source_opener=lambda spec, realtime: ListSource(8), realtime=False)
+    s.set_recording(True)
+    s.start()
+    _wait_stopped(s)
+    s.start()  # a file started again: run 2, run 1's report kept
+    _wait_stopped(s)
+    s.switch_source(spec)
+    _wait_stopped(s)
+    assert s.stats()["source"] == shown
+    paths = s.export(tmp_path / "out")
+    s.close()
+    assert {"json", "csv", "run1", "events", "video"} <= set(paths)
+    for key in ("json", "run1"):
+        assert json.loads(paths[key].read_text())["source"] == shown
+    events = [json.loads(line) for line in paths["events"].read_text().splitlines()]
+    assert [e["source"] for e in events if "source" in e] == [shown] * 4  # start x3, source
+    assert [e["file"] for e in events if e["event"] == "record"] == [paths["video"].name]
+    for key in ("json", "csv", "run1", "events"):
+        text = paths[key].read_text()
+        assert "/srv/lab" not in text and "pa55" not in text and str(tmp_path) not in text, key
+
+
+class BrokenAnalyzer(FakeAnalyzer):
+    """Fails on the fourth frame with an error that names a server file."""
+
+    def process(self, frame: Frame) -> FakeResult:
+        if frame.index == 3:
+            raise RuntimeError("cannot read /opt/hematovision/secret/weights.bin")
+        return super().process(frame)
+
+
+def test_a_crash_of_the_worker_is_one_log_line_and_an_error_state(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    s = Session("fake", lambda st: BrokenAnalyzer(st), out_dir=tmp_path / "s",
+                source_opener=lambda spec, realtime: ListSource(50), realtime=False)
+    with caplog.at_level(logging.WARNING, logger="stream"):
+        s.start()
+        deadline = time.monotonic() + 10
+        while not s.state.startswith("error") and time.monotonic() < deadline:
+            time.sleep(0.01)
+    want = "error: analysis stopped (RuntimeError: cannot read weights.bin)"
+    assert s.state == want and s.stats()["state"] == want
+    assert s.stats()["total"] == 2 and s.frames == 3  # what was counted stays shown
+    (rec,) = [r for r in caplog.records if r.name.startswith("stream")]
+    assert rec.levelno == logging.ERROR and rec.exc_info is None  # one line, no traceback
+    assert rec.getMessage() == ("session worker failed: RuntimeError: cannot read "
+                                "/opt/hematovision/secret/weights.bin")  # the server's own log
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="stream"):  # -v: the traceback too
+        s.start()
+        deadline = time.monotonic() + 10
+        while not s.state.startswith("error") and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert [r.exc_info is not None for r in caplog.records
+            if r.getMessage().startswith("session worker failed")] == [True]
+    s.close()
