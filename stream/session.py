@@ -39,7 +39,6 @@ import numpy as np
 from detector.analyzer import cell_thumbnail
 from detector.core import CountEvent, Frame, Summary
 from detector.errors import HematoVisionError
-from detector.tally import wilson_interval as _wilson
 from stream.outputs import EventLog, Runs, VideoRecorder, build_report, export_files
 from stream.publish import (
     CellThumb,
@@ -115,12 +114,6 @@ class AnalyzerLike(Protocol):
 
 #: Builds an analyzer from the session's settings.
 AnalyzerFactory = Callable[[SessionSettings], AnalyzerLike]
-
-
-def wilson_interval(k: int, n: int) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion k/n, in percent (the tally's, scaled)."""
-    lo, hi = _wilson(k, n)
-    return round(100 * lo, 2), round(100 * hi, 2)
 
 
 class Session:
@@ -388,19 +381,10 @@ class Session:
         """The session as JSON-ready figures (the /stats.json payload)."""
         pub = self.latest()
         summary = pub.summary or self._empty_summary()
-        counts = dict(summary.get("counts", {}))
-        total = int(summary.get("total", sum(counts.values())))
         src = self._source
         lat = self.latency_median_ms
         return {
-            "counts": counts,
-            "total": total,
-            "target": int(summary.get("target", self.settings.target)),
-            "differential": {k: round(float(v), 2)
-                             for k, v in summary.get("differential", {}).items()},
-            "ci95": {k: [round(float(a), 2), round(float(b), 2)] for k, (a, b) in
-                     (summary.get("ci95") or {k: wilson_interval(int(v), total)
-                                              for k, v in counts.items()}).items()},
+            **summary,  # Summary.to_json(): counts, total, target, differential, ci95, NRBC
             "fps": round(self.fps, 2),
             "dropped": int(src.dropped) if src is not None else 0,
             "source": public_source(self.source_spec),
@@ -450,7 +434,7 @@ class Session:
     def _empty_summary(self) -> dict[str, Any]:
         if self._analyzer is not None:
             return self._analyzer.tally.summary().to_json()
-        return {"counts": {}, "total": 0, "target": self.settings.target, "differential": {}}
+        return Summary({}, 0, self.settings.target, {}, {}).to_json()
 
     def _current_min_score(self) -> float | None:
         if self._analyzer is not None:

@@ -17,7 +17,7 @@ import pytest
 from detector.core import CountEvent, Detections, Frame, Summary
 from detector.errors import InputError
 from detector.tally import Tally
-from stream.session import Session, SessionSettings, wilson_interval
+from stream.session import Session, SessionSettings
 from stream.sources import LiveSource, Source
 
 
@@ -308,12 +308,6 @@ def test_source_error_becomes_state(tmp_path: Path) -> None:
         s.start()
     assert s.state == "error: camera 9 could not be opened"
     s.close()
-
-
-def test_wilson_interval() -> None:
-    assert wilson_interval(0, 0) == (0.0, 100.0)  # no cell yet: no information
-    lo, hi = wilson_interval(50, 100)
-    assert lo == pytest.approx(40.38, abs=0.05) and hi == pytest.approx(59.62, abs=0.05)
 
 
 def test_gallery_uses_the_analyzers_thumbnails(tmp_path: Path) -> None:
