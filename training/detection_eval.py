@@ -219,30 +219,32 @@ def _restain(img: np.ndarray, tint: np.ndarray) -> np.ndarray:
 def _mirror_boxes(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
     """Boxes of a ``w`` x ``h`` photo and of its mirror images on all sides (as
     ``cv2.BORDER_REFLECT`` pads it), in the padded photo's frame relative to the original's
-    corner; a cell cut by the photo's edge and its mirror image are one (whole) cell (boxes
-    within 2% of the photo's size of each other are joined)."""
-    out = []
+    corner. A cell cut by the photo's edge and its own mirror image are one (whole) cell: a box
+    and its copies within 2% of the photo's size of each other are joined (other cells' boxes
+    never are)."""
+    tol = 0.02 * max(w, h)  # annotated boxes stop a few pixels short of the photo's edge
+    out: list[list[float]] = []
     for b in np.asarray(boxes, np.float32).reshape(-1, 4):
         xs = [(b[0], b[2]), (-b[2], -b[0]), (2 * w - b[2], 2 * w - b[0])]
         ys = [(b[1], b[3]), (-b[3], -b[1]), (2 * h - b[3], 2 * h - b[1])]
-        out += [[x1, y1, x2, y2] for x1, x2 in xs for y1, y2 in ys]
-    merged = [list(map(float, b)) for b in out]
-    tol = 0.02 * max(w, h)  # annotated boxes stop a few pixels short of the photo's edge
-    changed = True
-    while changed:  # join boxes that touch across a mirror line
-        changed = False
-        for i in range(len(merged)):
-            for j in range(i + 1, len(merged)):
-                a, c = merged[i], merged[j]
-                near_x = a[0] <= c[2] + tol and c[0] <= a[2] + tol
-                if near_x and a[1] <= c[3] + tol and c[1] <= a[3] + tol:
-                    merged[i] = [min(a[0], c[0]), min(a[1], c[1]), max(a[2], c[2]), max(a[3], c[3])]
-                    del merged[j]
-                    changed = True
+        copies = [[float(x1), float(y1), float(x2), float(y2)] for x1, x2 in xs for y1, y2 in ys]
+        changed = True
+        while changed:
+            changed = False
+            for i in range(len(copies)):
+                for j in range(i + 1, len(copies)):
+                    a, c = copies[i], copies[j]
+                    near_x = a[0] <= c[2] + tol and c[0] <= a[2] + tol
+                    if near_x and a[1] <= c[3] + tol and c[1] <= a[3] + tol:
+                        copies[i] = [min(a[0], c[0]), min(a[1], c[1]), max(a[2], c[2]),
+                                     max(a[3], c[3])]
+                        del copies[j]
+                        changed = True
+                        break
+                if changed:
                     break
-            if changed:
-                break
-    return np.asarray(merged, np.float32).reshape(-1, 4)
+        out += copies
+    return np.asarray(out, np.float32).reshape(-1, 4)
 
 
 def _visible(b: np.ndarray, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
