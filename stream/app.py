@@ -66,7 +66,7 @@ from stream import resolve_model
 from stream.mjpeg import make_router
 from stream.publish import public_source, scrub_paths
 from stream.session import AnalyzerFactory, Session, SessionSettings
-from stream.sources import URL_RE
+from stream.sources import URL_RE, media_kind
 
 log = logging.getLogger(__name__)
 
@@ -254,32 +254,6 @@ def add_login_routes(app: FastAPI, guard: Guard) -> None:
 
 
 # ------------------------------------------------------------------------------ uploads
-
-#: Leading bytes of the image formats OpenCV reads.
-_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM",
-                b"II*\x00", b"MM\x00*")
-#: Leading bytes of common video containers (offset 0).
-_VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3", b"FLV",
-                b"\x30\x26\xb2\x75\x8e\x66\xcf\x11", b"OggS")
-#: ISO media (MP4, MOV, 3GP, M4V): a box type at offset 4.
-_ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"wide")
-
-
-def media_kind(path: str | Path) -> str | None:
-    """"image" or "video" from a file's first bytes (not its name or the browser's claim)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(192)
-    except OSError:
-        return None
-    if head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
-        return "image"
-    if head.startswith(_VIDEO_MAGIC) or head[4:8] in _ISO_BOXES or (
-            head[:4] == b"RIFF" and head[8:12] == b"AVI ") or (
-            len(head) > 188 and head[0] == 0x47 and head[188] == 0x47):  # MPEG-TS
-        return "video"
-    return None
-
 
 class UploadRegistry:
     """The files ``/gradio_api/upload`` wrote for this app: the only files a page event may use."""

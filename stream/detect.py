@@ -53,7 +53,7 @@ def _err(message: str) -> None:
 
 
 @contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
+def native_stderr_silenced() -> Iterator[None]:
     """Hide the TFLite runtime's native "INFO: Created ... XNNPACK delegate" line (written to
     file descriptor 2 by C++, deaf to TF_CPP_MIN_LOG_LEVEL), so stderr holds only our messages.
     CLI only: it briefly redirects the process's fd 2, which a library must not do."""
@@ -121,7 +121,7 @@ def _save_name(path: Path, used: set[str]) -> str:
 def main(args: argparse.Namespace) -> int:
     """Run ``detect``; returns 0, 1 (some input failed) or 2 (model or output folder unusable)."""
     try:
-        with _native_stderr_silenced():
+        with native_stderr_silenced():
             classifier = CellClassifier(args.model)
     except HematoVisionError as exc:
         _err(f"error: {exc}")

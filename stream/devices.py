@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +24,11 @@ from detector.errors import InputError
 from stream.images import read_still
 
 log = logging.getLogger(__name__)
+
+# FFmpeg's own log lines (e.g. "moov atom not found" for a broken file) off: a file or stream
+# that cannot be read is reported once, on one line, by its source. Read by OpenCV at its
+# first FFmpeg call; a value set by the user wins (OPENCV_FFMPEG_LOGLEVEL=24 shows warnings).
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
 #: Defaults for network streams (milliseconds).
 OPEN_TIMEOUT_MS = 10_000
@@ -157,7 +163,10 @@ class PiCameraDevice:
 
 
 def open_video_file(path: Path) -> Device:
-    cap = cv2.VideoCapture(str(path))
+    """A video file as a device; InputError (one line, no OpenCV warnings) when it cannot be
+    opened."""
+    with quiet_opencv():
+        cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         cap.release()
         raise InputError(f"{path}: not a readable video file")
@@ -170,6 +179,15 @@ def device_fps(dev: Any) -> float:
     except Exception:  # noqa: BLE001
         return 0.0
     return value if 0.5 <= value <= 1000 else 0.0
+
+
+def device_frame_count(dev: Device) -> int | None:
+    """Frames a video file's header announces (None when unknown)."""
+    try:
+        value = int(dev.get(cv2.CAP_PROP_FRAME_COUNT))
+    except Exception:  # noqa: BLE001
+        return None
+    return value if value > 0 else None
 
 
 def is_opened(dev: Any) -> bool:

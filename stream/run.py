@@ -21,7 +21,6 @@ import logging
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -31,7 +30,9 @@ from detector.analyzer import STAGES, Analyzer, FrameResult, build_analyzer
 from detector.core import UNIDENTIFIED, CountEvent, Frame
 from detector.errors import HematoVisionError, InputError
 from detector.still import StillCells, analyse_still, draw_still
+from stream.detect import native_stderr_silenced
 from stream.outputs import EventLog, VideoRecorder, build_report, write_report
+from stream.sources import Source, open_source
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +57,6 @@ class RunStats:
         self.frames += 1
         self.classified += cells
         self.stage_s["still"] = self.stage_s.get("still", 0.0) + seconds
-
-
-def _expected_frames(spec: str) -> int | None:
-    """Frame count a video file's header announces (None when unknown or not a file)."""
-    path = Path(spec)
-    if not path.is_file():
-        return None
-    cap = cv2.VideoCapture(str(path))
-    try:
-        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
-    finally:
-        cap.release()
-    return n if n > 0 else None
 
 
 def run_report(analyzer: Analyzer | None, stats: RunStats, *, source: str, model: str,
@@ -108,7 +96,7 @@ def format_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _frames(source: Any, max_frames: int | None, stats: RunStats) -> Iterator[Frame]:
+def _frames(source: Source, max_frames: int | None, stats: RunStats) -> Iterator[Frame]:
     """Frames of the source, timing the decode."""
     it = iter(source)
     while max_frames is None or stats.frames < max_frames:
@@ -151,14 +139,20 @@ def count_still(analyzer: Analyzer, frame: Frame, first_id: int
     return cells, events
 
 
-def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str, Any]:
-    """Count ``args.source``; returns the report (also written to ``--report``).
+class SourceError(InputError):
+    """SOURCE itself cannot be used (missing, empty, not a video, no camera): the input failed,
+    as a bad image does for ``detect`` (exit code 1), not the model or an output (2)."""
 
-    Raises HematoVisionError (after the report and events are written) when the input is
-    unusable or breaks off, and KeyboardInterrupt after writing them on Ctrl-C.
+
+def count(args: argparse.Namespace, analyzer: Analyzer | None = None
+          ) -> tuple[dict[str, Any], BaseException | None]:
+    """Count ``args.source`` -> (the report, also written to ``--report``; what stopped the
+    count early or None).
+
+    What stops it: :class:`SourceError`, another ``HematoVisionError`` (the model, an output
+    file, a video that breaks off), ``KeyboardInterrupt``, or a bug; the report and events hold
+    what was counted until then.
     """
-    from stream.sources import open_source
-
     stats = RunStats()
     source_name, source_fps = str(args.source), None
     model_name = str(args.model) if args.model else "default"
@@ -171,15 +165,18 @@ def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str,
     skipped: list[str] = []
     try:
         if analyzer is None:
-            analyzer = build_analyzer(args.model, target=args.target)
-        model_path = getattr(analyzer.classifier, "model_path", None)
-        model_name = str(model_path) if model_path else model_name
+            with native_stderr_silenced():
+                analyzer = build_analyzer(args.model, target=args.target)
         events.check()
         if args.record:
             recorder = VideoRecorder(args.record)
-        expected = _expected_frames(str(args.source))
-        with open_source(args.source, realtime=False) as src:
+        try:
+            source = open_source(args.source, realtime=False)
+        except InputError as exc:
+            raise SourceError(str(exc)) from None
+        with source as src:
             source_name, source_fps = src.name, float(src.fps or 0.0) or None
+            expected = src.frame_count
             if recorder is not None:
                 recorder.fps = source_fps or 30.0
             total = expected if args.max_frames is None else min(expected or args.max_frames,
@@ -211,7 +208,7 @@ def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str,
                                        else analyzer.render(result, fps=None))
                         stats.stage_s["draw"] += time.perf_counter() - t
                     bar.update(1)
-            skipped = list(getattr(src, "errors", ()))
+            skipped = list(src.errors)
         # (a container's frame count can be an estimate: allow a few percent)
         short = (expected is not None and args.max_frames is None
                  and stats.frames < 0.97 * expected - 1)
@@ -239,18 +236,24 @@ def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str,
             if recorder is not None:
                 recorder.close()
         report = run_report(analyzer, stats, source=source_name, model=model_name,
-                              source_fps=source_fps, error=error, interrupted=interrupted)
+                            source_fps=source_fps, error=error, interrupted=interrupted)
         report["mode"] = mode
         report["skipped"] = skipped
         if args.report:
             write_report(args.report, report)
-    if isinstance(pending, KeyboardInterrupt):
-        print(format_summary(report), file=sys.stdout)
-        raise pending
-    if error is not None:
-        if stats.frames:
-            print(format_summary(report), file=sys.stdout)
-        raise pending if pending is not None else InputError(error)
+    if pending is None and error is not None:
+        pending = InputError(error)
+    return report, pending
+
+
+def run(args: argparse.Namespace, analyzer: Analyzer | None = None) -> dict[str, Any]:
+    """Count ``args.source``; returns the report (also written to ``--report``).
+
+    Raises what stopped the count (:func:`count`), after the report and events are written.
+    """
+    report, failure = count(args, analyzer)
+    if failure is not None:
+        raise failure
     return report
 
 
@@ -261,9 +264,17 @@ def _draw_still(frame: Frame, cells: StillCells, analyzer: Analyzer) -> np.ndarr
 
 
 def main(args: argparse.Namespace) -> int:
-    """CLI handler of ``hematovision run``: 1 when some images could not be used (each named on
-    one line, as ``detect`` does), else 0."""
-    report = run(args)
+    """CLI handler of ``hematovision run``: 1 when the input could not be used (SOURCE, or some
+    of its images: each named on one line, as ``detect`` does), else 0; the model or an output
+    that cannot be used raises (exit code 2)."""
+    report, failure = count(args)
+    if isinstance(failure, SourceError):
+        print(f"hematovision run: {failure}", file=sys.stderr, flush=True)
+        return 1
+    if failure is not None:
+        if isinstance(failure, KeyboardInterrupt) or report["frames"]:
+            print(format_summary(report), flush=True)  # what was counted until then
+        raise failure
     if report["frames"] or not report["skipped"]:
         print(format_summary(report))
     for message in report["skipped"]:

@@ -38,6 +38,7 @@ from stream.devices import (
     FolderDevice,
     PiCameraDevice,
     device_fps,
+    device_frame_count,
     is_opened,
     make_camera,
     make_url,
@@ -50,6 +51,11 @@ from stream.images import IMAGE_EXTENSIONS, bit_depth, expand_image_arg, normali
 log = logging.getLogger(__name__)
 
 URL_RE = re.compile(r"^(rtsp|rtsps|http|https)://", re.IGNORECASE)
+#: Names of video files: one that cannot be read is "not a readable video file"; any other
+#: file that is not a video is read as a photo (and named as ``detect`` names a bad one).
+VIDEO_EXTENSIONS = frozenset(
+    {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".mts", ".wmv",
+     ".flv", ".ogv", ".3gp", ".mjpeg", ".mjpg", ".h264"})
 
 #: Demo video parameters (the cache folder name includes DEMO_VERSION; bump it when they change).
 DEMO_VERSION = "1"
@@ -75,6 +81,8 @@ class Source:
             presentation time within a file).
         pass_start: ``Frame.index`` of the first frame of the current pass through a looping file
             (0 until it loops): frames from this index on show the same cells again.
+        frame_count: Frames a video file's header announces (None: unknown, or not a file).
+        errors: One line for each input that was skipped (an image folder's unusable files).
     """
 
     name: str = ""
@@ -86,6 +94,8 @@ class Source:
         self.dropped = 0
         self.state = "running"
         self.pass_start = 0
+        self.frame_count: int | None = None
+        self.errors: list[str] = []
         self._bits: int | None = None  # bit depth of 16-bit frames, fixed at the first one
 
     def _as_bgr(self, img: np.ndarray | None) -> np.ndarray | None:
@@ -334,6 +344,7 @@ class FileSource(Source):
         self._factory = factory or (lambda: open_video_file(path))
         self._cap: Device | None = first_device if first_device is not None else self._factory()
         self.fps = device_fps(self._cap) or 30.0
+        self.frame_count = device_frame_count(self._cap)
         self._index = 0
         self._loop = loop
         self._first: Frame | None = None
@@ -384,7 +395,6 @@ class ImageFolderSource(Source):
         self.name = name
         self.paths = paths
         self.fps = 0.0
-        self.errors: list[str] = []
         self._i = 0
 
     def read(self, timeout: float | None = None) -> Frame | None:
@@ -486,10 +496,18 @@ def open_source(
         return _open_images(text, paths, realtime=realtime, fps=fps)
     if not path.exists():
         raise InputError(f"{path}: no such file, folder, camera or URL")
-    if path.suffix.lower() in IMAGE_EXTENSIONS:
+    kind = media_kind(path)  # by its bytes
+    if path.suffix.lower() in IMAGE_EXTENSIONS or kind == "image":
         return _open_images(str(path), [path], realtime=realtime, fps=fps)
-    return _open_file(path, realtime=realtime, loop=bool(loop), name=str(path),
-                      device_factory=device_factory)
+    try:
+        return _open_file(path, realtime=realtime, loop=bool(loop), name=str(path),
+                          device_factory=device_factory)
+    except InputError:
+        if device_factory is not None or path.suffix.lower() in VIDEO_EXTENSIONS or kind:
+            raise  # a video by its name or bytes that cannot be read: say so
+    # Neither a video nor an image: the one-line message ``detect`` gives for it ("notes.txt:
+    # not a readable image"), and ``run`` skips it as it skips a bad photo
+    return _open_images(str(path), [path], realtime=realtime, fps=fps)
 
 
 def _open_live(name: str, factory: DeviceFactory, fps: float, fail_message: str) -> LiveSource:
@@ -525,7 +543,11 @@ def _open_file(path: Path, *, realtime: bool, loop: bool, name: str,
 
 
 def _open_images(name: str, paths: list[Path], *, realtime: bool, fps: float | None) -> Source:
+    """Images as a source. In analysis a file that cannot be used is skipped and named in
+    ``errors``; live, a single image that cannot be used is refused at once (InputError)."""
     if realtime:
+        if len(paths) == 1:
+            read_still(paths[0])
         rate = fps or 2.0
         return LiveSource(name, lambda: FolderDevice(paths), fps=rate, is_live=False,
                           pace=rate, reconnect=False, loop=False)
@@ -534,6 +556,32 @@ def _open_images(name: str, paths: list[Path], *, realtime: bool, fps: float | N
 
 # --------------------------------------------------------------------------------------------
 # Helpers
+
+#: Leading bytes of the image formats OpenCV reads.
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM",
+                b"II*\x00", b"MM\x00*")
+#: Leading bytes of common video containers (offset 0).
+_VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3", b"FLV",
+                b"\x30\x26\xb2\x75\x8e\x66\xcf\x11", b"OggS")
+#: ISO media (MP4, MOV, 3GP, M4V): a box type at offset 4.
+_ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"wide")
+
+
+def media_kind(path: str | Path) -> str | None:
+    """"image" or "video" from a file's first bytes (not its name or the browser's claim)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(192)
+    except OSError:
+        return None
+    if head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return "image"
+    if head.startswith(_VIDEO_MAGIC) or head[4:8] in _ISO_BOXES or (
+            head[:4] == b"RIFF" and head[8:12] == b"AVI ") or (
+            len(head) > 188 and head[0] == 0x47 and head[188] == 0x47):  # MPEG-TS
+        return "video"
+    return None
+
 
 
 def redact_url(url: str) -> str:

@@ -274,3 +274,42 @@ def test_real_segmenter_on_synth_clip(tmp_path):
     assert report["frames"] == 120
     assert report["total"] <= len(in_view)
     assert report["total"] == len(read_events(tmp_path / "events.jsonl"))
+
+
+def _too_large_png(path: Path) -> Path:
+    """A 6400x6400 photo (41 megapixels, over the 40 limit; small on disk)."""
+    img = np.zeros((6400, 6400, 3), np.uint8)
+    img[::2, :, 2] = 200
+    cv2.imwrite(str(path), img, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    return path
+
+
+def test_a_source_that_is_no_picture_is_detects_one_line_exit_1(tmp_path, capfd):
+    """`run notes.txt` and an over-size photo: exit 1 and the line `detect` gives (nothing
+    else on stderr: no OpenCV/FFmpeg or TFLite runtime lines); a video that cannot be read
+    is named as one, also exit 1."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a picture\n")
+    big = _too_large_png(tmp_path / "big.png")
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"x" * 200)
+    for path in (notes, big):
+        assert cli.main(["detect", str(path)]) == 1
+        detect_err = capfd.readouterr().err
+        report = tmp_path / f"{path.stem}.json"
+        assert cli.main(["run", str(path), "--report", str(report)]) == 1
+        out, err = capfd.readouterr()
+        assert out == "" and len(err.splitlines()) == 1
+        assert err.replace("hematovision run:", "hematovision detect:") == detect_err
+        assert json.loads(report.read_text())["skipped"] == [err.split(": ", 1)[1].strip()]
+    assert detect_err.startswith(f"hematovision detect: {big}: image too large (6400x6400")
+    assert cli.main(["run", str(broken)]) == 1
+    out, err = capfd.readouterr()
+    assert out == "" and err == f"hematovision run: {broken}: not a readable video file\n"
+
+
+def test_a_photo_under_another_name_is_counted(tmp_path, slide):
+    photo = tmp_path / "field.dat"  # a PNG whatever its name says
+    photo.write_bytes(cv2.imencode(".png", view(slide, *PATH[0]))[1].tobytes())
+    report = run(args_for(tmp_path, str(photo)), analyzer=fake_analyzer(slide))
+    assert report["frames"] == 1 and report["mode"] == "stills" and report["skipped"] == []

@@ -306,3 +306,17 @@ def test_12_bit_camera_frame_reads_as_the_same_picture_from_a_file(tmp_path: Pat
     assert frame is not None
     assert np.array_equal(frame.bgr, from_file)
     assert int(frame.bgr.min()) >= 128 and int(frame.bgr.max()) == 255
+
+
+def test_a_file_that_is_no_picture_is_refused_live_and_skipped_in_analysis(tmp_path: Path) -> None:
+    """`serve notes.txt` fails at once with detect's line; `run` skips it (and says why)."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a picture\n")
+    with pytest.raises(InputError, match=r"^.*notes\.txt: not a readable image$"):
+        open_source(str(notes), realtime=True)
+    with open_source(str(notes), realtime=False) as src:
+        assert list(src) == [] and src.errors == [f"{notes}: not a readable image"]
+    broken = tmp_path / "clip.mov"
+    broken.write_text("not a video either\n")
+    with pytest.raises(InputError, match="clip.mov: not a readable video file"):
+        open_source(str(broken), realtime=False)
