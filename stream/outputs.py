@@ -186,9 +186,10 @@ class VideoRecorder:
 
 def build_report(summary: dict[str, Any], *, source: str, model: str, frames: int,
                  seconds: float, **extra: Any) -> dict[str, Any]:
-    """The report of one count: source, model, frames, time, counts, total, differential and
-    95 % intervals (rounded to 2 decimals), target, nucleated red cells (NRBC, and per 100 white
-    cells) and vetoed candidates (platelets, artefacts), then ``extra`` fields, then the date."""
+    """The report of one count: source, model, frames, time, then from ``summary`` (the tally's
+    ``Summary.to_json()``, already rounded) counts, total, differential and 95 % intervals,
+    target, nucleated red cells (NRBC, and per 100 white cells) and vetoed candidates
+    (platelets, artefacts), then ``extra`` fields, then the date."""
     return {
         "source": source,
         "model": model,
@@ -197,10 +198,8 @@ def build_report(summary: dict[str, Any], *, source: str, model: str, frames: in
         "fps": round(frames / seconds, 2) if seconds > 0 else 0.0,
         "counts": dict(summary.get("counts", {})),
         "total": int(summary.get("total", 0)),
-        "differential": {k: round(float(v), 2)
-                         for k, v in summary.get("differential", {}).items()},
-        "ci95": {k: [round(float(a), 2), round(float(b), 2)]
-                 for k, (a, b) in summary.get("ci95", {}).items()},
+        "differential": dict(summary.get("differential", {})),
+        "ci95": dict(summary.get("ci95", {})),
         "ci_method": "Wilson score interval, 95 %, percent of total",
         "target": int(summary.get("target", 0)),
         "target_reached": bool(summary.get("target_reached", False)),
