@@ -55,10 +55,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.requests import HTTPConnection
 
-if TYPE_CHECKING:
-    from gradio.block_function import BlockFunction
-    from gradio.state_holder import SessionState
-
 from detector.core import KNOWN_LABELS, UNIDENTIFIED, Frame
 from detector.errors import HematoVisionError, InputError
 from hematovision_models import shipped_model
@@ -67,6 +63,14 @@ from stream.mjpeg import make_router
 from stream.publish import public_source, scrub_paths
 from stream.session import AnalyzerFactory, Session, SessionSettings
 from stream.sources import URL_RE, media_kind
+
+if TYPE_CHECKING:
+    from gradio.block_function import BlockFunction
+    from gradio.state_holder import SessionState
+
+    from detector.analyzer import Analyzer
+    from detector.classify import CellClassifier
+    from detector.segment import Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +91,7 @@ def colour_hex(label: str) -> str:
 # ------------------------------------------------------------------------------ analyzers
 
 
-def default_analyzer_factory(settings: SessionSettings) -> Any:
+def default_analyzer_factory(settings: SessionSettings) -> Analyzer:
     """Segmenter + CellClassifier + tracker + tally, as ``hematovision run`` builds them."""
     from detector.analyzer import build_analyzer
 
@@ -532,8 +536,8 @@ class ImageAnalyzer:
     def __init__(self, model: str | None) -> None:
         self.model = resolve_model(model)
         self._lock = threading.Lock()
-        self._seg: Any = None
-        self._clf: Any = None
+        self._seg: Segmenter | None = None
+        self._clf: CellClassifier | None = None
 
     def analyze(self, path: str | Path) -> tuple[np.ndarray, list[list[Any]]]:
         """-> (annotated RGB image, rows [cell, label, score, x1, y1, x2, y2, cut])."""
@@ -545,7 +549,7 @@ class ImageAnalyzer:
 
         bgr = read_still(path)
         with self._lock:
-            if self._seg is None:
+            if self._seg is None or self._clf is None:
                 self._seg, self._clf = Segmenter(), CellClassifier(self.model)
             cells = analyse_still(bgr, self._seg, self._clf)
         rec = image_record(Path(path).name, bgr, cells)

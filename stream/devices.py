@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -173,7 +173,7 @@ def open_video_file(path: Path) -> Device:
     return cap
 
 
-def device_fps(dev: Any) -> float:
+def device_fps(dev: Device) -> float:
     try:
         value = float(dev.get(cv2.CAP_PROP_FPS))
     except Exception:  # noqa: BLE001
@@ -190,14 +190,14 @@ def device_frame_count(dev: Device) -> int | None:
     return value if value > 0 else None
 
 
-def is_opened(dev: Any) -> bool:
+def is_opened(dev: Device) -> bool:
     try:
         return bool(dev.isOpened())
     except Exception:  # noqa: BLE001
         return False
 
 
-def safe_read(dev: Any) -> tuple[bool, np.ndarray | None]:
+def safe_read(dev: Device) -> tuple[bool, np.ndarray | None]:
     try:
         ok, img = dev.read()
     except Exception as exc:  # noqa: BLE001
@@ -206,7 +206,7 @@ def safe_read(dev: Any) -> tuple[bool, np.ndarray | None]:
     return bool(ok), img
 
 
-def safe_release(dev: Any) -> None:
+def safe_release(dev: Device) -> None:
     with contextlib.suppress(Exception):
         dev.release()
 

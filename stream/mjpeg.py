@@ -14,10 +14,9 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from stream.session import Session
@@ -84,13 +83,14 @@ async def mjpeg_frames(
         session.viewers -= 1
 
 
-def make_router(get_session: Any, dependencies: list[Any] | None = None,
-                closing: threading.Event | None = None) -> APIRouter:
+def make_router(get_session: Callable[[], Session], closing: threading.Event | None = None
+                ) -> APIRouter:
     """Routes ``/video.mjpg`` and ``/stats.json``; ``get_session()`` returns the current Session.
 
-    ``closing``: set at server shutdown to end the open MJPEG streams.
+    ``closing``: set at server shutdown to end the open MJPEG streams. (The login, when there
+    is one, is checked before any route: ``stream.app.LoginGate``.)
     """
-    router = APIRouter(dependencies=[Depends(d) for d in (dependencies or [])])
+    router = APIRouter()
 
     @router.get("/video.mjpg")
     async def video(request: Request, frames: int | None = None) -> StreamingResponse:

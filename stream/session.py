@@ -74,12 +74,16 @@ class SessionSettings:
 
 
 class ClassifierInfo(Protocol):
+    """What the session shows of the classifier (``detector.classify.CellClassifier``)."""
+
     labels: tuple[str, ...]
     min_score: float
     model_path: Path
 
 
 class TallyLike(Protocol):
+    """The count, read for the figures (``detector.tally.Tally``)."""
+
     def summary(self) -> Summary: ...
 
 
@@ -101,7 +105,7 @@ class AnalyzerLike(Protocol):
 
     def process(self, frame: Frame) -> AnalysisResult: ...
 
-    def render(self, result: Any, fps: float | None = None) -> np.ndarray: ...
+    def render(self, result: AnalysisResult, fps: float | None = None) -> np.ndarray: ...
 
     def finish(self) -> list[CountEvent]: ...
 
