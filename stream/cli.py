@@ -11,7 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from detector.errors import HematoVisionError
@@ -42,44 +42,32 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {v}")
-    return v
+def _number(cast: Callable[[str], float], lowest: float, *, above: bool = False,
+            highest: float | None = None, what: str = "a number"
+            ) -> Callable[[str], float]:
+    """An argparse type: ``cast(text)``, refused (one line) below ``lowest`` (or at it, with
+    ``above``) or over ``highest``."""
+
+    def parse(text: str) -> float:
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if highest is not None and not lowest <= v <= highest:
+            raise argparse.ArgumentTypeError(
+                f"{what} is a number from {lowest:g} to {highest:g}, got {v}")
+        if v < lowest or (above and v == lowest):
+            raise argparse.ArgumentTypeError(
+                f"expected a number {'>' if above else '>='} {lowest:g}, got {v}")
+        return v
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {v}")
-    return v
-
-
-def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 1 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, got {v}")
-    return v
+_positive_int = _number(int, 1, what="a whole number")
+_non_negative_int = _number(int, 0, what="a whole number")
+_positive_float = _number(float, 0, above=True)
+_port = _number(int, 1, highest=65535, what="a port")
 
 
 def _auth(text: str) -> tuple[str, str]:
