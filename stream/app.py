@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -805,9 +806,7 @@ def build_page(session: Session, *, models: dict[str, str], image_model: str | N
                 return None, "", state or {}
             state = state or {}
             if state.get("analyzer") is None:
-                state["analyzer"] = analyzer_factory(
-                    SessionSettings(session.settings.model, session.settings.min_score,
-                                    session.settings.target))
+                state["analyzer"] = analyzer_factory(dataclasses.replace(session.settings))
                 state["n"] = 0
             an = state["analyzer"]
             bgr = cv2.cvtColor(np.ascontiguousarray(rgb[:, :, :3]), cv2.COLOR_RGB2BGR)

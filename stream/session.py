@@ -344,15 +344,6 @@ class Session:
     def remove_listener(self, callback: Callable[[int], None]) -> None:
         self.publisher.remove_listener(callback)
 
-    @property
-    def listener_count(self) -> int:
-        return self.publisher.listener_count
-
-    @property
-    def encodes(self) -> int:
-        """JPEGs encoded so far (one per analysed frame, whatever the number of viewers)."""
-        return self.publisher.encoded
-
     def recent_cells(self) -> list[CellThumb]:
         """Last counted cells, newest first."""
         return self.gallery.newest_first()
@@ -457,9 +448,7 @@ class Session:
             analyzer = self._analyzer
             if analyzer is None:
                 return
-            for event in analyzer.finish():
-                self._log_event({"event": "counted", **event.to_json()})
-            self.publisher.set_summary(analyzer.tally.summary().to_json())
+            self._finish()
             self.runs.close(self.report(), why)
             analyzer.reset()
             self._start_count()
@@ -524,16 +513,14 @@ class Session:
                                    "jpeg": t3 - t2})
 
     def _finish(self) -> None:
-        """End of a file: count the cells still in view, publish the summary."""
+        """End of a file or of a run: count the cells still in view, publish the summary."""
         with self._lock:
             analyzer = self._analyzer
             if analyzer is None:
                 return
-            events = analyzer.finish()
-            for event in events:
+            for event in analyzer.finish():
                 self._log_event({"event": "counted", **event.to_json()})
-            if events:
-                self.publisher.set_summary(analyzer.tally.summary().to_json())
+            self.publisher.set_summary(analyzer.tally.summary().to_json())
 
     def _log_event(self, record: dict[str, Any]) -> None:
         """Append to the event log (its file starts with the first counted cell)."""
@@ -552,9 +539,8 @@ class Session:
 
 
 def _name(spec: str | int) -> str:
-    """A source for a message: 'the demo', a file's name."""
-    text = str(spec)
-    return "the demo" if text == "demo" else Path(text).name or text
+    """A source for a message: 'the demo', a file's name (:func:`public_source`)."""
+    return "the demo" if str(spec) == "demo" else public_source(spec)
 
 
 def _default_out_dir() -> Path:

@@ -148,12 +148,12 @@ def test_mjpeg_stream_ends_cleanly_when_clients_disconnect(tmp_path: Path) -> No
                             break
                 assert s.viewers <= 1  # never more than the one client we opened
             deadline = time.monotonic() + 5
-            while (s.viewers or s.listener_count) and time.monotonic() < deadline:
+            while (s.viewers or s.publisher.listener_count) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert s.viewers == 0 and s.listener_count == 0  # nothing left behind
-            frames_before = s.encodes
+            assert s.viewers == 0 and s.publisher.listener_count == 0  # nothing left behind
+            frames_before = s.publisher.encoded
             time.sleep(0.2)
-            assert s.encodes > frames_before  # the session runs on
+            assert s.publisher.encoded > frames_before  # the session runs on
     finally:
         s.close()
 

@@ -144,7 +144,7 @@ def test_one_jpeg_per_analyzed_frame_whatever_the_viewers(tmp_path: Path) -> Non
     for t in threads:
         t.join()
     assert made[0].processed == 60
-    assert s.encodes == 60 and calls == list(range(60))  # one JPEG per frame, not per viewer
+    assert s.publisher.encoded == 60 and calls == list(range(60))  # a JPEG a frame, not a viewer
     # viewers share the same bytes objects (no per-viewer copy or re-encode)
     shared = set(got[0]) & set(got[9])
     assert shared
