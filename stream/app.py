@@ -921,7 +921,7 @@ def main(args: argparse.Namespace) -> int:
     """``hematovision serve [SOURCE] [--model M] [--host H] [--port P] [--auth USER:PASS]``."""
     import uvicorn
 
-    model = getattr(args, "model", None)
+    model = args.model
     if model is not None and not Path(model).expanduser().is_file():
         raise HematoVisionError(f"{model}: model file not found")
     sock = _listen(args.host, int(args.port))
@@ -933,12 +933,13 @@ def main(args: argparse.Namespace) -> int:
         sock.close()
         raise
     app = create_app(session, auth=args.auth, models=list_models(model), image_model=model,
-                     allow_url_sources=bool(getattr(args, "allow_url_sources", False)))
+                     allow_url_sources=args.allow_url_sources)
     host = args.host
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     if host not in ("127.0.0.1", "localhost", "::1") and args.auth is None:
         log.warning("serving on %s without --auth: anyone on the network can see the page",
                     host)
+
     class Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets=sockets)
