@@ -127,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
         _err(f"error: {exc}")
         return 2
     save_dir: Path | None = None
-    if getattr(args, "save_dir", None):
+    if args.save_dir:
         save_dir = Path(args.save_dir).expanduser()
         try:
             save_dir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +136,7 @@ def main(args: argparse.Namespace) -> int:
             return 2
     segmenter = Segmenter()
     draw_labels = (*classifier.labels, UNIDENTIFIED)
-    as_json = bool(getattr(args, "json", False))
+    as_json = bool(args.json)
 
     failed = 0
     done = 0
@@ -158,7 +158,7 @@ def main(args: argparse.Namespace) -> int:
             try:
                 image = read_still(path)
                 cells = analyse_still(image, segmenter, classifier,
-                                      single_cell=bool(getattr(args, "single_cell", False)))
+                                      single_cell=bool(args.single_cell))
             except HematoVisionError as exc:
                 _err(str(exc))
                 failed += 1
