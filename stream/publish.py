@@ -103,8 +103,9 @@ class Publisher:
         for callback in listeners:
             try:
                 callback(pub.seq)
-            except Exception:  # noqa: BLE001 - one broken viewer must not stop the others
-                log.exception("viewer callback failed")
+            except Exception as exc:  # noqa: BLE001 - one broken viewer must not stop the others
+                log.error("viewer callback failed: %s: %s", type(exc).__name__, exc,
+                          exc_info=exc if log.isEnabledFor(logging.INFO) else None)
         return True
 
     def set_summary(self, summary: dict[str, Any]) -> None:
