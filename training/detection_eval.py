@@ -216,35 +216,28 @@ def _restain(img: np.ndarray, tint: np.ndarray) -> np.ndarray:
     return bg * np.exp(-od) - 1.0
 
 
-def _mirror_boxes(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
+def _mirror_boxes(boxes: np.ndarray, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
     """Boxes of a ``w`` x ``h`` photo and of its mirror images on all sides (as
     ``cv2.BORDER_REFLECT`` pads it), in the padded photo's frame relative to the original's
-    corner. A cell cut by the photo's edge and its own mirror image are one (whole) cell: a box
-    and its copies within 2% of the photo's size of each other are joined (other cells' boxes
-    never are)."""
-    tol = 0.02 * max(w, h)  # annotated boxes stop a few pixels short of the photo's edge
-    out: list[list[float]] = []
+    corner -> (boxes of cells clear of the photo's edge, ignore regions). A cell within 3% of
+    the photo's size of its edge meets its own mirror image there: its copies are ignore
+    regions, and so are bands of that width along the mirror lines."""
+    m = 0.03 * max(w, h)
+    keep: list[list[float]] = []
+    ignore: list[list[float]] = []
     for b in np.asarray(boxes, np.float32).reshape(-1, 4):
         xs = [(b[0], b[2]), (-b[2], -b[0]), (2 * w - b[2], 2 * w - b[0])]
         ys = [(b[1], b[3]), (-b[3], -b[1]), (2 * h - b[3], 2 * h - b[1])]
         copies = [[float(x1), float(y1), float(x2), float(y2)] for x1, x2 in xs for y1, y2 in ys]
-        changed = True
-        while changed:
-            changed = False
-            for i in range(len(copies)):
-                for j in range(i + 1, len(copies)):
-                    a, c = copies[i], copies[j]
-                    near_x = a[0] <= c[2] + tol and c[0] <= a[2] + tol
-                    if near_x and a[1] <= c[3] + tol and c[1] <= a[3] + tol:
-                        copies[i] = [min(a[0], c[0]), min(a[1], c[1]), max(a[2], c[2]),
-                                     max(a[3], c[3])]
-                        del copies[j]
-                        changed = True
-                        break
-                if changed:
-                    break
-        out += copies
-    return np.asarray(out, np.float32).reshape(-1, 4)
+        near_edge = b[0] < m or b[1] < m or b[2] > w - m or b[3] > h - m
+        (ignore if near_edge else keep).extend(copies)
+    big = 4.0 * max(w, h)
+    for x in (0.0, float(w)):
+        ignore.append([x - m, -big, x + m, big])
+    for y in (0.0, float(h)):
+        ignore.append([-big, y - m, big, y + m])
+    return (np.asarray(keep, np.float32).reshape(-1, 4),
+            np.asarray(ignore, np.float32).reshape(-1, 4))
 
 
 def _visible(b: np.ndarray, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
@@ -314,9 +307,13 @@ def perturb(
             big = cv2.copyMakeBorder(img, py, py, px, px, cv2.BORDER_REFLECT)
             img = cv2.resize(big, (w, h), interpolation=cv2.INTER_AREA)
             fx, fy = w / big.shape[1], h / big.shape[0]
-            boxes = _mirror_boxes(boxes, w, h) + np.array([px, py, px, py], np.float32)
-            boxes = boxes * np.array([fx, fy, fx, fy], np.float32)
-            boxes, ignore = _visible(boxes, w, h)
+            shift = np.array([px, py, px, py], np.float32)
+            scale = np.array([fx, fy, fx, fy], np.float32)
+            whole, seam = _mirror_boxes(boxes, w, h)
+            boxes, ignore = _visible((whole + shift) * scale, w, h)
+            # cells at the photo's edge and the mirror seams themselves (a cell or a platelet
+            # and its mirror image make a shape no smear has) are neither hits nor misses
+            ignore = np.concatenate([ignore, ((seam + shift) * scale).astype(np.float32)])
         else:
             cw, ch = w / s, h / s
             ox, oy = (w - cw) / 2, (h - ch) / 2

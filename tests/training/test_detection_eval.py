@@ -84,13 +84,17 @@ def test_perturbations_keep_shape_and_boxes(kind: str) -> None:
         np.testing.assert_allclose(b[0, 2] - b[0, 0], 24 * s, rtol=0.05)
 
 
-def test_mirror_boxes_join_a_cell_cut_by_the_edge() -> None:
+def test_zoom_out_ignores_cells_at_the_mirror_seams() -> None:
     from training.detection_eval import _mirror_boxes
 
-    # a cell cut by the left edge and its mirror image are one whole cell spanning the edge
-    out = _mirror_boxes(np.array([[0, 10, 20, 30]], np.float32), 100, 80)
-    assert [-20, 10, 20, 30] in out.tolist()
-    assert len(out) == 6  # 9 copies, the three across the left edge joined in pairs
+    # a cell clear of the edges: nine copies to be found; a cell at the left edge meets its
+    # own mirror image there: its copies and the seams are ignore regions
+    keep, ignore = _mirror_boxes(np.array([[40, 30, 60, 50], [0, 10, 20, 30]], np.float32),
+                                 100, 80)
+    assert len(keep) == 9 and [40, 30, 60, 50] in keep.tolist()
+    assert [-60, 30, -40, 50] in keep.tolist()  # its mirror image left of the photo
+    assert [0, 10, 20, 30] in ignore.tolist() and [-20, 10, 0, 30] in ignore.tolist()
+    assert len(ignore) == 9 + 4  # the edge cell's copies and four seam bands
 
 
 def test_restain_turns_red_cells_teal_and_keeps_nuclei() -> None:
