@@ -12,6 +12,10 @@ analysis takes (H x W x 3 uint8 BGR):
 
 Limits, each an :class:`InputError` naming the file: not decodable ("not a readable image"),
 smaller than ``MIN_SIDE`` pixels on a side ("too small"), larger than ``MAX_PIXELS`` ("too large").
+The size is checked from the file's header (Pillow reads it without decoding) before OpenCV
+decodes the pixels, so a small file that declares a huge image (a page upload, say) is refused
+without the gigabytes its pixels would take; formats Pillow does not know are checked once
+decoded.
 Huge images are refused rather than silently downscaled: the segmenter's cell sizes are in pixels
 at the microscope's usual magnification, so shrinking a whole-slide scan would not give a
 trustworthy answer. EXIF orientation is not applied (microscope cameras don't rotate).
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import warnings
 from pathlib import Path
 
 import cv2
@@ -142,6 +147,9 @@ def read_image(path: str | Path) -> np.ndarray:
         raise InputError(f"{path}: no such file") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+    declared = _declared_size(path)
+    if declared is not None:
+        _check_size(path, *declared)
     img = None
     if data.size:
         try:
@@ -150,7 +158,12 @@ def read_image(path: str | Path) -> np.ndarray:
             img = None
     if img is None or img.size == 0:
         raise InputError(f"{path}: not a readable image")
-    h, w = img.shape[:2]
+    _check_size(path, img.shape[1], img.shape[0])
+    return normalize_image(img, path)
+
+
+def _check_size(path: Path, w: int, h: int) -> None:
+    """InputError naming the file when a ``w`` x ``h`` image is out of the limits."""
     if min(h, w) < MIN_SIDE:
         raise InputError(f"{path}: image too small ({w}x{h}; at least {MIN_SIDE}x{MIN_SIDE} "
                          "pixels)")
@@ -158,7 +171,27 @@ def read_image(path: str | Path) -> np.ndarray:
         raise InputError(f"{path}: image too large ({w}x{h} = {h * w / 1e6:.0f} megapixels; at "
                          f"most {MAX_PIXELS / 1e6:.0f}): crop or downscale it to the "
                          "microscope's usual field of view first")
-    return normalize_image(img, path)
+
+
+def _declared_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from an image file's header, nothing decoded (None: Pillow is missing
+    or does not know the format; the decoded image is checked then)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's own large-image warning
+            with Image.open(path) as im:
+                return int(im.size[0]), int(im.size[1])
+    except Image.DecompressionBombError:  # over Pillow's own limit: far over ours
+        over = 2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6
+        raise InputError(f"{path}: image too large (over {over:.0f} megapixels; at most "
+                         f"{MAX_PIXELS / 1e6:.0f}): crop or downscale it to the microscope's "
+                         "usual field of view first") from None
+    except Exception:  # noqa: BLE001 - unknown or broken header: OpenCV decides
+        return None
 
 
 def is_greyscale(bgr: np.ndarray) -> bool:

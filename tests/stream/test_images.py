@@ -171,3 +171,30 @@ def test_real_smear(bccd_dir: Path) -> None:
     path = sorted((bccd_dir / "JPEGImages").glob("*.jpg"))[0]
     img = read_image(path)
     assert img.shape == (480, 640, 3) and img.dtype == np.uint8
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG declaring width x height 8-bit RGB, with no pixel data (a few dozen bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(("side", "message"), [
+    (8000, r"image too large \(8000x8000 = 64 megapixels; at most 40\)"),
+    (60000, r"image too large \(over \d+ megapixels; at most 40\)"),
+])
+def test_a_declared_huge_image_is_refused_before_decoding(tmp_path: Path, side: int,
+                                                          message: str) -> None:
+    """A few bytes that declare a huge image are refused from the header (decoding it would
+    take gigabytes): "too large", not "not a readable image"."""
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header(side, side))
+    with pytest.raises(InputError, match=message):
+        read_image(path)
