@@ -18,7 +18,6 @@ import cv2
 import numpy as np
 
 from detector.core import CountEvent, Detections, Frame, Summary, in_view
-from detector.crop import CropRule
 from detector.focus import SharpGate, cell_sharpness, frame_sharpness
 from detector.tally import Tally
 from detector.track import Tracker, TrackerOptions
@@ -37,7 +36,6 @@ class SegmenterLike(Protocol):
 
 class ClassifierLike(Protocol):
     labels: tuple[str, ...]
-    crop_rule: CropRule
     min_score: float
 
     def classify_boxes(self, frame_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray: ...
@@ -53,7 +51,7 @@ class FrameResult:
         frame: the input frame.
         detections: cells in this frame with ``track_id``; ``class_id``/``score`` set for cells
             whose label is locked (-1 / 0 otherwise); ``data["label"]`` holds the label name
-            ('' while undecided), ``data["judged"]`` whether the cell is whole in view.
+            ('' while undecided).
         counted: events of the cells counted in this frame.
         summary: the count so far.
         timings: seconds spent per stage (segment, track, classify, tally).
@@ -83,14 +81,12 @@ class Analyzer:
         target: int = 100,
         track: TrackerOptions | None = None,
         vote: VoteOptions | None = None,
-        frame_gate: SharpGate | None = None,
         naive: bool = False,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """``target``: cells to count; ``track``: tracker settings; ``vote``: how many sightings
-        vote and how sharp they must be; ``frame_gate`` skips blurred frames (focus relative to
-        the recent frames). ``naive=True`` classifies every
-        cell in every frame (the design we avoid; for bench). ``clock`` times the stages
+        vote and how sharp they must be. ``naive=True`` classifies every cell in every frame
+        (the costly pipeline ``hematovision bench`` compares against). ``clock`` times the stages
         (``time.thread_time`` gives CPU time, which a busy machine does not inflate)."""
         self.segmenter = segmenter
         self.classifier = classifier
@@ -98,7 +94,8 @@ class Analyzer:
         self.labels: tuple[str, ...] = tuple(classifier.labels)
         self.voter = Voter(self.labels, self._label_of, vote)
         self.tally = Tally(self.labels, target=target)
-        self.frame_gate = frame_gate or SharpGate(ratio=0.6)
+        #: Skips frames blurred as a whole (focus relative to the recent frames).
+        self.frame_gate = SharpGate(ratio=0.6)
         self.naive = naive
         self.clock = clock
         self._last_index: int | None = None
@@ -114,17 +111,11 @@ class Analyzer:
         self.frame_gate.reset()
         self._last_index = None
 
-    def process(self, frame: Frame | np.ndarray, still: bool = False) -> FrameResult:
-        """Analyse one frame (BGR image or Frame).
-
-        ``still=True``: the image is a field of its own (a folder of unrelated photos), not a
-        video frame: every white cell whole in view is named in one invoke and counted at once,
-        no tracking (cells cut by the border are shown, not counted).
-        """
+    def process(self, frame: Frame | np.ndarray) -> FrameResult:
+        """Analyse one video frame (BGR image or Frame). A still photo, with no next frame to
+        show a cut cell whole, goes through ``detector.still.analyse_still`` instead."""
         if not isinstance(frame, Frame):
             frame = Frame(bgr=frame, index=0 if self._last_index is None else self._last_index + 1)
-        if still:
-            return self._process_still(frame)
         clock = self.clock
         t0 = clock()
         dets = self.segmenter.find(frame)
@@ -146,49 +137,12 @@ class Analyzer:
         thumbs = {e.track_id: th for e in counted
                   if (th := voter.thumb(e.track_id)) is not None}
         voter.forget(tracker.ended)
-        voter.annotate(dets, whole)
+        voter.annotate(dets)
         summary = self.tally.summary()
         timings = {"segment": t1 - t0, "track": t2 - t1, "classify": t3 - t2,
                    "tally": clock() - t3}
         return FrameResult(frame=frame, detections=dets, counted=counted, summary=summary,
                            timings=timings, classified=n_cls, thumbs=thumbs)
-
-    def _process_still(self, frame: Frame) -> FrameResult:
-        clock = self.clock
-        t0 = clock()
-        dets = self.segmenter.find(frame)
-        t1 = clock()
-        self._last_index = frame.index
-        ids = self.tracker.new_ids(len(dets))
-        dets.track_id = ids
-        whole = in_view(dets, frame.width, frame.height, self.tracker.options.edge_margin)
-        t2 = clock()
-        names = np.full(len(dets), "", dtype=object)
-        counted: list[CountEvent] = []
-        thumbs: dict[int, np.ndarray] = {}
-        idx = np.flatnonzero(whole)
-        if len(idx):
-            probs = self.classifier.classify_boxes(frame.bgr, dets.xyxy[idx])
-            for i, row in zip(idx, probs, strict=True):
-                label, score = self._label_of(row)
-                dets.class_id[i] = self.labels.index(label) if label in self.labels else -1
-                dets.score[i] = score
-                names[i] = label
-                ev = self.tally.count(int(ids[i]), label, score, frame.index, frame.index,
-                                      dets.xyxy[i])
-                if ev is not None:
-                    counted.append(ev)
-                    thumb = cell_thumbnail(frame.bgr, dets.xyxy[i])
-                    if thumb is not None:
-                        thumbs[ev.track_id] = thumb
-        t3 = clock()
-        dets.data["label"] = names
-        dets.data["judged"] = whole
-        return FrameResult(frame=frame, detections=dets, counted=counted,
-                           summary=self.tally.summary(),
-                           timings={"segment": t1 - t0, "track": t2 - t1, "classify": t3 - t2,
-                                    "tally": clock() - t3},
-                           classified=len(idx), thumbs=thumbs)
 
     def set_target(self, n: int) -> None:
         """Cells to count (a 100- or 200-cell differential)."""

@@ -242,11 +242,6 @@ class Detections:
         """(N, 2) float32 box centres."""
         return (self.xyxy[:, :2] + self.xyxy[:, 2:]) / 2.0
 
-    @property
-    def wh(self) -> np.ndarray:
-        """(N, 2) float32 box widths and heights."""
-        return self.xyxy[:, 2:] - self.xyxy[:, :2]
-
 
 def in_view(dets: Detections, width: int, height: int, margin: float = 1.0) -> np.ndarray:
     """Which detections are whole: not cut by the border (``touches_edge``) and at least

@@ -36,15 +36,14 @@ class MotionOptions:
 class StageMotion:
     """Global frame-to-frame shift in full-resolution pixels; ``update`` once per frame.
 
-    After ``update``: ``shift`` (dx, dy), ``source`` ("phase", "cells", "previous" or "none")
-    and ``response`` (the phase correlation's peak, 0 when there was none).
+    After ``update``: ``shift`` (dx, dy) and ``source``, where it came from: "phase", "cells",
+    "previous" (the last shift, kept) or "none" (no update yet).
     """
 
     def __init__(self, options: MotionOptions | None = None) -> None:
         self.options = options or MotionOptions()
         self.shift: tuple[float, float] = (0.0, 0.0)
         self.source = "none"
-        self.response = 0.0
         self._prev_half: np.ndarray | None = None
         self._window: np.ndarray | None = None
         self._window_fine: np.ndarray | None = None
@@ -76,7 +75,6 @@ class StageMotion:
         phase = (self._phase_shift(self.small_grey_of(bgr), frame_size)
                  if bgr is not None else None)
         strong = phase is not None and phase[2] >= o.min_response
-        self.response = phase[2] if phase is not None else 0.0
         shift = self._choose(phase, strong, predicted, radius, centers, frame_size)
         self.shift = (float(shift[0]), float(shift[1]))
         return shift

@@ -80,10 +80,10 @@ class Track:
 class Tracker:
     """Shift-compensated IoU tracker; ``update`` once per processed frame."""
 
-    def __init__(self, options: TrackerOptions | None = None,
-                 motion: StageMotion | None = None) -> None:
+    def __init__(self, options: TrackerOptions | None = None) -> None:
         self.options = options or TrackerOptions()
-        self.motion = motion or StageMotion(self.options.motion)
+        #: The stage-shift estimate of each update (``shift``, ``source``).
+        self.motion = StageMotion(self.options.motion)
         self.tracks: list[Track] = []
         self.ended: list[int] = []
         """Ids of the tracks that ended in the last ``update`` (or ``flush``)."""
@@ -94,23 +94,6 @@ class Tracker:
         """Forget all tracks and the stage motion; ids start again at 1."""
         self.motion.reset()
         self.tracks, self.ended, self.frame_size, self._next_id = [], [], None, 1
-
-    @property
-    def shift(self) -> tuple[float, float]:
-        """The stage shift applied in the last update (full-resolution pixels)."""
-        return self.motion.shift
-
-    @property
-    def shift_source(self) -> str:
-        """Where the last shift came from: "phase", "cells", "previous" or "none"."""
-        return self.motion.source
-
-    def new_ids(self, n: int) -> np.ndarray:
-        """``n`` fresh ids that no track has or will have (for cells counted without tracking,
-        so the tally never confuses them with a track)."""
-        ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-        self._next_id += n
-        return ids
 
     def update(self, detections: Detections, frame: Frame | np.ndarray | None = None,
                period: int = 1) -> Detections:

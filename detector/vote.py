@@ -155,9 +155,9 @@ class Voter:
         for tid in track_ids:
             self.ballots.pop(tid, None)
 
-    def annotate(self, dets: Detections, whole: np.ndarray) -> None:
-        """Locked labels onto this frame's detections: ``class_id``, ``score``,
-        ``data["label"]`` ('' while undecided) and ``data["judged"]`` (whole in view)."""
+    def annotate(self, dets: Detections) -> None:
+        """Locked labels onto this frame's detections: ``class_id``, ``score`` and
+        ``data["label"]`` ('' while undecided)."""
         names = np.full(len(dets), "", dtype=object)
         for i, tid in enumerate(dets.track_id.tolist()):
             b = self.ballots.get(tid)
@@ -166,7 +166,6 @@ class Voter:
                 dets.score[i] = b.score
                 names[i] = b.label
         dets.data["label"] = names
-        dets.data["judged"] = np.asarray(whole, dtype=bool)
 
     def _decide(self, tid: int, b: Ballot) -> CountEvent:
         label, score = self.label_of(np.mean(np.stack(b.votes), axis=0))

@@ -117,27 +117,6 @@ def test_plain_array_input():
     assert r.frame.index == 0 and len(r.detections) == len(seg.last_ids)
 
 
-def test_stills_counted_each_on_its_own():
-    """Unrelated photos: every cell fully in view is named and counted in its image, at once."""
-    slide, _ = slide_and_path()
-    views = [(150, 170), (420, 170), (700, 170)]  # unrelated fields, no tracking between them
-    seg = FakeSegmenter(slide, views)
-    clf = FakeClassifier()
-    an = Analyzer(seg, clf)
-    total = 0
-    for i, (x, y) in enumerate(views):
-        r = an.process(Frame(view(slide, x, y), index=i), still=True)
-        full = ~r.detections.touches_edge
-        assert len(r.counted) == int(full.sum())
-        assert clf.invokes == i + 1 or not full.any()
-        assert all(r.detections.data["label"][full])
-        assert not any(r.detections.data["label"][~full])
-        total += len(r.counted)
-    assert an.tally.total == total > 0
-    ids = [e.track_id for e in an.tally.events]
-    assert len(ids) == len(set(ids))
-
-
 class RenamingClassifier(FakeClassifier):
     """The fake's answers under other names: eosinophil discs are erythroblasts, lymphocyte
     discs platelets."""

@@ -139,9 +139,9 @@ def test_cells_overrule_a_static_pattern():
         for k, tid in enumerate(dets.track_id):
             seen.setdefault(k, set()).add(int(tid))
         if i == 1:  # (later frames start from the last shift, which the cells then confirm)
-            assert tracker.shift_source == "cells"
+            assert tracker.motion.source == "cells"
         if i >= 1:
-            assert tracker.shift[0] == pytest.approx(30, abs=1)
+            assert tracker.motion.shift[0] == pytest.approx(30, abs=1)
     assert seen == {0: {1}, 1: {2}, 2: {3}}
 
 
@@ -173,8 +173,8 @@ def test_real_smear_pan_shift_and_id(bccd_dir, name):
                               Frame(np.ascontiguousarray(frame), index=i))
         ids.add(int(dets.track_id[0]))
         if i:
-            assert tracker.shift_source == "phase"
-            assert tracker.shift == pytest.approx((-10.0, -5.0), abs=1.0)
+            assert tracker.motion.source == "phase"
+            assert tracker.motion.shift == pytest.approx((-10.0, -5.0), abs=1.0)
     assert ids == {1}
 
 
@@ -214,6 +214,7 @@ def test_flush_ends_every_track():
     assert d.track_id.tolist() == [1, 2]
     assert tracker.flush() == [1, 2] == tracker.ended
     assert tracker.tracks == []
-    assert tracker.new_ids(2).tolist() == [3, 4]
+    d = tracker.update(Detections(xyxy=np.array([[10, 10, 40, 40]])))
+    assert d.track_id.tolist() == [3]  # a flushed id is never given again before a reset
     tracker.reset()
     assert tracker.update(Detections(xyxy=np.array([[10, 10, 40, 40]]))).track_id.tolist() == [1]

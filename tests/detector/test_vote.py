@@ -94,10 +94,9 @@ def test_annotate_copies_locked_labels():
     whole = np.array([True, False])
     v.observe(d, whole, 0)
     v.vote([1], np.array([[0.1, 0.9, 0.0]], np.float32))
-    v.annotate(d, whole)
+    v.annotate(d)
     assert d.data["label"].tolist() == ["eosinophil", ""]
     assert d.class_id.tolist() == [1, -1] and d.score[0] == pytest.approx(0.9)
-    assert d.data["judged"].tolist() == [True, False]
 
 
 def test_ballot_keeps_first_and_last_sighting():
