@@ -1,7 +1,11 @@
-"""``hematovision bench`` on a short clip with a tiny real model: every figure is there and sane.
+"""``hematovision bench`` on a short clip with a tiny real model: every figure is there and
+measures what it says.
 
-No speed is asserted (figures depend on the machine); this checks the bench measures what it
-says: all stages, the naive design classifying far more crops, and the memory of a real run.
+No speed is asserted (figures depend on the machine); what is pinned: the clip's frames, every
+stage, the naive pipeline classifying every cell of every frame (as many crops as the segmenter
+finds cells) against at most three crops per counted cell, the end-to-end figure never above
+what the summed stages allow, the targets' verdicts, the memory of a real run, and the command
+printing the figures it measured (one bench run: the command's output is checked on it).
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ from pathlib import Path
 import cv2
 import pytest
 
+from detector.core import Frame
+from detector.segment import Segmenter
+from detector.vote import VoteOptions
 from stream import bench
 from tests.detector.fakes import Cell, Slide, pan, view
 from tests.tiny_models import tiny_models  # noqa: F401
@@ -30,23 +37,47 @@ def short_clip(tmp_path, monkeypatch):
     return path
 
 
-def test_bench_figures(short_clip, tiny_models, capsys):  # noqa: F811
+def test_bench_figures(short_clip, tiny_models, capsys, monkeypatch):  # noqa: F811
     model = str(tiny_models / "int8.tflite")
     r = bench.run_bench(threads=1, model=model, memory=True)
-    assert r["clip"]["frames"] == 60
-    assert set(r["cpu_ms_per_frame"]) == {"decode", "segment", "track", "classify", "tally",
-                                          "draw"}
-    assert all(v >= 0 for v in r["cpu_ms_per_frame"].values())
-    assert r["cpu_ms_per_frame"]["segment"] > 0 and r["cpu_ms_per_frame"]["decode"] > 0
-    assert r["fps_end_to_end"] > 0 and r["fps_naive"] > 0
-    assert r["crops_classified_naive"] >= r["crops_classified"]
-    assert r["peak_rss_mb_run"] is not None and 30 < r["peak_rss_mb_run"] < 2000
+    assert r["clip"]["path"] == str(short_clip) and r["model"] == model
+    assert (r["clip"]["frames"], r["clip"]["size"], r["clip"]["seconds"]) == (60, [320, 240], 2.0)
+    stages = r["cpu_ms_per_frame"]
+    assert list(stages) == ["decode", "segment", "track", "classify", "tally", "draw"]
+    assert stages["segment"] > 0 and stages["decode"] > 0 and stages["draw"] > 0
+
+    # naive: every cell the segmenter finds in every frame goes to the classifier
+    frames, _, _ = bench.decode_all(short_clip)
+    seg = Segmenter()
+    found = sum(len(seg.find(Frame(img, i))) for i, img in enumerate(frames))
+    assert r["crops_classified_naive"] == found
+    # the pipeline: at most ``votes_needed`` crops per counted cell, far fewer than naive
+    assert r["cells_counted"] >= 1
+    assert (0 < r["crops_classified"] <= VoteOptions().votes_needed * r["cells_counted"]
+            < r["crops_classified_naive"])
+    # end to end = frames per CPU second of decode..tally: never faster than the stages allow
+    analysis_ms = sum(v for k, v in stages.items() if k != "draw")
+    assert 0 < r["fps_end_to_end"] <= 1.01 * 1000.0 / analysis_ms
+    assert r["fps_naive"] > 0 and r["fps_streaming"] > 0 and r["fps_with_draw"] > 0
+    assert r["target_fps_reached"] == (max(r["fps_end_to_end"], r["fps_streaming"]) >= 300)
+    rss = r["peak_rss_mb_run"]
+    assert rss is not None and 30 < rss < 2000  # a real run: Python, OpenCV, the interpreter
+    assert r["target_rss_reached"] == (rss <= 250)
+
     text = bench.format_report(r)
-    assert "end-to-end" in text and "naive" in text and "peak memory" in text
-    code = bench.main(argparse.Namespace(threads=1, json=True, model=model))
-    assert code == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["threads"] == 1 and "fps_end_to_end" in out
+    assert (f"crops classified: {r['crops_classified']} "
+            f"(naive: {r['crops_classified_naive']})") in text
+    assert f"{r['fps_end_to_end']:.0f} frames/s per CPU second" in text
+    assert f"peak memory of 'hematovision run': {rss:.0f} MB" in text
+
+    # the command prints what run_bench measured, as JSON or as the text report
+    calls = []
+    monkeypatch.setattr(bench, "run_bench", lambda **kw: calls.append(kw) or r)
+    assert bench.main(argparse.Namespace(threads=1, json=True, model=model)) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(r))
+    assert bench.main(argparse.Namespace(threads=2, json=False, model=None)) == 0
+    assert capsys.readouterr().out == text + "\n"
+    assert calls == [{"threads": 1, "model": model}, {"threads": 2, "model": None}]
 
 
 def test_serve_bench_leaves_no_temporary_files(tmp_path, monkeypatch):
