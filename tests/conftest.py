@@ -1,7 +1,10 @@
-"""Shared fixtures: where the real smear images live, and the shipped model."""
+"""Shared fixtures: where the real smear images live, and the shipped model. Tests marked
+``train`` need TensorFlow (the [train] extra): without it they are skipped, so the suite passes
+where only the runtime is installed (as on a Raspberry Pi)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -30,3 +33,13 @@ def shipped_model() -> Path:
     path = find()
     assert path.is_file(), f"shipped model missing: {path}"
     return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the ``train`` tests when TensorFlow is not installed (found without importing it)."""
+    if importlib.util.find_spec("tensorflow") is not None:
+        return
+    skip = pytest.mark.skip(reason="needs TensorFlow: pip install -e '.[train]'")
+    for item in items:
+        if item.get_closest_marker("train") is not None:
+            item.add_marker(skip)
