@@ -3,8 +3,10 @@
 Runs on every displayed frame, so it uses OpenCV primitives only, with colours fixed in advance:
 one distinguishable colour per known label (``detector.core.KNOWN_LABELS``), grey for
 ``unidentified`` and for cells not classified yet; platelets and artefacts (rejected, never
-counted) in dull colours and thin boxes. Both functions return an annotated copy and
-leave the input untouched (``inplace=True`` draws on the given array instead, saving a copy).
+counted) in dull colours and thin boxes. ``draw_cells`` and ``draw_panel`` return an annotated
+copy and leave the input untouched (``inplace=True`` draws on the given array instead, saving a
+copy); ``style_for`` and ``draw_tag`` are the shared sizes and label tags (``detector.still``
+uses them for cut cells).
 """
 
 from __future__ import annotations
@@ -53,16 +55,17 @@ def _text_colour(bg: tuple[int, int, int]) -> tuple[int, int, int]:
     return (0, 0, 0) if 0.114 * b + 0.587 * g + 0.299 * r > 140 else (255, 255, 255)
 
 
-def _style(shape: tuple[int, ...]) -> tuple[float, int, int]:
+def style_for(shape: tuple[int, ...]) -> tuple[float, int, int]:
     """Font scale, text thickness and box thickness suited to the image size."""
     side = min(shape[0], shape[1])
     scale = float(np.clip(side / 1000.0, 0.4, 1.2))
     return scale, 1 if side < 900 else 2, 2 if side < 1200 else 3
 
 
-def _tag(img: np.ndarray, text: str, x: int, y: int, colour: tuple[int, int, int],
+def draw_tag(img: np.ndarray, text: str, x: int, y: int, colour: tuple[int, int, int],
          scale: float, thick: int) -> None:
-    """Text on a filled background, above (x, y) or just below it when there is no room."""
+    """Text on a filled background (drawn in place), above (x, y) or just below it when there
+    is no room."""
     (tw, th), base = cv2.getTextSize(text, _FONT, scale, thick)
     h, w = img.shape[:2]
     x = int(min(max(x, 0), max(w - tw - 4, 0)))
@@ -94,7 +97,7 @@ def draw_cells(bgr: np.ndarray, detections: Detections, labels: Sequence[str],
     n = len(detections)
     if n == 0:
         return img
-    scale, thick, box_thick = _style(img.shape)
+    scale, thick, box_thick = style_for(img.shape)
     boxes = np.round(detections.xyxy).astype(np.int32)
     names = detections.data.get("label")
     n_labels = len(labels)
@@ -114,7 +117,7 @@ def draw_cells(bgr: np.ndarray, detections: Detections, labels: Sequence[str],
         if name:
             parts.append(f"{name} {float(detections.score[i]):.2f}")
         if parts:
-            _tag(img, " ".join(parts), x1, y1, colour, scale, thick)
+            draw_tag(img, " ".join(parts), x1, y1, colour, scale, thick)
     return img
 
 
@@ -133,7 +136,7 @@ def draw_panel(bgr: np.ndarray, summary: Summary | None, fps: float | None = Non
     diff = summary.differential if summary is not None else {}
     total = summary.total if summary is not None else 0
     target = summary.target if summary is not None else None
-    scale, thick, _ = _style(img.shape)
+    scale, thick, _ = style_for(img.shape)
     scale *= 1.05
 
     rows: list[tuple[str, str, str, tuple[int, int, int] | None]] = []

@@ -112,13 +112,13 @@ def draw_still(bgr: np.ndarray, cells: StillCells) -> np.ndarray:
     cut = cells.cut
     out = draw.draw_cells(bgr, dets[~cut], cells.labels, show_track_ids=False)
     if cut.any():
-        scale, thick, box_thick = draw._style(out.shape)
+        scale, thick, box_thick = draw.style_for(out.shape)
         for i in np.flatnonzero(cut):
             name = str(dets.data["label"][i]) or UNIDENTIFIED
             colour = draw.colour_of(name)
             x1, y1, x2, y2 = (int(round(float(v))) for v in dets.xyxy[i])
             _dashed_rect(out, (x1, y1), (x2 - 1, y2 - 1), colour, box_thick)
-            draw._tag(out, f"{name} {float(dets.score[i]):.2f} cut", x1, y1, colour, scale,
+            draw.draw_tag(out, f"{name} {float(dets.score[i]):.2f} cut", x1, y1, colour, scale,
                       thick)
     return out
 
