@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny_models import tiny_models  # noqa: F401  (the session fixture, for every test)
+
 REPO = Path(__file__).resolve().parent.parent
 #: ../shared/data beside the checkout (as in CI), or HEMATOVISION_DATA.
 DATA = Path(os.environ.get("HEMATOVISION_DATA", REPO.parent / "shared" / "data"))

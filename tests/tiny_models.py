@@ -18,7 +18,8 @@ models for error tests: ``gray`` (1-channel float input) and ``int32in`` (int32 
 The models are committed in ``tests/data/tiny_models/`` (about 30 KB in all), so inference tests
 run without TensorFlow (as on a Raspberry Pi). They are made by this module with TensorFlow:
 ``python -m tests.tiny_models`` rewrites them (about 10-20 s on 2 cores); a ``train`` test checks
-that a rebuild gives the committed models' answers. Tests use the ``tiny_models`` fixture.
+that a rebuild gives the committed models' answers. Tests use the ``tiny_models`` fixture
+(offered by ``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -170,8 +171,7 @@ def build_tiny_models(out_dir: Path, names: tuple[str, ...] | None = None) -> Pa
 def tiny_models() -> Path:
     """The committed folder with ``int8.tflite``, ``uint8.tflite``, ``float32.tflite``,
     ``logits.tflite``, ``gray.tflite`` and ``int32in.tflite`` and their cards (read only: copy a
-    model to change it). Import this fixture into a test module with
-    ``from tests.tiny_models import tiny_models  # noqa: F401``."""
+    model to change it). ``tests/conftest.py`` offers it to every test."""
     names = (*VARIANTS, "gray", "int32in")
     missing = [v for v in names if not (TINY_DIR / f"{v}.tflite").is_file()]
     assert not missing, f"tiny models {missing} missing in {TINY_DIR}: python -m tests.tiny_models"

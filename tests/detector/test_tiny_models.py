@@ -18,14 +18,13 @@ from tests.tiny_models import (
     VARIANTS,
     build_tiny_models,
     solid_crops,
-    tiny_models,  # noqa: F401  (session fixture)
 )
 
 CROPS = solid_crops([RED_BGR, BLUE_BGR, GREY_BGR, (40, 200, 120)])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_committed_models_answer_as_documented(tiny_models: Path, variant: str) -> None:  # noqa: F811
+def test_committed_models_answer_as_documented(tiny_models: Path, variant: str) -> None:
     clf = CellClassifier(tiny_models / f"{variant}.tflite")
     names = [clf.label_of(row)[0] for row in clf.classify_crops(CROPS[:3])]
     assert names == ["eosinophil", "lymphocyte", "unidentified"]

@@ -22,7 +22,6 @@ from detector.segment import Segmenter
 from detector.vote import VoteOptions
 from stream import bench
 from tests.detector.fakes import Cell, Slide, pan, view
-from tests.tiny_models import tiny_models  # noqa: F401
 
 
 @pytest.fixture()
@@ -37,7 +36,7 @@ def short_clip(tmp_path, monkeypatch):
     return path
 
 
-def test_bench_figures(short_clip, tiny_models, capsys, monkeypatch):  # noqa: F811
+def test_bench_figures(short_clip, tiny_models, capsys, monkeypatch):
     model = str(tiny_models / "int8.tflite")
     r = bench.run_bench(threads=1, model=model, memory=True)
     assert r["clip"]["path"] == str(short_clip) and r["model"] == model
