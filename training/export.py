@@ -225,8 +225,9 @@ def write_card(tflite_path: str | Path, card: ModelCard) -> Path:
     """Write ``NAME.json`` beside ``NAME.tflite`` (checked by reading it back as the run time)."""
     path = Path(tflite_path).with_suffix(".json")
     data = card.to_dict()
-    ModelCard.from_dict(json.loads(json.dumps(data)), source=path)  # what the run time reads
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n"
+    ModelCard.from_dict(json.loads(text), source=path)  # exactly what the run time will read
+    path.write_text(text)
     return path
 
 

@@ -43,6 +43,15 @@ from training.data import (
 log = logging.getLogger(__name__)
 
 DEFAULT_RUNS = Path("runs")
+#: Data sets the project knows, by folder name: what the card says about their origin and licence.
+DATA_LICENCES: dict[str, str] = {
+    "pbc": "PBC dataset, Acevedo A, Merino A, Alferez S, Molina A, Boldu L, Rodellar J, 'A "
+           "dataset of microscopic peripheral blood cell images for development of automatic "
+           "recognition systems', Data in Brief 30 (2020) 105474, Mendeley Data "
+           "doi:10.17632/snkd93bnjr.1; licence CC BY 4.0 (part of it: 9,345 readable images)",
+    "bccd-trainval": "BCCD dataset (Shenggan, github.com/Shenggan/BCCD_Dataset), trainval "
+                     "images; MIT licence",
+}
 DEFAULT_AUGMENT: dict[str, Any] = {
     "flips": "horizontal+vertical",
     "rot90": True,
@@ -533,6 +542,8 @@ def train(cfg: TrainConfig) -> dict:
 
     trained_on = {
         "datasets": ds.info["datasets"],
+        "licences": {n: DATA_LICENCES.get(n, "unknown: see the data set's own licence")
+                     for n in ds.info["datasets"]},
         "kinds": ds.info["kinds"],
         "images": len(set(ds.groups)),
         "counts_per_class": ds.counts(),

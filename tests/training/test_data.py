@@ -117,3 +117,100 @@ def test_real_bccd_voc_reading(bccd_dir):
     assert counts["lymphocyte"] >= 25 and counts["monocyte"] >= 15 and counts["neutrophil"] > 150
     rest, held = split_by_group(ds, 0.2, seed=0)
     assert not set(rest) & set(held) and len(held) == pytest.approx(0.2 * len(ds.samples), abs=3)
+
+
+def test_byte_identical_copies_share_a_group_and_stay_on_one_side(tmp_path):
+    import shutil
+
+    root = tmp_path / "pbc"
+    rng = np.random.default_rng(0)
+    import cv2
+
+    from tests.training.tiny_data import cell_image
+
+    for label in ("neutrophil", "lymphocyte"):
+        (root / label).mkdir(parents=True)
+        for i in range(6):
+            cv2.imwrite(str(root / label / f"X_{i}.jpg"), cell_image(label, rng))
+    shutil.copy(root / "neutrophil" / "X_0.jpg", root / "neutrophil" / "X_0_copy.jpg")
+    (root / "neutrophil" / ".DS_store.jpg").write_bytes(b"not an image")  # hidden: ignored
+    ds = read_class_folders(root, RULE, finder=None)
+    assert len(ds.samples) == 13 and len(set(ds.groups)) == 12
+    g = {"/".join(s.image.rsplit("/", 2)[1:]): s.group for s in ds.samples}
+    n0, copy = "neutrophil/X_0.jpg", "neutrophil/X_0_copy.jpg"
+    assert g[n0] == g[copy] != g["neutrophil/X_1.jpg"]
+    assert g[n0].startswith("pbc/")
+    sides = set()
+    for seed in range(6):
+        rest, held = split_by_group(ds, 0.3, seed=seed)
+        both = {"/".join(s.image.rsplit("/", 2)[1:]) for s in ds.subset(held).samples}
+        assert (n0 in both) == (copy in both)
+        sides.add(n0 in both)
+    assert sides == {True, False}  # the pair is held out for some seeds, trained on for others
+
+
+def test_missed_cells_are_framed_at_their_class_median_box(tmp_path):
+    root = write_class_folders(tmp_path / "c", per_class=8)
+    calls = {"n": 0}
+
+    def finder(img):  # finds a centred 20-px cell in every other image, nothing in the rest
+        calls["n"] += 1
+        if calls["n"] % 2:
+            return np.array([[30, 22, 50, 42]], np.float32)
+        return np.zeros((0, 4), np.float32)
+
+    ds = read_class_folders(root, RULE, finder=finder)
+    assert ds.info["sources"] == {"segmenter": 8, "class_median_box": 8}
+    missed = [s for s in ds.samples if s.source == "class_median_box"]
+    for s in missed:  # centred (80x64 image), 20 px: the found cells' median side
+        x1, y1, x2, y2 = s.box
+        assert (x2 - x1, y2 - y1) == (pytest.approx(20), pytest.approx(20))
+        assert ((x1 + x2) / 2, (y1 + y2) / 2) == (pytest.approx(40), pytest.approx(32))
+
+
+def test_voc_extras_platelets_and_red_cells_follow_their_image(tmp_path):
+    root = write_voc(tmp_path / "voc")
+    plain = read_voc(root, finder=None)
+    ds = read_voc(root, finder=None, extras=True)
+    assert [s for s in ds.samples if not s.extra] == plain.samples
+    extras = [s for s in ds.samples if s.extra]
+    # each image has one RBC box clear of the WBCs and no platelet box
+    assert len(extras) == 6 and {s.label for s in extras} == {"artefact"}
+    assert all(s.box == (1, 1, 20, 20) for s in extras)
+    mains = {s.group: s.label for s in plain.samples}
+    assert {s.group for s in extras} == set(mains)
+    # the split stratifies by the labelled cell (first sample of a group), extras follow it
+    rest, held = split_by_group(ds, 0.34, seed=0)
+    assert {s.label for s in ds.subset(held).samples if not s.extra} == {"neutrophil",
+                                                                        "lymphocyte"}
+    assert ds.where(main_only=True).samples == plain.samples
+
+
+def test_split_is_stratified_per_data_folder(tmp_path):
+    a = write_class_folders(tmp_path / "a")
+    b = write_voc(tmp_path / "b")
+    ds = load_datasets([a, b], RULE, finder=None, min_images=2)
+    assert ds.datasets == ["a", "b"]
+    rest, held = split_by_group(ds, 0.25, seed=0)
+    for name in ("a", "b"):
+        part = ds.where(name).subset(held)
+        assert {s.label for s in part.samples} == {"neutrophil", "lymphocyte"}
+
+
+def test_dataset_and_crop_caches_give_the_same_answer(tmp_path, monkeypatch):
+    import training.data as data
+
+    root = write_voc(tmp_path / "voc")
+    finder = lambda img: np.array([[52, 33, 88, 70]], np.float32)  # noqa: E731
+    monkeypatch.setattr(data, "default_box_finder", lambda: finder)
+    cache = tmp_path / "cache"
+    first = load_datasets([root], RULE, min_images=1, cache_dir=cache)
+    assert len(list(cache.glob("dataset-voc-*.json"))) == 1
+    monkeypatch.setattr(data, "default_box_finder", lambda: pytest.fail("cache not used"))
+    second = load_datasets([root], RULE, min_images=1, cache_dir=cache)
+    assert second.samples == first.samples and second.classes == first.classes
+    x1, i1 = data.cut_crops_cached(first.samples, RULE, cache, copies=2, jitter=0.1)
+    x2, i2 = data.cut_crops_cached(first.samples, RULE, cache, copies=2, jitter=0.1)
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(i1, i2)
+    assert len(list(cache.glob("crops-*.npz"))) == 1

@@ -32,11 +32,25 @@ def test_classification_figures_hand_checked():
                                             "support": 1}
     assert f["per_class"]["monocyte"]["recall"] == 0.5
     macro = np.mean([1.0, 1.0, 2 / 3, 2 / 3])
-    assert f["macro_f1_main"] == pytest.approx(macro, abs=1e-3)
+    assert f["macro_f1"] == pytest.approx(macro, abs=1e-3)
+    assert f["macro_f1_classes"] == list(classes)
     assert f["confusion"][0] == [1, 0, 0, 0, 1]
     assert f["confusion"][3] == [0, 0, 1, 1, 0]
     text = confusion_text(f)
     assert "unidentified" in text and "monocyte" in text
+
+
+def test_missed_cells_count_as_wrong_and_macro_f1_skips_absent_classes():
+    classes = ("neutrophil", "eosinophil", "basophil")
+    y = np.array([0, 1, 1])
+    probs = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.0, 0.0, 0.0]])  # last: never seen
+    f = classification_figures(y, probs, classes, min_score=0.5)
+    assert f["accuracy"] == pytest.approx(2 / 3, abs=1e-4)
+    assert f["per_class"]["eosinophil"]["recall"] == 0.5
+    assert f["per_class"]["neutrophil"]["precision"] == 1.0  # the missed cell is not a neutrophil
+    assert f["confusion"][1] == [0, 1, 0, 1]
+    assert f["macro_f1_classes"] == ["neutrophil", "eosinophil"]  # no basophil in the data
+    assert f["ece"] == pytest.approx((0.1 + 0.2) / 2, abs=1e-4)  # of the two classified cells
 
 
 def _args(data, model=None, out=None, float_model=None):
@@ -62,19 +76,23 @@ def test_bad_folder_and_synth_dispatch(tmp_path, monkeypatch):
 
 
 @pytest.mark.train
-def test_evaluate_class_folders_prints_and_writes_report(tmp_path, capsys):
-    from tests.training.tiny_data import tiny_training
-
-    t = tiny_training()
+def test_evaluate_class_folders_prints_and_writes_report(tmp_path, capsys, tiny_run):
+    t = tiny_run
     float_model = t["run_dir"] / "tiny.float.tflite"
     assert main(_args(t["data"], t["model"], tmp_path / "rep", float_model)) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "macro-F1" in out and "neutrophil" in out
     assert "float vs int8 top-1 agreement" in out
-    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
-    assert rep["classification"]["n"] == 4  # the 2 held-out originals x 2 copies only
-    assert (tmp_path / "rep" / "confusion.png").stat().st_size > 1000
-    assert "rows: true class" in (tmp_path / "rep" / "confusion.txt").read_text()
+    assert "source cells (class_folders): the model's held-out validation split" in out
+    rep = json.loads((tmp_path / "rep" / "cells" / "report.json").read_text())
+    assert rep["crops"]["n"] == 4  # the 2 held-out originals x 2 copies only
+    assert rep["crops"]["per_class"]["neutrophil"]["support"] == 2
+    assert (tmp_path / "rep" / "cells" / "confusion.png").stat().st_size > 1000
+    assert "rows: true class" in (tmp_path / "rep" / "cells" / "confusion.txt").read_text()
     # the 1-epoch tiny model is near-uniform, so compare probabilities, not arg-max
-    assert 0.0 <= rep["float_vs_int8"]["top1_agreement"] <= 1.0
     assert rep["float_vs_int8"]["max_abs_prob_diff"] < 0.1
+    # the figures are those training put in the card (same split, same int8 file)
+    card_fig = t["card"]["evaluation"]["sources"]["cells"]["crops"]
+    assert rep["crops"]["confusion"] == card_fig["confusion"]
+    top = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert list(top["sources"]) == ["cells"] and top["latency_ms_per_crop"]["batch1"] > 0

@@ -12,10 +12,8 @@ from training.export import PREPROCESSING
 
 
 @pytest.mark.train
-def test_int8_model_tensors_and_card():
-    from tests.training.tiny_data import tiny_training
-
-    t = tiny_training()
+def test_int8_model_tensors_and_card(tiny_run):
+    t = tiny_run
     r = CellClassifier(t["model"])
     assert r.input_details["dtype"] == np.int8 and r.output_details["dtype"] == np.int8
     assert list(r.input_details["shape"]) == [1, 32, 32, 3]
@@ -60,12 +58,11 @@ def test_calibration_set_is_real_crops_and_variants_reaching_0_and_255():
 
 
 @pytest.mark.train
-def test_int8_output_agrees_with_float_model_on_real_crops():
+def test_int8_output_agrees_with_float_model_on_real_crops(tiny_run):
     from detector.crop import CropRule
-    from tests.training.tiny_data import tiny_training
     from training.data import cut_crops, load_datasets
 
-    t = tiny_training()
+    t = tiny_run
     ds = load_datasets([t["data"]], CropRule(size=32), finder=None, min_images=2)
     crops, _ = cut_crops(ds.samples, CropRule(size=32))
     p8 = CellClassifier(t["model"]).classify_crops(crops)
@@ -78,10 +75,8 @@ def test_int8_output_agrees_with_float_model_on_real_crops():
 
 
 @pytest.mark.train
-def test_float_export_has_its_own_card():
-    from tests.training.tiny_data import tiny_training
-
-    t = tiny_training()
+def test_float_export_has_its_own_card(tiny_run):
+    t = tiny_run
     clf = CellClassifier(t["run_dir"] / "tiny.float.tflite")
     assert clf.card.input_dtype == "float32" and clf.input_details["dtype"] == np.float32
     assert clf.labels == ("neutrophil", "lymphocyte")
@@ -93,3 +88,41 @@ def test_float_export_has_its_own_card():
     probs = clf.classify_crops(np.zeros((3, 32, 32, 3), np.uint8))
     assert probs.shape == (3, 2) and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_card_built_by_export_is_the_one_the_runtime_reads(tmp_path):
+    from detector.classify import ModelCard
+    from detector.crop import CropRule
+    from training.export import build_card, float_card, write_card
+
+    card = build_card("m", ("neutrophil", "platelet"), CropRule(margin=0.2, size=48), 0.4,
+                      trained_on={"datasets": ["pbc"]}, recipe={"temperature": 1.3},
+                      evaluation={"n": np.int64(3)})
+    path = write_card(tmp_path / "m.tflite", card)
+    assert path == tmp_path / "m.json"
+    back = ModelCard.load(path)
+    assert back.labels == ("neutrophil", "platelet") and back.crop == CropRule(0.2, True, 48)
+    assert back.input_size == 48 and back.min_score == 0.4 and back.input_dtype == "int8"
+    assert back.recipe == {"temperature": 1.3} and back.evaluation == {"n": 3}
+    assert back.date == card.date and len(back.date) == 10
+    fc = float_card(card)
+    assert fc.input_dtype == "float32" and fc.name == "m.float" and "not for shipping" in fc.note
+    assert "note" not in card.to_dict() and fc.to_dict()["note"] == fc.note
+
+
+@pytest.mark.train
+def test_export_leaves_nothing_in_the_temporary_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    import keras
+
+    from training.export import export_float
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    inp = keras.Input((8, 8, 3))
+    out = keras.layers.Softmax()(keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(inp)))
+    path = export_float(keras.Model(inp, out), tmp_path / "f.tflite")
+    assert path.stat().st_size > 100
+    assert list(scratch.iterdir()) == []

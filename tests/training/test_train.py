@@ -1,12 +1,21 @@
-"""training/train.py: a tiny end-to-end run (weights none, input 32, 1+1 epochs)."""
+"""training/train.py: paths, arguments, calibration maths, augmentation, a tiny end-to-end run."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from detector.errors import InputError
-from training.train import TrainConfig, class_weights, resolve_weights
+from training.train import (
+    DEFAULT_AUGMENT,
+    TrainConfig,
+    class_weights,
+    expected_calibration_error,
+    fit_temperature,
+    resolve_weights,
+)
 
 
 def test_class_weights_balance_the_classes():
@@ -29,17 +38,97 @@ def test_config_from_cli_args():
     from stream.cli import build_parser
 
     args = build_parser().parse_args(
-        ["train", "a", "b", "--input-size", "96", "--weights", "none", "--epochs", "3"])
+        ["train", "a", "b", "--input-size", "96", "--weights", "none", "--epochs", "3",
+         "--voc-copies", "2"])
     cfg = TrainConfig.from_args(args)
     assert cfg.data == ["a", "b"] and cfg.input_size == 96 and cfg.weights == "none"
-    assert cfg.epochs == 3 and cfg.frozen_epochs == TrainConfig.frozen_epochs
+    assert cfg.epochs == 3 and cfg.voc_copies == 2
+    assert cfg.frozen_epochs == TrainConfig.frozen_epochs and cfg.out is None
+
+
+@pytest.mark.parametrize("option", ["--epochs", "--frozen-epochs", "--seed", "--copies",
+                                     "--voc-copies", "--batch-size", "--min-images"])
+def test_impossible_numbers_are_refused_by_the_parser(option, capsys):
+    from stream.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["train", "a", option, "-1"])
+    assert exc.value.code == 2
+    assert "expected a number >=" in capsys.readouterr().err
+
+
+def test_default_output_is_a_new_run_folder_never_the_shipped_model():
+    run_dir, out = TrainConfig(data=["x"]).resolve_paths()
+    assert run_dir.parent == Path("runs") and run_dir.name.startswith("hv-")
+    assert out == run_dir / "hematovision.tflite"
+    assert "models" not in out.parts
+    run_dir, out = TrainConfig(data=["x"], run_dir="runs/a").resolve_paths()
+    assert out == Path("runs/a/hematovision.tflite")
+    # only an explicit --out names the shipped model
+    run_dir, out = TrainConfig(data=["x"], out="models/hematovision.tflite").resolve_paths()
+    assert out == Path("models/hematovision.tflite") and run_dir == Path("runs/hematovision")
+    with pytest.raises(InputError, match="must end in .tflite"):
+        TrainConfig(data=["x"], out="m.h5").resolve_paths()
+
+
+def test_failed_imagenet_download_is_one_line(monkeypatch):
+    keras = pytest.importorskip("keras")
+    from training.train import _mobilenet
+
+    def offline(**kw):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- "
+                        "[Errno -3] Temporary failure in name resolution\nmore\nlines")
+
+    monkeypatch.setattr(keras.applications, "MobileNetV2", offline)
+    with pytest.raises(InputError) as exc:
+        _mobilenet(32, "imagenet")
+    msg = str(exc.value)
+    assert "downloading the ImageNet weights failed" in msg and "--weights PATH" in msg
+    assert "\n" not in msg and exc.value.__cause__ is None
+
+
+def test_temperature_recovers_a_known_one():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (4000, 5))
+    p = np.exp(logits / 2.0)
+    p /= p.sum(1, keepdims=True)
+    y = np.array([rng.choice(5, p=row) for row in p])
+    assert fit_temperature(logits, y) == pytest.approx(2.0, rel=0.08)
+
+
+def test_expected_calibration_error_hand_checked():
+    y = np.array([0, 0, 1, 1])
+    # confidences 0.9 (bin 0.867-0.933) twice, one right: |0.5 - 0.9| = 0.4 on half the cells;
+    # 0.6 twice, both right: |1 - 0.6| = 0.4 on the other half
+    probs = np.array([[0.9, 0.1], [0.1, 0.9], [0.4, 0.6], [0.4, 0.6]])
+    assert expected_calibration_error(y, probs) == pytest.approx(0.4)
+    perfect = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    assert expected_calibration_error(y, perfect) == pytest.approx(0.0)
+
+
+def test_augmentation_neutral_settings_give_the_image_back_and_defaults_change_it():
+    tf = pytest.importorskip("tensorflow")
+    from training.train import augment_image
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.uniform(0.05, 1.0, (16, 16, 3)).astype(np.float32))
+    neutral = {**DEFAULT_AUGMENT, "stain_hed_scale": 0.0, "stain_hed_shift": 0.0,
+               "white_balance_gain": 0.0, "gamma": [1.0, 1.0], "brightness": 0.0,
+               "contrast": [1.0, 1.0], "saturation": [1.0, 1.0], "hue": 0.0, "blur_p": 0.0,
+               "noise_sd": 0.0, "jpeg_p": 0.0}
+    # the stain round trip (optical density -> H/E/DAB -> back) is exact
+    np.testing.assert_allclose(augment_image(x, neutral).numpy(), x.numpy(), atol=2e-3)
+    tf.random.set_seed(1)
+    outs = [augment_image(x, DEFAULT_AUGMENT).numpy() for _ in range(4)]
+    for out in outs:
+        assert out.shape == (16, 16, 3) and out.min() >= 0.0 and out.max() <= 1.0
+        assert np.abs(out - x.numpy()).mean() > 0.01
+    assert np.abs(outs[0] - outs[1]).mean() > 0.01  # a new draw each time
 
 
 @pytest.mark.train
-def test_tiny_training_writes_model_card_and_splits_by_image():
-    from tests.training.tiny_data import tiny_training
-
-    t = tiny_training()
+def test_tiny_training_writes_model_card_and_splits_by_image(tiny_run):
+    t = tiny_run
     card = t["card"]
     assert t["model"].is_file() and t["model"].with_suffix(".json").is_file()
     assert card["labels"] == ["neutrophil", "lymphocyte"]
@@ -48,21 +137,22 @@ def test_tiny_training_writes_model_card_and_splits_by_image():
     val = set(card["split"]["val_images"])
     assert len(val) == 2  # one original image per class, both of its Kaggle copies held out
     assert card["trained_on"]["images"] == 8
-    assert card["split"]["train_images"] == 12  # the 6 other groups x 2 copies
+    assert card["split"]["train_images"] == 6  # the 6 other originals (groups)
+    assert card["recipe"]["train_crops"] == 24  # 12 files x 2 copies
     assert card["trained_on"]["counts_per_class"] == {"neutrophil": 8, "lymphocyte": 8}
-    ev = card["evaluation"]
-    assert ev["int8"]["n"] == 4
-    assert ev["latency_ms_per_crop"]["batch1"] > 0
+    src = card["evaluation"]["sources"]["cells"]
+    assert src["kind"] == "class_folders" and src["crops"]["n"] == 4
+    assert src["float_vs_int8"]["max_abs_prob_diff"] < 0.1
     assert (t["run_dir"] / "tiny.float.tflite").is_file()
+    assert (t["run_dir"] / "history.json").is_file()
 
 
 @pytest.mark.train
-def test_calibration_uses_real_training_crops():
+def test_calibration_uses_real_training_crops(tiny_run):
     from detector.crop import CropRule
-    from tests.training.tiny_data import tiny_training
     from training.data import cut_crops, load_datasets
 
-    t = tiny_training()
+    t = tiny_run
     calib = t["calibration"]
     rule = CropRule(size=32)
     ds = load_datasets([t["data"]], rule, finder=None, min_images=2)

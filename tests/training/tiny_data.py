@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import tempfile
 from pathlib import Path
 
 import cv2
@@ -75,16 +73,14 @@ def write_voc(root: Path, n: int = 6, seed: int = 0) -> Path:
     return root
 
 
-@functools.lru_cache(maxsize=1)
-def tiny_training() -> dict:
-    """Train once per test session (weights none, input 32, 1+1 epochs) and export.
+def train_tiny(root: Path) -> dict:
+    """Train once (weights none, input 32, 1+1 epochs) in ``root`` and export.
 
     Returns paths, the card and the calibration crops the exporter received.
     """
     import training.export as export
     from training.train import TrainConfig, train
 
-    root = Path(tempfile.mkdtemp(prefix="hv_tiny_"))
     data = write_class_folders(root / "cells")
     seen: dict = {}
     original = export.export_int8
@@ -98,7 +94,8 @@ def tiny_training() -> dict:
         cfg = TrainConfig(data=[str(data)], out=str(root / "models" / "tiny.tflite"),
                           input_size=32, weights="none", frozen_epochs=1, epochs=1, copies=2,
                           batch_size=8, val_fraction=0.25, monitor_fraction=0.0,
-                          min_images=2, use_segmenter=False, run_dir=str(root / "run"))
+                          min_images=2, use_segmenter=False, run_dir=str(root / "run"),
+                          cache_dir=None, calib_max=200)
         card = train(cfg)
     finally:
         export.export_int8 = original
