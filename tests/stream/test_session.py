@@ -330,20 +330,38 @@ def test_gallery_uses_the_analyzers_thumbnails(tmp_path: Path) -> None:
 
 
 def test_viewers_get_frames_after_a_source_switch(tmp_path: Path) -> None:
-    """Frame indices restart with a new source; viewers still get every new JPEG."""
-    s, _ = _session(tmp_path, n=20)
+    """Frame indices restart with a new source; a viewer waiting across the switch keeps getting
+    newer JPEGs (``seq`` only grows), all from the new source, up to its last frame.
+
+    ``switch_source`` runs the new source itself: calling ``start()`` after it would play the
+    file again once it has ended (a new run), so the test does not."""
+    sizes = {"fake": (64, 48), "other": (80, 60)}  # the frame's size tells the source
+    s, _ = _session(tmp_path, opener=lambda spec, realtime: ListSource(20, sizes[spec]))
     s.start()
     _wait_stopped(s)
     last = s.latest()
-    assert last.frame_id == 19 and last.seq == 19
+    assert (last.frame_id, last.seq, last.width) == (19, 19, 64)
+    got: list[Any] = []
+
+    def viewer() -> None:
+        seq = last.seq
+        while not (got and got[-1].frame_id == 19 and got[-1].width == 80):
+            pub = s.wait_jpeg(seq, timeout=5)
+            if pub is None:
+                return
+            got.append(pub)
+            seq = pub.seq
+
+    t = threading.Thread(target=viewer)
+    t.start()
     s.switch_source("other")
-    s.start()
-    pub = s.wait_jpeg(last.seq, timeout=5)
-    # a new publication, from the new source (its indices restart, so never past the old last
-    # one; on a slow machine the waiter may wake only after the second source's last frame)
-    assert pub is not None and pub.seq > last.seq and pub.frame_id <= last.frame_id
+    t.join(timeout=30)
     _wait_stopped(s)
-    assert s.latest().seq == 39
+    seqs = [p.seq for p in got]
+    assert seqs and seqs[0] > last.seq and seqs == sorted(set(seqs)), seqs  # always newer
+    assert {(p.width, p.height) for p in got} == {(80, 60)}  # from the new source only
+    assert got[-1].frame_id == 19  # the viewer saw the new source to its end
+    assert got[-1].seq == s.latest().seq == 39  # one JPEG per frame of both sources
     s.close()
 
 
