@@ -16,6 +16,7 @@ import logging
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -373,13 +374,34 @@ NOT_WHITE = ("platelet", "erythroblast")
 
 
 def _over_centre(xyxy: np.ndarray, w: int, h: int) -> bool:
+    return bool(_centre_mask(xyxy, w, h).any())
+
+
+def _centre_mask(xyxy: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Which boxes hold the image's centre."""
     cx, cy = w / 2.0, h / 2.0
-    return bool(np.any((xyxy[:, 0] <= cx) & (cx <= xyxy[:, 2]) & (xyxy[:, 1] <= cy)
-                       & (cy <= xyxy[:, 3])))
+    xyxy = np.asarray(xyxy, np.float32).reshape(-1, 4)
+    return (xyxy[:, 0] <= cx) & (cx <= xyxy[:, 2]) & (xyxy[:, 1] <= cy) & (cy <= xyxy[:, 3])
+
+
+def held_out_of(card_split: dict, root: Path) -> Callable[[Path], bool]:
+    """Whether a single-cell image was in a model's held-out split (its card's
+    ``split["val_images"]``): images are named there by their content group, as training named
+    them (``training.data.content_group``), so renamed or copied files are still recognised."""
+    from training.data import content_group
+
+    val = set(card_split.get("val_images", ()))
+    root = Path(root)
+    return lambda f: content_group(root, f.parent.name, f, f.read_bytes()) in val
 
 
 def evaluate_single_cells(
-    folder: Path, segmenter, progress: bool = True, tuned: Callable[[int], bool] | None = None
+    folder: Path,
+    segmenter,
+    progress: bool = True,
+    tuned: Callable[[int], bool] | None = None,
+    classifier=None,
+    held_out: Callable[[Path], bool] | None = None,
 ) -> dict[str, dict]:
     """Single-cell images (a folder per class, one labelled cell at the centre of each image,
     as PBC): per class, the share of images where the still-image analysis
@@ -390,7 +412,17 @@ def evaluate_single_cells(
     class folder's sorted list) used while tuning: figures are also given for the rest.
     Hidden files (``.DS_*``, macOS folder metadata in the published PBC archive) and
     unreadable files are skipped with a warning.
+
+    With a ``classifier`` (``labels``, ``classify_boxes``, ``label_of``) the photo goes through
+    the runtime's still-image analysis (``detector.still.analyse_still``: segmenter, then every
+    cell named) and a cell named ``platelet`` or ``artefact`` is vetoed, as the tally does:
+    ``kept`` is the share where a cell over the centre is found and not vetoed (what the user
+    finally sees as a cell), ``as_erythroblast`` the share where it is named ``erythroblast``
+    (reported as NRBC, not a white cell), ``labels`` the centre cell's names. ``held_out(path)``
+    marks the images the model did not see in training: ``held_out_kept`` is on those only.
     """
+    from detector.core import ERYTHROBLAST, VETO_LABELS
+    from detector.still import analyse_still
     from stream.images import IMAGE_EXTENSIONS
 
     classes = sorted(d for d in Path(folder).iterdir() if d.is_dir())
@@ -406,13 +438,23 @@ def evaluate_single_cells(
 
             it = tqdm(list(it), desc=d.name, unit="img", file=sys.stderr, leave=False)
         rows = []
+        named: list[tuple[int, str, bool]] = []  # (index, centre cell's label or "", held out)
         for i, f in it:
             img = cv2.imread(str(f), cv2.IMREAD_COLOR)
             if img is None:
                 log.warning("%s: not a readable image, skipped", f)
                 continue
             h, w = img.shape[:2]
-            still = segmenter.find_still(img)
+            if classifier is not None:
+                cells = analyse_still(img, segmenter, classifier)
+                still = cells.detections
+                names = [n for n, c in zip(cells.names, _centre_mask(still.xyxy, w, h),
+                                           strict=True) if c]
+                # a cell over the centre that is not vetoed is what the user sees there
+                label = next((n for n in names if n not in VETO_LABELS), names[0] if names else "")
+                named.append((i, label, bool(held_out(f)) if held_out is not None else False))
+            else:
+                still = segmenter.find_still(img)
             field = segmenter.find(img)
             rows.append((i, _over_centre(still.xyxy, w, h), len(still) == 1,
                          _over_centre(field.xyxy, w, h)))
@@ -425,6 +467,18 @@ def evaluate_single_cells(
             held = [r for r in rows if not tuned(r[0])]
             res["held_out_images"] = len(held)
             res["held_out_found"] = float(np.mean([r[1] for r in held])) if held else 0.0
+        if classifier is not None:
+            kept = [bool(lab) and lab not in VETO_LABELS for _, lab, _ in named]
+            res["kept"] = float(np.mean(kept)) if kept else 0.0
+            res["as_erythroblast"] = (
+                float(np.mean([lab == ERYTHROBLAST for _, lab, _ in named])) if named else 0.0)
+            res["labels"] = dict(Counter(lab or "(none)" for _, lab, _ in named).most_common())
+            res["not_kept"] = [files[i].name for (i, _, _), k in zip(named, kept, strict=True)
+                               if not k]
+            if held_out is not None:
+                hk = [k for (_, _, ho), k in zip(named, kept, strict=True) if ho]
+                res["model_held_out_images"] = len(hk)
+                res["model_held_out_kept"] = float(np.mean(hk)) if hk else 0.0
         out[d.name] = res
     return out
 
@@ -440,12 +494,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also score single-cell images: a folder per class, the cell at each image's centre "
         "(e.g. PBC); platelet/ and erythroblast/ count as not white cells",
     )
+    p.add_argument(
+        "--model", type=Path, default=None, metavar="M",
+        help="with --single-cells: name each cell with this model (NAME.tflite, its card beside "
+        "it) and veto cells named platelet or artefact, as the runtime does; reports per class "
+        "the centre cell kept as a cell, also on the images of the card's held-out split",
+    )
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--threads", type=int, default=1, help="OpenCV threads while timing")
     p.add_argument(
         "--robustness", action="store_true", help="also report figures on perturbed copies"
     )
     args = p.parse_args(argv)
+    if args.model is not None and args.single_cells is None:
+        p.error("--model needs --single-cells")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         records = read_voc(args.folder)
@@ -454,8 +516,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             res["robustness"] = evaluate_robustness(records, Segmenter())
         if args.single_cells is not None:
             # images 0, 10, 20... and 1, 13, 25... of each class were looked at while tuning
+            clf = held = None
+            if args.model is not None:
+                from detector.classify import CellClassifier
+
+                clf = CellClassifier(args.model)
+                held = held_out_of(clf.card.split, args.single_cells)
+                res["model"] = str(args.model)
             res["single_cells"] = evaluate_single_cells(
-                args.single_cells, Segmenter(), tuned=lambda i: i % 10 == 0 or i % 12 == 1
+                args.single_cells, Segmenter(), tuned=lambda i: i % 10 == 0 or i % 12 == 1,
+                classifier=clf, held_out=held,
             )
     except HematoVisionError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -480,6 +550,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(held out {r['held_out_found']:.4f} of {r['held_out_images']})  one cell "
             f"{r['one_cell']:.4f}  field analysis {r['found_field']:.4f}"
         )
+        if "kept" in r:
+            what = "kept as a cell (not vetoed)"
+            print(
+                f"{'':22s} with {Path(res['model']).name}: {what} {r['kept']:.4f} (model's "
+                f"held-out split {r['model_held_out_kept']:.4f} of "
+                f"{r['model_held_out_images']})  named erythroblast {r['as_erythroblast']:.4f}"
+            )
     for kind, r in res.get("robustness", {}).items():
         print(
             f"{kind:12s} recall {r['recall']:.4f}  precision {r['precision']:.4f}  "

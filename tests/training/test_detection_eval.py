@@ -131,3 +131,61 @@ def test_single_cell_figures(tmp_path: Path) -> None:
     res = evaluate_single_cells(tmp_path, Centre([[0, 0, 5, 5]]), progress=False)
     assert res["lymphocyte"]["found"] == 0.0
     assert res["lymphocyte"]["missed"] == ["0.png", "1.png", "2.png"]
+
+
+def test_single_cell_figures_with_a_classifier_veto(tmp_path: Path) -> None:
+    """A centre cell the classifier names platelet or artefact is vetoed (not kept); one named
+    erythroblast is kept and reported as such; the model's held-out images are scored apart."""
+    from training.detection_eval import evaluate_single_cells
+
+    for name, n in (("lymphocyte", 4), ("platelet", 2)):
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            cv2.imwrite(str(tmp_path / name / f"{i}.png"), np.full((40, 40, 3), 10 * i, np.uint8))
+
+    class Named:
+        """Names a crop by its grey level: 0 lymphocyte, 10 platelet, 20 erythroblast, 30
+        artefact (the crop of the whole plain image)."""
+
+        labels = ("lymphocyte", "erythroblast", "platelet", "artefact")
+
+        def classify_boxes(self, frame_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
+            k = {0: 0, 10: 2, 20: 1, 30: 3}[int(frame_bgr[20, 20, 0])]
+            return np.eye(4, dtype=np.float32)[[k] * len(xyxy)]
+
+        def label_of(self, row: np.ndarray) -> tuple[str, float]:
+            return self.labels[int(np.argmax(row))], float(np.max(row))
+
+    res = evaluate_single_cells(tmp_path, StubSegmenter([[10, 10, 30, 30]]), progress=False,
+                                classifier=Named(), held_out=lambda f: f.name == "0.png")
+    lym, plt = res["lymphocyte"], res["platelet"]
+    assert lym["found"] == 1.0 and lym["kept"] == 0.5  # 1.png platelet, 3.png artefact: vetoed
+    assert lym["as_erythroblast"] == 0.25
+    assert lym["not_kept"] == ["1.png", "3.png"]
+    assert lym["labels"] == {"lymphocyte": 1, "platelet": 1, "erythroblast": 1, "artefact": 1}
+    assert (lym["model_held_out_images"], lym["model_held_out_kept"]) == (1, 1.0)
+    assert plt["found"] == 1.0 and plt["kept"] == 0.5  # 0.png named lymphocyte: kept
+    res = evaluate_single_cells(tmp_path, StubSegmenter([[0, 0, 5, 5]]), progress=False,
+                                classifier=Named())
+    assert res["lymphocyte"]["kept"] == 0.0 and res["lymphocyte"]["labels"] == {"(none)": 4}
+
+
+def test_held_out_of_names_images_by_content(tmp_path: Path) -> None:
+    from training.data import content_group
+    from training.detection_eval import held_out_of
+
+    (tmp_path / "pbc" / "platelet").mkdir(parents=True)
+    a, b = tmp_path / "pbc" / "platelet" / "a.png", tmp_path / "pbc" / "platelet" / "b.png"
+    a.write_bytes(b"first")
+    b.write_bytes(b"second")
+    held = held_out_of({"val_images": [content_group(tmp_path / "pbc", "platelet", a, b"first")]},
+                       tmp_path / "pbc")
+    assert held(a) and not held(b)
+
+
+def test_model_option_needs_single_cells(tmp_path: Path) -> None:
+    from training.detection_eval import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path), "--model", str(tmp_path / "m.tflite")])
+    assert exc.value.code == 2
