@@ -290,7 +290,8 @@ def _read_source(data: Path, clf: CellClassifier) -> tuple[Any, str, str]:
     from training.data import is_voc, load_datasets
 
     cache = Path("runs") / "cache"
-    ds = load_datasets([data], clf.crop_rule, finder="default", min_images=1,
+    seg = clf.card.trained_on.get("segmenter_used", True)
+    ds = load_datasets([data], clf.crop_rule, finder="default" if seg else None, min_images=1,
                        cache_dir=cache if cache.is_dir() else None)
     kind = "voc" if is_voc(data) else "class_folders"
     subset = "all images (a data set the model never trained on)"
@@ -379,7 +380,10 @@ def main(args: argparse.Namespace) -> int:
     if any(_is_synth(d) for d in folders):
         from training.count_eval import main_counting
 
-        return int(main_counting(args) or 0)
+        if len(folders) > 1:
+            raise InputError("evaluate one synth folder at a time")
+        return int(main_counting(argparse.Namespace(**{**vars(args), "data": str(folders[0])}))
+                   or 0)
     model = Path(args.model) if getattr(args, "model", None) else _default_model()
     clf = CellClassifier(model, num_threads=1)  # the exported .tflite itself, as users run it
     fm = getattr(args, "float_model", None)

@@ -19,6 +19,7 @@ TensorFlow/Keras are imported inside functions only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -420,7 +421,15 @@ def train(cfg: TrainConfig) -> dict:
 
     from detector.classify import ModelCard
     from training.evaluate import evaluate_split
-    from training.export import build_card, export_float, export_int8, float_card, write_card
+    from training.export import (
+        FLOAT_LAYERS,
+        build_card,
+        export_float,
+        export_int8,
+        float_card,
+        input_dtype,
+        write_card,
+    )
 
     t_start = time.monotonic()
     run_dir, out = cfg.resolve_paths()
@@ -531,7 +540,8 @@ def train(cfg: TrainConfig) -> dict:
     export_int8(shipped, calib, out, max_samples=cfg.calib_max,
                 augmented_copies=cfg.calib_copies)
     float_path = export_float(shipped, run_dir / f"{out.stem}.float.tflite")
-    card = build_card(out.stem, classes, rule, cfg.min_score)
+    dtype = input_dtype(out)
+    card = build_card(out.stem, classes, rule, cfg.min_score, input_dtype=dtype)
     write_card(out, card)  # provisional, so the run-time classifier loads both files
     write_card(float_path, float_card(card))
 
@@ -597,13 +607,14 @@ def train(cfg: TrainConfig) -> dict:
             f"int8 ranges from up to {cfg.calib_max} real training crops (an equal share "
             "from each data folder), "
             f"{cfg.calib_copies} photometric variant(s) each and one auto-levels copy "
-            "(input range [-1, 1])"
+            f"(input range [-1, 1]); layers kept float: {list(FLOAT_LAYERS)} (the first "
+            "depthwise convolution; the rest int8)"
         ),
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.monotonic() - t_start, 1),
     }
     card = build_card(out.stem, classes, rule, cfg.min_score, trained_on=trained_on,
-                      split=split, recipe=recipe, evaluation=evaluation)
+                      split=split, recipe=recipe, evaluation=evaluation, input_dtype=dtype)
     write_card(out, card)
     write_card(float_path, float_card(card))
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
@@ -625,3 +636,65 @@ def main(args: argparse.Namespace) -> int:
     print(f"training time: {card['recipe']['train_seconds']:.0f} s "
           f"(total {card['recipe']['total_seconds']:.0f} s)")
     return 0
+
+
+def reexport(run_dir: str | Path, out: str | Path | None = None) -> dict:
+    """Export a finished run's Keras model again with the current int8 export, re-measure the
+    held-out figures and write the card (the run's data, split and recipe kept).
+
+    The calibration crops are cut again from the run's training images with its config; the
+    split comes from the run's card, so held-out images stay held out.
+    """
+    import keras
+
+    from detector.classify import ModelCard
+    from training.evaluate import evaluate_split
+    from training.export import FLOAT_LAYERS, export_int8, float_card, input_dtype, write_card
+
+    run_dir = Path(run_dir)
+    cfg = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    old = ModelCard.load(Path(cfg.out or run_dir / "hematovision.tflite").with_suffix(".json"))
+    out = Path(out) if out else Path(cfg.out or run_dir / "hematovision.tflite")
+    rule = old.crop
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+    ds = load_datasets(cfg.data, rule, finder="default" if cfg.use_segmenter else None,
+                       min_images=cfg.min_images, voc_extras=cfg.voc_extras, cache_dir=cache)
+    not_train = set(old.split["val_images"]) | set(old.split.get("monitor_images", []))
+    tr = ds.subset([g for g in set(ds.groups) if g not in not_train])
+    va = ds.subset(old.split["val_images"])
+    x_tr, _, src_tr = _crops(tr, cfg, rule, cache, train=True)
+    model = with_temperature(keras.models.load_model(run_dir / "final.keras"),
+                             float(old.recipe.get("temperature", 1.0)))
+    t0 = time.monotonic()
+    export_int8(model, calibration_crops(x_tr, src_tr, cfg.calib_max, cfg.seed), out,
+                max_samples=cfg.calib_max, augmented_copies=cfg.calib_copies)
+    float_path = run_dir / "hematovision.float.tflite"
+    card = dataclasses.replace(old, name=out.stem, input_dtype=input_dtype(out), path=None,
+                               date=_dt.date.today().isoformat())
+    write_card(out, card)
+    write_card(float_path, float_card(card))
+    evaluation = evaluate_split(out, va, float_path)
+    evaluation["calibration"] = old.evaluation.get("calibration", {})
+    recipe = {**old.recipe, "int8_export": (
+        f"re-exported {_dt.date.today().isoformat()} from {run_dir.name}/final.keras with "
+        f"layers kept float: {list(FLOAT_LAYERS)} ({time.monotonic() - t0:.0f} s); the "
+        f"full-integer export of the run measured: " + json.dumps(
+            {n: {"accuracy": r["crops"]["accuracy"],
+                 "float_vs_int8": r.get("float_vs_int8", {}).get("top1_agreement"),
+                 "end_to_end_accuracy": r.get("end_to_end", {}).get("accuracy")}
+             for n, r in old.evaluation.get("sources", {}).items()}))}
+    card = dataclasses.replace(card, evaluation=evaluation, recipe=recipe)
+    write_card(out, card)
+    write_card(float_path, float_card(card))
+    return card.to_dict()
+
+
+if __name__ == "__main__":  # python -m training.train RUN_DIR [OUT]: re-export a finished run
+    import sys
+
+    logging.basicConfig(level=logging.INFO)
+    result = reexport(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
+    for _name, _rep in result["evaluation"]["sources"].items():
+        from training.evaluate import print_source
+
+        print_source(_name, _rep)
