@@ -27,8 +27,8 @@ def test_int8_model_keeps_only_the_named_layer_float(tiny_run):
     convs = [d for d in tensors if "project" in d["name"] and d["name"].endswith("sub1")]
     assert len(convs) >= 10 and all(d["dtype"] == np.int8 for d in convs)
     # the graph quantizes its input itself: the first int8 tensor covers all of [-1, 1]
-    first = next(d for d in tensors if d["dtype"] == np.int8 and len(d["shape"]) == 4
-                 and d["shape"][-1] == 3)
+    first = next(d for d in tensors if d["dtype"] == np.int8
+                 and list(d["shape"]) == [1, 32, 32, 3])
     scale, zero = first["quantization"]
     assert (-128 - zero) * scale <= -1.0 + scale and (127 - zero) * scale >= 1.0 - scale
     assert scale <= 2.0 / 255.0 * 1.02
