@@ -1,5 +1,10 @@
 """The live page in a real browser: `hematovision serve` on the demo, opened by headless chromium.
 
+Two servers (one plain, one with --auth) are started side by side once for the module, and one
+chromium is shared by its tests (each test opens its own browser context: no shared cookies).
+The plain server serves the live test only (it pauses, resets and resumes the count); the --auth
+server waits paused meanwhile, then serves the login test and the server-path probe.
+
 Needs Debian's chromium (/usr/bin/chromium) and the playwright package (the [dev] extra); never
 runs `playwright install`. The first run renders the demo video (~1 min, cached).
 """
@@ -13,9 +18,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import pytest
 
 if TYPE_CHECKING:
@@ -26,8 +33,9 @@ REPO = Path(__file__).resolve().parents[2]
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
         "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]  # a test camera
-
-pytestmark = pytest.mark.browser
+AUTH = ("lab", "s3cret")
+#: serve options of each server the module starts
+CONFIGS = {"plain": [], "auth": ["--auth", ":".join(AUTH)]}
 
 FRAME_SIGNATURE_JS = """
 () => {
@@ -56,14 +64,7 @@ def _total(page) -> int:  # noqa: ANN001
     return int(text) if text.strip().isdigit() else -1
 
 
-def _stable_total(page) -> bool:  # noqa: ANN001
-    """The total shown stays the same across two page refreshes (the timer ticks every second)."""
-    a = _total(page)
-    time.sleep(2.5)
-    return a >= 0 and _total(page) == a
-
-
-def _wait(pred, timeout: float, step: float = 0.25):  # noqa: ANN001, ANN202
+def _wait(pred, timeout: float, step: float = 0.1):  # noqa: ANN001, ANN202
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = pred()
@@ -73,74 +74,130 @@ def _wait(pred, timeout: float, step: float = 0.25):  # noqa: ANN001, ANN202
     return pred()
 
 
-AUTH = ("lab", "s3cret")
+@dataclass
+class _Served:
+    """One `hematovision serve demo` process: its address, folder and logs."""
+
+    proc: subprocess.Popen
+    base: str
+    folder: Path
+    auth: tuple[str, str] | None
+
+    @property
+    def log(self) -> str:
+        return (self.folder / "serve.log").read_text()
+
+    def listening(self) -> bool:
+        """Wait for the address line, which serve prints only once it listens."""
+        out = self.folder / "serve.out"
+        _wait(lambda: self.proc.poll() is not None or
+              "HematoVision live view: http" in out.read_text(), 240, 0.05)
+        return self.proc.poll() is None and "HematoVision live view: http" in out.read_text()
+
+    def ready(self) -> _Served:
+        assert self.listening(), f"server did not come up:\n{self.log}"
+        return self
+
+    def stats(self) -> dict:
+        return httpx.get(f"{self.base}/stats.json", auth=self.auth, timeout=10).json()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
-@pytest.fixture
-def served(request: pytest.FixtureRequest, tmp_path: Path):  # noqa: ANN201
-    """`hematovision serve demo` on a free port; ``request.param``: extra serve options."""
-    extra = list(getattr(request, "param", []))
-    auth = AUTH if "--auth" in extra else None
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)")
-    pytest.importorskip("playwright.sync_api", reason="playwright not installed ([dev] extra)")
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _Served]]:
+    """Both servers, started at once (their start-up, mostly imports, overlaps)."""
     if not (REPO / "models" / "hematovision.tflite").is_file() and \
             not os.environ.get("HEMATOVISION_MODEL"):
         pytest.skip("no model: models/hematovision.tflite missing and HEMATOVISION_MODEL unset")
-    port = _free_port()
+    from stream.sources import demo_video_path
     from stream.synth import cache_root
 
-    # the server's session folder (under HOME) and Gradio's files stay in the test folder;
-    # the rendered demo clip is still taken from (or cached in) the usual place
-    (tmp_path / "home").mkdir()
-    env = {**os.environ, "HOME": str(tmp_path / "home"), "XDG_CACHE_HOME": str(cache_root().parent),
-           "GRADIO_TEMP_DIR": str(tmp_path / "gradio-cache")}
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stream.cli", "serve", "demo", "--port", str(port), *extra],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
+    demo_video_path()  # rendered here once if missing, not by both servers at the same time
+    started: dict[str, _Served] = {}
     try:
-        import httpx
-
-        def up() -> bool:
-            if proc.poll() is not None:
-                return True
-            try:
-                return httpx.get(f"{base}/stats.json", timeout=2, auth=auth).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        # the first run renders and caches the demo video
-        assert _wait(up, 240, 0.5), "server did not come up"
-        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-        yield base
+        for name, extra in CONFIGS.items():
+            folder = tmp_path_factory.mktemp(f"serve-{name}")
+            # the server's session folder (under HOME) and Gradio's files stay in the test
+            # folder; the rendered demo clip is still taken from the usual place
+            (folder / "home").mkdir()
+            env = {**os.environ, "HOME": str(folder / "home"),
+                   "XDG_CACHE_HOME": str(cache_root().parent),
+                   "GRADIO_TEMP_DIR": str(folder / "gradio-cache")}
+            port = _free_port()
+            with open(folder / "serve.out", "w") as out, open(folder / "serve.log", "w") as err:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "stream.cli", "serve", "demo", "--port", str(port),
+                     *extra], cwd=REPO, stdout=out, stderr=err, env=env)
+            started[name] = _Served(proc, f"http://127.0.0.1:{port}", folder,
+                                    AUTH if "--auth" in extra else None)
+        yield started
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        for served in started.values():
+            served.stop()
 
 
-@contextlib.contextmanager
-def _chromium() -> Iterator[Browser]:
-    """Headless Debian chromium, closed afterwards."""
+@pytest.fixture
+def served(servers: dict[str, _Served]) -> Iterator[_Served]:
+    """The plain server, for one test (stopped after it). The --auth server waits paused
+    meanwhile, so that only one server analyses the demo at a time."""
+    plain = servers["plain"].ready()
+    other = servers["auth"]
+    if other.listening():
+        httpx.post(f"{other.base}/gradio_api/run/pause", json={"data": []}, auth=other.auth,
+                   timeout=30).raise_for_status()
+    yield plain
+    plain.stop()
+
+
+@pytest.fixture(scope="module")
+def served_auth(servers: dict[str, _Served]) -> _Served:
+    """The --auth server, running (resumed if the plain server's test had it wait paused)."""
+    auth = servers["auth"].ready()
+    httpx.post(f"{auth.base}/gradio_api/run/start", json={"data": []}, auth=auth.auth,
+               timeout=30).raise_for_status()
+    assert _wait(lambda: auth.stats()["state"] == "running", 10)
+    return auth
+
+
+@pytest.fixture(scope="module")
+def browser(servers: dict[str, _Served]) -> Iterator[Browser]:
+    """Headless Debian chromium for the module (launched while the servers start)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)")
+    pytest.importorskip("playwright.sync_api", reason="playwright not installed ([dev] extra)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         try:
-            yield browser
+            yield b
         finally:
-            browser.close()
+            b.close()
 
 
-def test_live_page_shows_video_counts_and_reset(served: str, tmp_path: Path) -> None:
-    with _chromium() as browser:
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(served, timeout=60_000)
+@contextlib.contextmanager
+def _page(browser: Browser):  # noqa: ANN202
+    """A page in a fresh context (its own cookies), closed afterwards."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
+
+
+@pytest.mark.browser
+def test_live_page_shows_video_counts_and_reset(browser: Browser, served: _Served,
+                                                tmp_path: Path) -> None:
+    with _page(browser) as page:
+        page.goto(served.base, timeout=60_000)
         page.wait_for_selector("#hv-video", timeout=60_000)
 
         # the <img> receives frames, and they change (the demo pans over the slide)
@@ -149,25 +206,35 @@ def test_live_page_shows_video_counts_and_reset(served: str, tmp_path: Path) -> 
         assert first[0] == 640 and first[1] == 480
         seen = {first[2]}
         _wait(lambda: seen.add(page.evaluate(FRAME_SIGNATURE_JS)[2]) or len(seen) >= 5, 10,
-              step=0.1)
+              step=0.05)
         assert len(seen) >= 5, "the video did not change"
 
         # counts grow
         assert _wait(lambda: _total(page) >= 1, 90), "no cell counted on the page"
         page.screenshot(path=str(tmp_path / "live.png"), full_page=True)
 
-        # pause holds the count; reset then returns it to zero (paused, so no cell in view
-        # can be counted again before the page refreshes, however slow the machine)
+        # pause holds the count: the server's total and the page's stay the same across more
+        # than one refresh of the page (once a frame being analysed at the click is done)
         page.click("#hv-pause")
-        held = _wait(lambda: _stable_total(page), 10)
-        assert held, "the count kept changing while paused"
+        assert _wait(lambda: served.stats()["state"] == "paused", 10)
+
+        def held() -> bool:
+            shown, counted = _total(page), served.stats()["total"]
+            time.sleep(1.3)  # the page refreshes once a second
+            return shown == counted == _total(page) == served.stats()["total"] >= 1
+
+        assert _wait(held, 15), "the count kept changing while paused"
+        # reset then returns it to zero (paused, so no cell in view can be counted again
+        # before the page refreshes, however slow the machine)
         page.click("#hv-reset")
         assert _wait(lambda: _total(page) == 0, 10), f"total after reset: {_total(page)}"
+        assert served.stats()["total"] == 0
         page.screenshot(path=str(tmp_path / "after-reset.png"), full_page=True)
         page.click("#hv-start")  # resume: the video moves again
         before = page.evaluate(FRAME_SIGNATURE_JS)[2]
         assert _wait(lambda: page.evaluate(FRAME_SIGNATURE_JS)[2] != before, 20), \
             "the video did not resume after start"
+        assert served.stats()["state"] == "running"
 
         # the export offers the report files for download
         page.click("#hv-export")
@@ -186,16 +253,16 @@ def test_live_page_shows_video_counts_and_reset(served: str, tmp_path: Path) -> 
         page.screenshot(path=str(tmp_path / "webcam.png"), full_page=True)
         assert analysed > 0, "no analysed webcam frame"
     assert (tmp_path / "live.png").stat().st_size > 10_000
-    log = (tmp_path / "serve.log").read_text()
+    log = served.log
     assert "Traceback" not in log and "stream.app: page " not in log, log[-2000:]  # none failed
 
 
-@pytest.mark.parametrize("served", [["--auth", ":".join(AUTH)]], indirect=True)
-def test_login_form_then_live_view(served: str, tmp_path: Path) -> None:
+@pytest.mark.browser
+def test_login_form_then_live_view(browser: Browser, served_auth: _Served) -> None:
     """With --auth the browser lands on the login form; after it, the page and video work."""
-    with _chromium() as browser:
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(served, timeout=60_000)
+    base = served_auth.base
+    with _page(browser) as page:
+        page.goto(base, timeout=60_000)
         assert page.url.endswith("/login")
         page.fill("input[name=username]", AUTH[0])
         page.fill("input[name=password]", "wrong")
@@ -207,18 +274,22 @@ def test_login_form_then_live_view(served: str, tmp_path: Path) -> None:
         page.wait_for_selector("#hv-video", timeout=60_000)
         first = _wait(lambda: page.evaluate(FRAME_SIGNATURE_JS), 20)
         assert first is not None and first[:2] == [640, 480], "no frame after login"
+        assert _wait(lambda: page.evaluate(FRAME_SIGNATURE_JS)[2] != first[2], 20), \
+            "the video did not move after login"
         assert _wait(lambda: _total(page) >= 0, 20), "the counts table did not load"
-        assert page.request.get(f"{served}/stats.json").status == 200
-        stranger = browser.new_context().new_page()  # no cookie
-        assert stranger.request.get(f"{served}/stats.json").status == 401
-        assert stranger.request.get(f"{served}/gradio_api/info").status == 401
+        assert page.request.get(f"{base}/stats.json").status == 200
+        with _page(browser) as stranger:  # no cookie
+            assert stranger.request.get(f"{base}/stats.json").status == 401
+            assert stranger.request.get(f"{base}/gradio_api/info").status == 401
+    assert "Traceback" not in served_auth.log, served_auth.log[-2000:]
 
-    # an outside probe, logged in, sends server paths to every endpoint of the real server
-    import httpx
 
+def test_real_server_hands_out_no_server_file(served_auth: _Served, tmp_path: Path) -> None:
+    """An outside probe, logged in, sends server paths to every endpoint of the real server
+    (as tests/stream/test_security.py does on the app in the test's process)."""
     from tests.stream.test_security import probe_server_paths
 
     secret_dir = tmp_path / "secrets"
     secret_dir.mkdir()
-    with httpx.Client(base_url=served, auth=AUTH, timeout=60) as client:
-        probe_server_paths(client, secret_dir, tmp_path / "gradio-cache")
+    with httpx.Client(base_url=served_auth.base, auth=AUTH, timeout=60) as client:
+        probe_server_paths(client, secret_dir, served_auth.folder / "gradio-cache", workers=4)

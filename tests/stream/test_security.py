@@ -9,6 +9,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -101,11 +102,13 @@ def _errors(texts: list[str]) -> list[str]:
     return out
 
 
-def probe_server_paths(client: httpx.Client, secret_dir: Path, gradio_tmp: Path) -> None:
+def probe_server_paths(client: httpx.Client, secret_dir: Path, gradio_tmp: Path,
+                       workers: int = 1) -> None:
     """Send every endpoint of ``/gradio_api/info`` the server paths of two secrets made in
     ``secret_dir``, ask the file routes for them and for whatever Gradio's cache holds, and
     assert that no secret byte comes back, no copy lands in ``gradio_tmp`` and no error
-    message names a server path. Works on a TestClient and on a real server alike."""
+    message names a server path. Works on a TestClient and on a real server alike (there with
+    ``workers`` requests at a time)."""
     token = secrets.token_hex(16).encode()
     secret_txt = secret_dir / "secret.txt"
     secret_txt.write_bytes(b"password=" + token)
@@ -116,19 +119,23 @@ def probe_server_paths(client: httpx.Client, secret_dir: Path, gradio_tmp: Path)
     info = client.get("/gradio_api/info").json()["named_endpoints"]
     # the endpoints that take files or names must be among those probed, or this test is empty
     assert {"/use_source", "/analyze_image", "/choose_model", "/webcam_frame"} <= set(info)
-    texts: list[str] = []
-    refused: dict[str, int] = {}
+    calls: list[tuple[str, list[Any]]] = []
     for name, endpoint in info.items():
         n = len(endpoint["parameters"]) + 1  # + 1: a State input takes no parameter
         for payload in [*_file_payloads(secret_txt), *_file_payloads(secret_png)[:1]]:
-            for out in _call(client, name, [payload] * n):
-                texts.append(out)
-                refused[name] = refused.get(name, 0) + (REFUSED in out)
+            calls.append((name, [payload] * n))
         # each parameter alone carries the file, the others plain values
         for i in range(len(endpoint["parameters"])):
             data: list[Any] = [None] * n
             data[i] = _file_payloads(secret_png)[0]
-            texts.extend(_call(client, name, data))
+            calls.append((name, data))
+    texts: list[str] = []
+    refused: dict[str, int] = {}
+    with ThreadPoolExecutor(workers) as pool:  # a real server answers several at once
+        answers = list(pool.map(lambda call: _call(client, *call), calls))
+    for (name, _), outs in zip(calls, answers, strict=True):
+        texts.extend(outs)
+        refused[name] = refused.get(name, 0) + sum(REFUSED in out for out in outs)
     for name in ("/use_source", "/analyze_image", "/choose_model", "/webcam_frame"):
         assert refused[name] > 0, f"{name} never refused a server file"
 
