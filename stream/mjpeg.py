@@ -5,7 +5,8 @@ the session's worker, never per viewer). It sleeps on an asyncio.Event that the 
 ``loop.call_soon_threadsafe`` when a new frame is published, so an idle viewer costs no polling
 and no thread. A slow viewer simply skips frames (it always gets the newest). When the client
 goes away, Starlette cancels the generator; its ``finally`` removes the listener, leaving nothing
-behind.
+behind. While no new frame comes (paused, ended), the last one is repeated once a second:
+browsers show a part only when the next begins.
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ async def mjpeg_frames(
             except TimeoutError:
                 if request is not None and await request.is_disconnected():
                     return
+                if last >= 0 and pub.jpeg:
+                    # Browsers show a multipart part only once the next one begins: while the
+                    # source is paused or ended, the last frame is sent again (once per
+                    # idle_check), so a viewer who arrives then sees it instead of nothing.
+                    yield mjpeg_part(pub.jpeg)
     finally:
         session.remove_listener(notify)
         session.viewers -= 1

@@ -393,3 +393,30 @@ def test_worker_crash_and_output_errors_are_one_line_and_shown(
     assert output.getMessage().endswith("Original error: ValueError: cannot show x.py")
     assert crash.exc_info is None and output.exc_info is None
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_mjpeg_repeats_the_last_frame_while_no_new_one_comes(tmp_path: Path) -> None:
+    """A browser shows a part only once the next begins: a viewer who arrives after the source
+    ended (or while it is paused) must still get the last frame followed by another part."""
+    import asyncio
+
+    from stream.mjpeg import mjpeg_frames
+
+    s = _session(tmp_path, endless=False)
+    try:
+        deadline = time.monotonic() + 10
+        while s.state == "running" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        last = s.latest()
+
+        async def first_parts(n: int) -> list[bytes]:
+            gen = mjpeg_frames(s, idle_check=0.05)
+            parts = [await asyncio.wait_for(gen.__anext__(), timeout=5) for _ in range(n)]
+            await gen.aclose()
+            return parts
+
+        parts = asyncio.run(first_parts(3))
+    finally:
+        s.close()
+    assert s.state != "running"
+    assert all(p.endswith(last.jpeg + b"\r\n") for p in parts)  # the same, last frame each time
