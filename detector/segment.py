@@ -44,11 +44,12 @@ image set):
 
 Scale: all sizes are in red-cell diameters. The diameter is estimated per frame from the red-cell
 mask by granulometry (the disc radius whose morphological opening keeps 60 % of the red-cell area,
-which touching and overlapping cells do not fool); when a frame has too few red cells, or the
-estimate is implausible (outside 0.3-3x), the configured ``rbc_diameter`` is used. So other
-magnifications and cameras work without retuning. At low magnification (red cells under 18
-working pixels, ~0.7x BCCD's at 640x480) the frame is read again at a working width that gives
-red cells ~24 pixels (slower: ~2-4 ms for such frames) so nuclei and platelets stay apart.
+which touching and overlapping cells do not fool; pale centres are filled first, but not the plasma
+enclosed by a ring of packed cells, which would merge them into one blob); when a frame has too few
+red cells, or the estimate is implausible (outside 0.3-3x), the configured ``rbc_diameter`` is
+used. So other magnifications and cameras work without retuning. At low magnification (red cells
+under 18 working pixels, ~0.7x BCCD's at 640x480) the frame is read again at a working width that
+gives red cells ~24 pixels (slower: ~2-4 ms for such frames) so nuclei and platelets stay apart.
 The opening radius is calibrated to BCCD's
 annotated red-cell boxes (x1.42: red cells with open pale centres read small as binary masks);
 on BCCD 90 % of frames fall within -16 % / +20 % of the annotated size. Crisp cells with filled
@@ -147,7 +148,15 @@ _FIRM_FRACTION = 0.5
 _FLAT_ENOUGH = 0.8
 #: Grid (columns, rows) the illumination field is evaluated on before it is resized.
 _COARSE = (32, 24)
+#: Enclosed background pieces up to this many times their inscribed disc's area are red cells'
+#: pale centres (filled); more elongated or branched ones are plasma enclosed by a ring of packed
+#: red cells (see _round_holes). Chosen on the even-numbered BCCD images (2.2-6 tried).
+_ROUND_HOLE = 3.0
 _OPEN3 = np.ones((3, 3), np.uint8)
+#: Leaving the enclosed pieces that are not round unfilled must shrink the red-cell size below
+#: this share of the size with them filled for them to be taken as plasma between packed cells
+#: (merged cells read 1.5-2x large; slit-like pale centres change it by ~10 %).
+_MERGED = 0.8
 #: Small ridge term of the illumination fit's normal equations (6 quadratic coefficients).
 _RIDGE6 = 1e-3 * np.eye(6, dtype=np.float32)
 #: Single-cell images: the cell is at least this share of the crop's shorter side, and its
@@ -339,6 +348,45 @@ def _components(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarr
     algorithm: ~3x faster than the default one on a working frame, whose statistics pass
     dominates (measured on one thread: 45 vs 130 us for 160x120)."""
     return cv2.connectedComponentsWithStatsWithAlgorithm(mask, 8, cv2.CV_32S, cv2.CCL_BBDT)
+
+
+def _granulometry(mask: np.ndarray, lo: float, hi: float) -> float:
+    """Disc radius (px, bisected in [lo, hi]) whose morphological opening keeps
+    ``_GRANULOMETRY_KEEP`` of the mask's area. Touching and overlapping red cells do not fool it
+    (a disc still fits each cell), unlike blob sizes or distance maxima. Opening by radius r =
+    points within r of a point at least r deep, so each trial radius costs two distance
+    transforms (one when no point is that deep)."""
+    area = int(np.count_nonzero(mask))
+    depth = cv2.distanceTransform(mask, cv2.DIST_L2, 3)
+    deepest = float(depth.max())
+    for _ in range(6):
+        r = (lo + hi) / 2
+        kept = 0  # no disc wider than the deepest point fits
+        if r <= deepest:
+            outside = (depth < r).astype(np.uint8)
+            kept = np.count_nonzero(cv2.distanceTransform(outside, cv2.DIST_L2, 3) <= r)
+        lo, hi = (r, hi) if kept > area * _GRANULOMETRY_KEEP else (lo, r)
+    return (lo + hi) / 2
+
+
+def _round_holes(holes: np.ndarray) -> np.ndarray:
+    """The round ones of the enclosed background pieces (uint8 mask): a red cell's pale centre is
+    about a disc (area / inscribed disc area ~1), the plasma enclosed by a ring of packed red
+    cells (crowded, zoomed-out frames) an elongated or branched channel. A piece is round when
+    its area is at most ``_ROUND_HOLE`` times its inscribed disc's; filling the others merged
+    packed cells into blobs whose size was read 1.5-2x too large."""
+    ys, xs = np.nonzero(holes)
+    if not len(ys):
+        return holes
+    n, lab = cv2.connectedComponents(holes, connectivity=4)
+    depth = cv2.distanceTransform(holes, cv2.DIST_L2, 3)
+    lv = lab[ys, xs]
+    area = np.bincount(lv, minlength=n)
+    inner = np.zeros(n, np.float32)
+    np.maximum.at(inner, lv, depth[ys, xs])
+    round_ = area <= _ROUND_HOLE * np.pi * np.maximum(inner, 0.7) ** 2
+    round_[0] = False
+    return round_[lab].astype(np.uint8)
 
 
 def _body(
@@ -684,26 +732,22 @@ class Segmenter:
         if np.count_nonzero(rbc) < max(50, opt.min_red_cell_fraction * rbc.size):
             return fallback
         # Fill the pale centres (central pallor): background pieces not reaching the border
-        # (4-connected), i.e. what a flood of the background from around the frame leaves.
+        # (4-connected: what a flood of the background from around the frame leaves).
         outer = cv2.copyMakeBorder(rbc, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
         cv2.floodFill(outer, None, (0, 0), 1, flags=4)
-        rbc |= 1 - outer[1:-1, 1:-1]
-        # Granulometry: the disc radius whose morphological opening keeps 60 % of the red-cell
-        # area. Touching and overlapping red cells do not fool it (a disc still fits each cell),
-        # unlike blob sizes or distance maxima. Opening by radius r = points within r of a point
-        # at least r deep, so each trial radius costs two distance transforms.
-        area = int(np.count_nonzero(rbc))
-        depth = cv2.distanceTransform(rbc, cv2.DIST_L2, 3)
+        holes = 1 - outer[1:-1, 1:-1]
+        round_ = _round_holes(holes)
         lo, hi = max(1.0, 0.12 * fallback / 2), 1.5 * fallback / 2  # radii at half resolution
-        deepest = float(depth.max())
-        for _ in range(6):
-            r = (lo + hi) / 2
-            kept = 0  # no disc wider than the deepest point fits
-            if r <= deepest:
-                outside = (depth < r).astype(np.uint8)
-                kept = np.count_nonzero(cv2.distanceTransform(outside, cv2.DIST_L2, 3) <= r)
-            lo, hi = (r, hi) if kept > area * _GRANULOMETRY_KEEP else (lo, r)
-        d = 2.0 * (lo + hi) * _GRANULOMETRY_CAL
+        r = _granulometry(rbc | holes, lo, hi)
+        if np.count_nonzero(holes) > np.count_nonzero(round_):
+            # Some enclosed pieces are not round: slit-like pale centres, or the plasma enclosed
+            # by a ring of packed red cells (crowded, zoomed-out frames), whose filling merges
+            # the cells into blobs read 1.5-2x too large. Without them, the size falls by far
+            # only in the second case.
+            r_round = _granulometry(rbc | round_, lo, hi)
+            if r_round < _MERGED * r:
+                r = r_round
+        d = 4.0 * r * _GRANULOMETRY_CAL
         if not 0.3 * fallback <= d <= 3.0 * fallback:
             log.debug("implausible red-cell diameter %.1f px, using %.1f", d / scale, fallback)
             return fallback

@@ -386,3 +386,17 @@ def test_still_analysis_recognises_single_cell_images_and_whole_image_option() -
     whole = analyse_still(img, Segmenter(), OneClass(), single_cell=True)
     assert whole.detections.xyxy.tolist() == [[0.0, 0.0, 280.0, 280.0]]
     assert whole.names == ["neutrophil"] and not whole.cut[0]
+
+
+def test_round_holes_keep_pale_centres_not_plasma_channels() -> None:
+    """Enclosed background: a disc (a red cell's pale centre) is filled; a long narrow channel
+    (plasma enclosed by packed red cells, area ~9x its inscribed disc's) is not."""
+    from detector.segment import _round_holes
+
+    holes = np.zeros((40, 60), np.uint8)
+    cv2.circle(holes, (12, 20), 5, 1, -1)
+    holes[18:21, 30:55] = 1
+    out = _round_holes(holes)
+    assert out[20, 12] == 1 and out[:, :20].sum() == holes[:, :20].sum()
+    assert out[:, 25:].sum() == 0
+    assert _round_holes(np.zeros((10, 10), np.uint8)).sum() == 0
