@@ -381,10 +381,10 @@ def _round_holes(holes: np.ndarray) -> np.ndarray:
     n, lab = cv2.connectedComponents(holes, connectivity=4)
     depth = cv2.distanceTransform(holes, cv2.DIST_L2, 3)
     lv = lab[ys, xs]
-    area = np.bincount(lv, minlength=n)
-    inner = np.zeros(n, np.float32)
-    np.maximum.at(inner, lv, depth[ys, xs])
-    round_ = area <= _ROUND_HOLE * np.pi * np.maximum(inner, 0.7) ** 2
+    # round: some pixel at least sqrt(area / (_ROUND_HOLE pi)) deep (or that radius <= 0.7 px)
+    least = np.sqrt(np.bincount(lv, minlength=n) / (_ROUND_HOLE * np.pi))
+    deep = np.bincount(lv, weights=depth[ys, xs] >= least[lv], minlength=n)
+    round_ = (deep > 0) | (least <= 0.7)
     round_[0] = False
     return round_[lab].astype(np.uint8)
 
