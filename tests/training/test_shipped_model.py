@@ -1,49 +1,73 @@
-"""The shipped default model (models/hematovision.tflite + .json): card vs tensors, real crops."""
+"""The shipped default model (models/hematovision.tflite + .json): card vs tensors, real cells.
+
+Held-out images only (the card's ``split.val_images``): BCCD crops at their annotated box, and PBC
+single-cell images through the run-time still-image analysis (find the centre cell, then name it).
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from detector.classify import CellClassifier
-from detector.core import CELL_TYPES
+from detector.core import KNOWN_LABELS
 from detector.crop import CropRule, crop_cells
-from training.data import read_image, read_voc
+from detector.segment import Segmenter
+from detector.still import analyse_still
+from stream.images import read_image
+from tests.conftest import DATA
+from training.data import content_group, read_voc
+
+PBC = DATA / "pbc"
+NUCLEATED = ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte",
+             "immature_granulocyte", "erythroblast")
+
+
+def _card(model: Path) -> dict:
+    return json.loads(model.with_suffix(".json").read_text())
 
 
 def test_card_matches_tensors(shipped_model):
-    card = json.loads(shipped_model.with_suffix(".json").read_text())
+    card = _card(shipped_model)
     r = CellClassifier(shipped_model)
-    assert r.input_details["dtype"] == np.int8 and r.output_details["dtype"] == np.int8
     size = card["input"]["size"]
+    # float input and output, quantized inside the graph: every weight but the first depthwise
+    # convolution's is int8 (see the card's recipe), so the file is a third of the float one's
+    assert card["input"]["dtype"] == "float32" and r.input_details["dtype"] == np.float32
     assert list(r.input_details["shape"]) == [1, size, size, 3]
+    from ai_edge_litert.interpreter import Interpreter
+
+    tensors = Interpreter(model_path=str(shipped_model)).get_tensor_details()
+    kernels = [t for t in tensors if len(t["shape"]) == 4 and t["shape"][0] > 1]  # (out,kh,kw,in)
+    depthwise = [t for t in tensors if len(t["shape"]) == 4 and "depthwise" in t["name"]]
+    assert len(kernels) >= 30 and all(t["dtype"] == np.int8 for t in kernels)
+    floats = [t["name"] for t in depthwise if t["dtype"] != np.int8]  # kernel and output
+    assert len(floats) <= 2 and all("expanded_conv_depthwise" in n for n in floats)
+    assert shipped_model.stat().st_size < 4_000_000
     assert card["crop"]["size"] == size and card["input"]["color_order"] == "RGB"
     assert r.output_details["shape"][-1] == len(card["labels"])
-    assert set(card["labels"]) <= set(CELL_TYPES)
+    assert set(NUCLEATED) | {"platelet"} <= set(card["labels"]) <= set(KNOWN_LABELS)
     assert card["preprocessing"].startswith("mobilenet_v2")
-    # input quantization (x/127.5 - 1) covers all of [-1, 1] within one step of ~2/255: no pixel
-    # level clips, also on darker/more saturated stains than BCCD's (which alone reach ~-0.6)
-    scale, zero = r.input_details["quantization"]
-    assert (-128 - zero) * scale <= -1.0 + scale and (127 - zero) * scale >= 1.0 - scale
-    assert scale <= 2.0 / 255.0 * 1.02
-    # softmax output: int8 probabilities with scale 1/256, zero point -128
-    assert r.output_details["quantization"] == (pytest.approx(1 / 256), -128)
     for key in ("trained_on", "split", "recipe", "evaluation", "date"):
         assert card[key]
     assert card["split"]["val_images"]
+    licences = json.dumps(card["trained_on"])
+    assert "CC BY 4.0" in licences and "Acevedo" in licences  # PBC's licence asks for credit
 
 
 def test_cell_classifier_loads_shipped_model(shipped_model):
     clf = CellClassifier(shipped_model)
-    card = json.loads(shipped_model.with_suffix(".json").read_text())
+    card = _card(shipped_model)
     assert list(clf.labels) == card["labels"] and clf.crop_rule.size == card["input"]["size"]
 
 
-def test_classifies_real_validation_crops(shipped_model, bccd_dir):
-    """Held-out BCCD images (never trained on), cut at their GT WBC box with the card's rule."""
-    card = json.loads(shipped_model.with_suffix(".json").read_text())
+def test_classifies_real_bccd_validation_crops(shipped_model, bccd_dir):
+    """Held-out BCCD images (never trained on), cut at their annotated WBC box with the card's
+    rule. (The card's end-to-end figure on these 55 is 0.89.)"""
+    card = _card(shipped_model)
     rule = CropRule.from_dict(card["crop"])
     val = set(card["split"]["val_images"])
     ds = read_voc(bccd_dir, finder=None).subset(val)
@@ -55,9 +79,35 @@ def test_classifies_real_validation_crops(shipped_model, bccd_dir):
     pred = [card["labels"][i] for i in probs.argmax(1)]
     truth = [s.label for s in samples]
     acc = np.mean([p == t for p, t in zip(pred, truth, strict=True)])
-    print(f"shipped model on {len(samples)} held-out GT-box crops: accuracy {acc:.3f}")
-    assert acc >= 0.78, f"accuracy {acc:.3f} on {len(samples)} held-out crops"
-    # eosinophil recall is the known weak point (see the card's notes); the others are solid
-    for label, least in (("neutrophil", 0.85), ("lymphocyte", 0.8), ("eosinophil", 0.3)):
+    assert acc >= 0.8, f"accuracy {acc:.3f} on {len(samples)} held-out crops"
+    # eosinophil recall is the known weak point on BCCD (see the README); the others are solid
+    for label, least in (("neutrophil", 0.85), ("lymphocyte", 0.8), ("eosinophil", 0.4)):
         hits = [p == t for p, t in zip(pred, truth, strict=True) if t == label]
         assert np.mean(hits) >= least, f"{label}: recall {np.mean(hits):.2f}"
+
+
+def test_names_held_out_pbc_cells_end_to_end(shipped_model):
+    """Eight held-out PBC images per class, found and named by the still-image analysis."""
+    if not PBC.is_dir():
+        pytest.skip(f"PBC images not found at {PBC}")
+    val = set(_card(shipped_model)["split"]["val_images"])
+    seg, clf = Segmenter(), CellClassifier(shipped_model)
+    right: dict[str, int] = {}
+    for label in (*NUCLEATED, "platelet"):
+        picked = []
+        for path in sorted((PBC / label).glob("*.jpg")):
+            if content_group(PBC, label, path, path.read_bytes()) in val:
+                picked.append(path)
+            if len(picked) == 8:
+                break
+        assert len(picked) == 8, label
+        right[label] = 0
+        for path in picked:
+            cells = analyse_still(read_image(path), seg, clf).detections
+            names = list(cells.data["label"])
+            if label == "platelet":
+                right[label] += all(n not in NUCLEATED for n in names)  # never a white cell
+            else:
+                right[label] += label in names
+    assert sum(right.values()) >= 0.9 * 8 * len(right), right
+    assert min(right.values()) >= 6, right
