@@ -34,17 +34,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from detector.core import box_iou
 from detector.crop import CropRule, crop_cell
 from detector.errors import InputError
-from training.voc import IMAGE_EXTS
+from stream.images import IMAGE_EXTENSIONS, read_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = IMAGE_EXTS
 #: The labels a model may name, in output order: the six white-cell kinds, the nucleated red
 #: cell, and the two kinds that veto a candidate (platelet, artefact).
 LABEL_ORDER: tuple[str, ...] = (
@@ -156,22 +154,6 @@ def singular_label(name: str) -> str:
     return label
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read a BGR uint8 image or raise InputError naming the file."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise InputError(f"{path}: cannot read image")
-    return img
-
-
-def decode_image(data: bytes, name: str | Path) -> np.ndarray:
-    """Decode image bytes to BGR uint8 or raise InputError naming the file."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise InputError(f"{name}: cannot read image")
-    return img
-
-
 def is_voc(folder: Path) -> bool:
     return (folder / "Annotations").is_dir() and (folder / "wbc_types.csv").is_file()
 
@@ -209,13 +191,13 @@ def read_class_folders(
     rows: list[tuple[Path, str, str, int, int, tuple[float, ...] | None]] = []
     for d in class_dirs:
         label = singular_label(d.name)
-        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
                        and not p.name.startswith("."))
         for p in files:
             data = p.read_bytes()
             group = content_group(root, label, p, data)
             try:
-                img = decode_image(data, p)
+                img = read_image(p)
             except InputError as exc:
                 log.warning("%s (skipped)", exc)
                 continue

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from detector.errors import HematoVisionError, InputError
+from stream.images import read_image
 from training.voc import VocRecord, read_voc
 
 log = logging.getLogger(__name__)
@@ -111,9 +112,7 @@ def evaluate_detection(
         it = tqdm(records, desc="detection", unit="img", file=sys.stderr)
     try:
         for rec in it:
-            img = cv2.imread(str(rec.image), cv2.IMREAD_COLOR)
-            if img is None:
-                raise InputError(f"{rec.image}: cannot read image")
+            img = read_image(rec.image)
             t0, c0 = time.perf_counter(), time.thread_time()
             det = segmenter.find(img)
             times.append(time.perf_counter() - t0)
@@ -340,10 +339,7 @@ def evaluate_robustness(
     """Recall and precision of ``segmenter`` on perturbed copies of the records, per kind."""
     images = []
     for rec in records:
-        img = cv2.imread(str(rec.image), cv2.IMREAD_COLOR)
-        if img is None:
-            raise InputError(f"{rec.image}: cannot read image")
-        images.append((rec, img))
+        images.append((rec, read_image(rec.image)))
     out: dict[str, dict] = {}
     for kind in kinds:
         tp = fp = fn = 0
@@ -440,9 +436,10 @@ def evaluate_single_cells(
         rows = []
         named: list[tuple[int, str, bool]] = []  # (index, centre cell's label or "", held out)
         for i, f in it:
-            img = cv2.imread(str(f), cv2.IMREAD_COLOR)
-            if img is None:
-                log.warning("%s: not a readable image, skipped", f)
+            try:
+                img = read_image(f)
+            except InputError as exc:
+                log.warning("%s, skipped", exc)
                 continue
             h, w = img.shape[:2]
             if classifier is not None:

@@ -208,7 +208,8 @@ def _end_to_end(clf: CellClassifier, samples: list, label_index: dict[str, int])
     """
     from detector.crop import crop_cells
     from detector.segment import Segmenter
-    from training.data import main_wbc_box, match_box, read_image
+    from stream.images import read_image
+    from training.data import main_wbc_box, match_box
 
     seg = Segmenter()
     probs = np.zeros((len(samples), len(clf.labels)), np.float32)

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from detector.errors import InputError
+from stream.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 #: VOC object names (lower-cased) mapped to the record field they go to.
 _KINDS = {"wbc": "wbc", "rbc": "rbc", "platelets": "platelets", "platelet": "platelets"}
 
@@ -60,7 +60,7 @@ def _find_image(images_dir: Path, stem: str, filename: str | None) -> Path | Non
         p = images_dir / filename
         if p.is_file():
             return p
-    for ext in IMAGE_EXTS:
+    for ext in sorted(IMAGE_EXTENSIONS):
         for e in (ext, ext.upper()):
             p = images_dir / f"{stem}{e}"
             if p.is_file():
