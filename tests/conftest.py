@@ -6,11 +6,33 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.tiny_models import tiny_models  # noqa: F401  (the session fixture, for every test)
+
+_RUN_TMP: str | None = None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """One temporary folder for the whole run, removed at its end: pytest's tmp_path, the
+    libraries' own temporary files (TensorFlow's autograph, Gradio) and child processes all go
+    there, so a test run leaves nothing in the system's temporary folder."""
+    global _RUN_TMP
+    _RUN_TMP = tempfile.mkdtemp(prefix="hematovision-tests-")
+    tempfile.tempdir = _RUN_TMP
+    os.environ["TMPDIR"] = _RUN_TMP
+    if config.option.basetemp is None:
+        config.option.basetemp = os.path.join(_RUN_TMP, "pytest")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _RUN_TMP is not None:
+        shutil.rmtree(_RUN_TMP, ignore_errors=True)
 
 REPO = Path(__file__).resolve().parent.parent
 #: ../shared/data beside the checkout (as in CI), or HEMATOVISION_DATA.
