@@ -182,17 +182,22 @@ def content_group(root: Path, label: str, path: Path, data: bytes) -> str:
     return f"{root.name}/{hashlib.sha1(data).hexdigest()[:16]}"
 
 
+def class_folder_images(root: Path) -> list[tuple[Path, list[Path]]]:
+    """The class folders of a folder-per-class tree, each with its image files (sorted, sub-folders
+    included; hidden files such as macOS's ``.DS_*``/``._*`` left out)."""
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    return [(d, sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                       and not p.name.startswith("."))) for d in class_dirs]
+
+
 def read_class_folders(
     root: str | Path, rule: CropRule, finder: BoxFinder | None = None
 ) -> DataSet:
     """Read a folder-per-class tree (class = folder name, singular, lower-case)."""
     root = Path(root)
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     rows: list[tuple[Path, str, str, int, int, tuple[float, ...] | None]] = []
-    for d in class_dirs:
+    for d, files in class_folder_images(root):
         label = singular_label(d.name)
-        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                       and not p.name.startswith("."))
         for p in files:
             data = p.read_bytes()
             group = content_group(root, label, p, data)

@@ -25,6 +25,7 @@ import numpy as np
 
 from detector.errors import HematoVisionError, InputError
 from stream.images import read_image
+from training.data import class_folder_images, content_group
 from training.voc import VocRecord, read_voc
 
 log = logging.getLogger(__name__)
@@ -384,8 +385,6 @@ def held_out_of(card_split: dict, root: Path) -> Callable[[Path], bool]:
     """Whether a single-cell image was in a model's held-out split (its card's
     ``split["val_images"]``): images are named there by their content group, as training named
     them (``training.data.content_group``), so renamed or copied files are still recognised."""
-    from training.data import content_group
-
     val = set(card_split.get("val_images", ()))
     root = Path(root)
     return lambda f: content_group(root, f.parent.name, f, f.read_bytes()) in val
@@ -419,15 +418,12 @@ def evaluate_single_cells(
     """
     from detector.core import ERYTHROBLAST, VETO_LABELS
     from detector.still import analyse_still
-    from stream.images import IMAGE_EXTENSIONS
 
-    classes = sorted(d for d in Path(folder).iterdir() if d.is_dir())
+    classes = class_folder_images(Path(folder))
     if not classes:
         raise InputError(f"{folder}: no class folders")
     out: dict[str, dict] = {}
-    for d in classes:
-        files = sorted(f for f in d.iterdir()
-                       if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))
+    for d, files in classes:
         it: Iterable[tuple[int, Path]] = enumerate(files)
         if progress:
             from tqdm import tqdm
