@@ -251,11 +251,11 @@ def format_report(r: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """CLI handler of ``hematovision bench`` (``--serve``: the live-page measurement)."""
-    if getattr(args, "serve", False):
+    if args.serve:
         from stream import bench_serve
 
         return int(bench_serve.main(["--json"] if args.json else []) or 0)
-    report = run_bench(threads=int(args.threads), model=getattr(args, "model", None))
+    report = run_bench(threads=int(args.threads), model=args.model)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="per-stage timings and end-to-end frames per second")
     b.add_argument("--threads", type=_positive_int, default=1, help="inference threads (default 1)")
+    b.add_argument("--model", type=str, default=None, help=model_help)
     b.add_argument("--json", action="store_true", help="print the figures as JSON")
     b.add_argument("--serve", action="store_true",
                    help="measure the live page instead: fps to viewers, capture-to-JPEG latency, "

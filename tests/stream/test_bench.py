@@ -72,9 +72,9 @@ def test_bench_figures(short_clip, tiny_models, capsys, monkeypatch):
     # the command prints what run_bench measured, as JSON or as the text report
     calls = []
     monkeypatch.setattr(bench, "run_bench", lambda **kw: calls.append(kw) or r)
-    assert bench.main(argparse.Namespace(threads=1, json=True, model=model)) == 0
+    assert bench.main(argparse.Namespace(threads=1, json=True, model=model, serve=False)) == 0
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(r))
-    assert bench.main(argparse.Namespace(threads=2, json=False, model=None)) == 0
+    assert bench.main(argparse.Namespace(threads=2, json=False, model=None, serve=False)) == 0
     assert capsys.readouterr().out == text + "\n"
     assert calls == [{"threads": 1, "model": model}, {"threads": 2, "model": None}]
 
