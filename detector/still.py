@@ -19,14 +19,13 @@ import numpy as np
 
 from detector import draw
 from detector.core import UNIDENTIFIED, Detections, Frame
-from detector.segment import Segmenter
 
 #: A box reaching this close (pixels) to the photo's border counts as cut by it.
 EDGE_MARGIN = 1.0
 
 
 class StillSegmenter(Protocol):
-    def find(self, image: np.ndarray | Frame) -> Detections: ...
+    def find_still(self, image: np.ndarray | Frame) -> Detections: ...
 
 
 class StillClassifier(Protocol):
@@ -78,18 +77,16 @@ def analyse_still(image: np.ndarray | Frame, segmenter: StillSegmenter,
     """Find every white cell of one BGR photo and name it, all crops in one classifier call.
 
     A photo that shows one centred cell (a crop, as in single-cell data sets and analysers'
-    galleries) gives that one cell (``Segmenter.find_still``; test doubles with only ``find``
-    get the field analysis). ``single_cell``: the whole photo is one cell, only classified.
+    galleries) gives that one cell (``Segmenter.find_still``). ``single_cell``: the whole photo
+    is one cell, only classified.
     """
     bgr = image.bgr if isinstance(image, Frame) else image
     h, w = bgr.shape[:2]
     if single_cell:
         dets = Detections(xyxy=np.array([[0, 0, w, h]], np.float32),
                           touches_edge=np.zeros(1, dtype=bool))
-    elif isinstance(segmenter, Segmenter):
-        dets = segmenter.find_still(image)
     else:
-        dets = segmenter.find(image)
+        dets = segmenter.find_still(image)
     if len(dets):
         dets = dets[np.lexsort((dets.xyxy[:, 0], dets.xyxy[:, 1]))]
     labels = tuple(classifier.labels)

@@ -87,6 +87,9 @@ class FakeSegmenter:
         self.last_ids = ids
         return Detections(xyxy=boxes, touches_edge=edge)
 
+    def find_still(self, image: np.ndarray) -> Detections:
+        return self.find(image)  # a photo is read as a field
+
 
 class FakeClassifier:
     """Names a cell by the colour at its box centre; counts invokes and crops."""

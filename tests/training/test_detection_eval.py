@@ -52,6 +52,9 @@ class StubSegmenter:
     def find(self, image: np.ndarray) -> Detections:
         return Detections(xyxy=np.asarray(self.boxes, np.float32).reshape(-1, 4))
 
+    def find_still(self, image: np.ndarray) -> Detections:
+        return self.find(image)  # a photo is read as a field
+
 
 def test_evaluate_detection_counts_and_failures(tmp_path: Path) -> None:
     recs = read_voc(make_voc(tmp_path))
