@@ -1,15 +1,17 @@
-"""Full-integer int8 TFLite export, the float reference export, latency and the model cards.
+"""The int8 TFLite export, its float reference, latency and the model cards.
 
-The int8 model takes RGB crops scaled to [-1, 1] (x/127.5 - 1) and quantized with the input
-tensor's scale/zero point, and outputs int8 softmax probabilities. Calibration uses REAL training
-crops preprocessed exactly as at run time plus photometric variants of the same crops (other
-stains/microscopes), never random noise; one auto-levels copy of a real crop makes the
-input range [-1, 1] (step 2/255), so no pixel level clips.
+The int8 model takes RGB crops scaled to [-1, 1] (x/127.5 - 1) as float and quantizes them inside
+the graph; it runs int8 but for the few layers kept float, and outputs float probabilities.
+Calibration uses REAL training crops preprocessed exactly as at run time plus photometric variants
+of the same crops (other stains/microscopes), never random noise; one auto-levels copy of a real
+crop makes the input range [-1, 1] (step 2/255), so no pixel level clips. Which layers stay float
+is chosen on the monitor split: the worst-quantized ones, until the int8 file names the monitor
+crops as the float one does.
 
 Both exports get a card beside them (``NAME.json``, ``NAME.float.json``), built as the run time's
 own :class:`detector.classify.ModelCard`, so the run-time ``CellClassifier`` loads either: every
-figure training and evaluation publish comes from the code users run. The SavedModel the converter
-reads lives in a temporary folder removed as soon as the conversion ends.
+figure training and evaluation publish comes from the code users run. The SavedModel the converters
+read lives in a temporary folder removed as soon as the export ends.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,45 +48,158 @@ PREPROCESSING = (
 )
 
 
-def _convert(model: Any, configure: Callable[[Any], None] | None = None,
-             float_layers: tuple[str, ...] = ()) -> bytes:
-    """TFLite bytes of a Keras 3 model (via a SavedModel export, the robust route).
+@contextmanager
+def saved_model(model: Any) -> Iterator[str]:
+    """The Keras model as a SavedModel in a temporary folder, removed when the block ends.
 
-    With ``float_layers`` (a quantizing ``configure``), the layers whose output tensor names
-    contain one of them are kept float (TensorFlow's quantization debugger, denylisted nodes).
-    The SavedModel is written to a temporary folder that is removed when the conversion ends.
+    The converters read this (the robust route for Keras 3); written once per export, the float
+    and the int8 files both come from it.
     """
-    import tensorflow as tf
-
     with tempfile.TemporaryDirectory(prefix="hv_export_") as tmp:
         model.export(tmp, format="tf_saved_model", verbose=False)
-
-        def converter() -> Any:
-            conv = tf.lite.TFLiteConverter.from_saved_model(tmp)
-            if configure is not None:
-                configure(conv)
-            return conv
-
-        data = converter().convert()
-        if not float_layers:
-            return data
-        names = [n for n in _tensor_names(data) if any(f in n for f in float_layers)]
-        if not names:
-            log.warning("no layer named like %s: the model stays full-integer", float_layers)
-            return data
-        rep = converter().representative_dataset
-        debugger = tf.lite.experimental.QuantizationDebugger(
-            converter=converter(), debug_dataset=lambda: iter([next(iter(rep()))]),
-            debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=names))
-        log.info("kept float: %s", names)
-        return debugger.get_nondebug_quantized_model()
+        yield tmp
 
 
-def _tensor_names(data: bytes) -> list[str]:
+def convert_float(saved: str) -> bytes:
+    """Float32 TFLite bytes of a SavedModel (the reference the int8 file is compared with)."""
+    import tensorflow as tf
+
+    return tf.lite.TFLiteConverter.from_saved_model(saved).convert()
+
+
+def tensor_names(data: bytes) -> list[str]:
+    """The tensor names of a TFLite model (the same in its float and int8 conversions)."""
     from detector.classify import _interpreter_class
 
     cls, _ = _interpreter_class()
     return [t["name"] for t in cls(model_content=data).get_tensor_details()]
+
+
+class Quantizer:
+    """Calibrate once, quantize many: int8 TFLite bytes of a SavedModel with chosen layers float.
+
+    Calibration (the representative crops run through the float graph to fix every tensor's
+    range) is the slow part of a conversion; quantizing the calibrated model takes a fraction of
+    a second, so several sets of float layers can be tried on one calibration. Built on
+    TensorFlow's quantization debugger (denylisted nodes), which also measures each layer's own
+    quantization error. The file takes float input (x/127.5 - 1) and gives float probabilities,
+    quantizing inside the graph; its first int8 tensor covers [-1, 1] (see
+    :func:`calibration_set`).
+    """
+
+    def __init__(self, saved: str, calibration: np.ndarray, max_samples: int = 1200,
+                 augmented_copies: int = 1, debug_samples: int = 32) -> None:
+        """``calibration``: (N, S, S, 3) uint8 BGR crops cut by the crop rule from training
+        images; ``debug_samples`` of the calibration crops measure the per-layer errors."""
+        import tensorflow as tf
+
+        if calibration.ndim != 4 or calibration.dtype != np.uint8 or not len(calibration):
+            raise ValueError(f"calibration must be (N,S,S,3) uint8 crops, got {calibration.shape}")
+        calib = preprocess(calibration_set(calibration, max_samples, augmented_copies))
+        self.n_calibration, self.n_real = len(calib), len(calibration)
+        debug = calib[:: max(len(calib) // debug_samples, 1)][:debug_samples]
+
+        def representative() -> Iterator[list[np.ndarray]]:
+            for x in calib:
+                yield [x[None].astype(np.float32)]
+
+        conv = tf.lite.TFLiteConverter.from_saved_model(saved)
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = representative
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+                                          tf.lite.OpsSet.TFLITE_BUILTINS]
+        self._tf = tf
+        self._debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=conv, debug_dataset=lambda: ([x[None].astype(np.float32)] for x in debug))
+
+    def quantize(self, float_tensors: Sequence[str] = ()) -> bytes:
+        """The int8 model with the layers whose output tensors are named here kept float."""
+        opts = self._tf.lite.experimental.QuantizationDebugOptions
+        self._debugger.options = opts(denylisted_nodes=list(float_tensors) or None)
+        return self._debugger.get_nondebug_quantized_model()
+
+    def layer_errors(self) -> list[tuple[str, float]]:
+        """(output tensor name, error) of every quantized layer, worst first.
+
+        The error is the root-mean-square difference between the layer's int8 output and its
+        float output on the same input, in quantization steps (TensorFlow's "rmse/scale"): a
+        layer near or above one step loses information its neighbours do not.
+        """
+        import csv
+        import io
+
+        self._debugger.options = self._tf.lite.experimental.QuantizationDebugOptions()
+        self._debugger.run()
+        buf = io.StringIO()
+        self._debugger.layer_statistics_dump(buf)
+        buf.seek(0)
+        rows = [r for r in csv.DictReader(buf) if float(r["scale"]) > 0]
+        errors = [(r["tensor_name"], float(np.sqrt(float(r["mean_squared_error"]))
+                                           / float(r["scale"]))) for r in rows]
+        return sorted(errors, key=lambda e: -e[1])
+
+
+def float_layer_tensors(names: Sequence[str], layers: Sequence[str]) -> list[str]:
+    """The tensor names (of :func:`tensor_names`) that belong to layers named like ``layers``."""
+    return [n for n in names if any(f in n for f in layers)]
+
+
+def top1_agreement(a: bytes, b: bytes, x: np.ndarray, batch: int = 32) -> float:
+    """Share of the preprocessed inputs ``x`` on which two float-input TFLite models agree."""
+    pa, pb = _predict(a, x, batch), _predict(b, x, batch)
+    return float(np.mean(pa.argmax(1) == pb.argmax(1))) if len(x) else 1.0
+
+
+def _predict(data: bytes, x: np.ndarray, batch: int) -> np.ndarray:
+    from detector.classify import _interpreter_class
+
+    cls, _ = _interpreter_class()
+    interp = cls(model_content=data, num_threads=2)
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    probs = []
+    for i in range(0, len(x), batch):
+        chunk = x[i:i + batch].astype(np.float32)
+        interp.resize_tensor_input(inp["index"], list(chunk.shape))
+        interp.allocate_tensors()
+        interp.set_tensor(inp["index"], chunk)
+        interp.invoke()
+        probs.append(interp.get_tensor(out["index"]).copy())
+    return np.concatenate(probs) if probs else np.zeros((0, 0), np.float32)
+
+
+def choose_float_layers(
+    quantize: Callable[[Sequence[str]], bytes],
+    agreement: Callable[[bytes], float],
+    candidates: Sequence[str],
+    start: Sequence[str] = (),
+    target: float = 0.99,
+    max_float: int = 6,
+) -> tuple[list[str], bytes, list[tuple[int, float]]]:
+    """Keep the worst-quantized layers float, one at a time, until the int8 model agrees with
+    the float one on ``target`` of the monitor crops (or ``max_float`` layers are float).
+
+    ``candidates`` are output tensor names worst first (:meth:`Quantizer.layer_errors`),
+    ``start`` the ones always kept float. Returns the float tensors, the model bytes and the
+    agreement after each step ``[(n_float, agreement), ...]``; the smallest set that reaches the
+    target wins, else the best one seen (fewest float layers on ties). Chosen on the monitor
+    split, never the held-out one.
+    """
+    chosen = list(start)
+    data = quantize(chosen)
+    best = (agreement(data), -len(chosen), list(chosen), data)
+    steps = [(len(chosen), best[0])]
+    for name in candidates:
+        if best[0] >= target or len(chosen) >= max_float:
+            break
+        if name in chosen:
+            continue
+        chosen.append(name)
+        data = quantize(chosen)
+        agree = agreement(data)
+        steps.append((len(chosen), agree))
+        if (agree, -len(chosen)) > best[:2]:
+            best = (agree, -len(chosen), list(chosen), data)
+    return best[2], best[3], steps
 
 
 def input_dtype(path: str | Path) -> str:
@@ -158,68 +274,68 @@ def calibration_set(
     return both[rng.permutation(len(both))]
 
 
-def export_int8(
+def export_models(
     model: Any,
     calibration: np.ndarray,
     out: str | Path,
+    float_out: str | Path,
+    monitor: np.ndarray | None = None,
     max_samples: int = 1200,
     augmented_copies: int = 1,
-    float_layers: tuple[str, ...] = FLOAT_LAYERS,
-) -> Path:
-    """Write an int8 .tflite calibrated on real crops.
+    float_layers: Sequence[str] = FLOAT_LAYERS,
+    target: float = 0.99,
+    max_float: int = 6,
+) -> dict:
+    """Write the int8 file (``out``) and its float32 reference (``float_out``) of a Keras model.
 
-    Without ``float_layers`` the file is full-integer (int8 in, int8 out). With them, the layers
-    whose output tensor names contain one of these strings run in float and the rest in int8
-    (selective quantization); the file then takes float input (x/127.5 - 1) and gives float
-    probabilities, quantizing inside the graph. :func:`input_dtype` tells which.
+    The int8 file is calibrated on real crops (:class:`Quantizer`) with the layers named like
+    ``float_layers`` kept float. Given ``monitor`` crops (the monitor split, never the held-out
+    one), more layers are kept float, worst-quantized first, until the int8 model names them as
+    the float one does on ``target`` of them (:func:`choose_float_layers`, at most
+    ``max_float`` float layers).
 
     Args:
         model: Keras model taking float RGB in [-1, 1].
         calibration: (N, S, S, 3) uint8 BGR crops cut by the crop rule from training images.
-        out: destination path.
+        monitor: (M, S, S, 3) uint8 BGR monitor crops, or None for ``float_layers`` alone.
         max_samples: cap on calibration crops (real + photometric variants).
-        augmented_copies: photometric variants per real crop (see ``calibration_set``); 0 =
-            real crops plus the one auto-levels copy that fixes the input range to [-1, 1].
-        float_layers: name parts of the layers kept float (default :data:`FLOAT_LAYERS`).
+        augmented_copies: photometric variants per real crop (see ``calibration_set``).
+
+    Returns what the card's recipe records: the float layers, the monitor agreement after each
+    step, the calibration size and the seconds taken.
     """
-    import tensorflow as tf
-
-    if calibration.ndim != 4 or calibration.dtype != np.uint8 or not len(calibration):
-        raise ValueError(f"calibration must be (N,S,S,3) uint8 crops, got {calibration.shape}")
-    calib = preprocess(calibration_set(calibration, max_samples, augmented_copies))
-
-    def representative():
-        for x in calib:
-            yield [x[None].astype(np.float32)]
-
-    def configure(conv: Any) -> None:
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        conv.representative_dataset = representative
-        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        if float_layers:
-            conv.target_spec.supported_ops.append(tf.lite.OpsSet.TFLITE_BUILTINS)
-        conv.inference_input_type = tf.int8
-        conv.inference_output_type = tf.int8
-
-    data = _convert(model, configure, float_layers)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(data)
-    log.info("wrote int8 model %s (%.1f kB, calibrated on %d crops from %d real ones)", out,
-             len(data) / 1e3, len(calib), len(calibration))
-    return out
-
-
-def export_float(model: Any, out: str | Path) -> Path:
-    """Write a float32 .tflite of the same Keras model (for float-vs-int8 comparisons).
-
-    Give it a card with ``write_card(out, float_card(card))`` before loading it.
-    """
-    data = _convert(model)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(data)
-    return out
+    t0 = time.monotonic()
+    with saved_model(model) as saved:
+        reference = convert_float(saved)
+        quantizer = Quantizer(saved, calibration, max_samples, augmented_copies)
+        names = tensor_names(reference)
+        start = float_layer_tensors(names, float_layers)
+        if float_layers and not start:
+            log.warning("no layer named like %s: none kept float", list(float_layers))
+        if monitor is not None and len(monitor):
+            x = preprocess(monitor)
+            candidates = [n for n, _ in quantizer.layer_errors() if n in names]
+            kept, data, steps = choose_float_layers(
+                quantizer.quantize, lambda d: top1_agreement(reference, d, x), candidates,
+                start, target, max_float)
+        else:
+            kept, steps = start, []
+            data = quantizer.quantize(kept)
+    for path, blob in ((Path(out), data), (Path(float_out), reference)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blob)
+    log.info("wrote %s (%.1f kB, %d layer tensors float, calibrated on %d crops from %d real "
+             "ones) and %s", out, len(data) / 1e3, len(kept), quantizer.n_calibration,
+             quantizer.n_real, float_out)
+    return {
+        "float_tensors": list(kept),
+        "monitor_agreement_steps": [{"float_tensors": n, "top1_agreement": round(a, 4)}
+                                    for n, a in steps],
+        "monitor_crops": 0 if monitor is None else len(monitor),
+        "target_agreement": target if monitor is not None else None,
+        "calibration_crops": quantizer.n_calibration,
+        "seconds": round(time.monotonic() - t0, 1),
+    }
 
 
 def measure_latency(path: str | Path, batch: int = 1, threads: int = 1, runs: int = 50) -> float:

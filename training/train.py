@@ -114,6 +114,9 @@ class TrainConfig:
     use_segmenter: bool = True
     #: batches per epoch (None = the whole training set; small values time a run)
     steps_per_epoch: int | None = None
+    #: run the training steps eagerly instead of tracing a graph: only for a few steps on tiny
+    #: data (tests), where tracing MobileNetV2's graph costs more than the steps themselves
+    run_eagerly: bool = False
     #: keep the read data set and the cut crops in runs/cache (None: no cache)
     cache_dir: str | None = str(DEFAULT_RUNS / "cache")
     augment: dict = field(default_factory=lambda: dict(DEFAULT_AUGMENT))
@@ -421,15 +424,7 @@ def train(cfg: TrainConfig) -> dict:
 
     from detector.classify import ModelCard
     from training.evaluate import evaluate_split
-    from training.export import (
-        FLOAT_LAYERS,
-        build_card,
-        export_float,
-        export_int8,
-        float_card,
-        input_dtype,
-        write_card,
-    )
+    from training.export import build_card, export_models, float_card, input_dtype, write_card
 
     t_start = time.monotonic()
     run_dir, out = cfg.resolve_paths()
@@ -477,7 +472,8 @@ def train(cfg: TrainConfig) -> dict:
 
     history: dict[str, list] = {}
     model.compile(optimizer=keras.optimizers.Adam(cfg.lr_head),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                  run_eagerly=cfg.run_eagerly)
     t0 = time.monotonic()
     if cfg.frozen_epochs > 0:
         print(f"phase 1: head only, base frozen ({cfg.frozen_epochs} epochs of {steps} batches, "
@@ -491,7 +487,8 @@ def train(cfg: TrainConfig) -> dict:
         schedule = keras.optimizers.schedules.CosineDecay(cfg.lr_fine, cfg.epochs * steps,
                                                           alpha=0.02)
         model.compile(optimizer=keras.optimizers.Adam(schedule),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                      run_eagerly=cfg.run_eagerly)
         print(f"phase 2: full fine-tuning, lr {cfg.lr_fine} cosine (up to {cfg.epochs} epochs)",
               flush=True)
         callbacks = [
@@ -535,11 +532,12 @@ def train(cfg: TrainConfig) -> dict:
     shipped = with_temperature(model, temperature)
 
     # ---- export: int8 (shipped) and float (kept in run_dir for comparisons)
-    print("exporting int8 TFLite (calibrated on real training crops)", flush=True)
-    calib = calibration_crops(x_tr, src_tr, cfg.calib_max, cfg.seed)
-    export_int8(shipped, calib, out, max_samples=cfg.calib_max,
-                augmented_copies=cfg.calib_copies)
-    float_path = export_float(shipped, run_dir / f"{out.stem}.float.tflite")
+    print("exporting int8 TFLite (calibrated on real training crops; float layers chosen on "
+          "the monitor split)", flush=True)
+    float_path = run_dir / f"{out.stem}.float.tflite"
+    exported = export_models(shipped, calibration_crops(x_tr, src_tr, cfg.calib_max, cfg.seed),
+                             out, float_path, x_mo if len(x_mo) else None,
+                             max_samples=cfg.calib_max, augmented_copies=cfg.calib_copies)
     dtype = input_dtype(out)
     card = build_card(out.stem, classes, rule, cfg.min_score, input_dtype=dtype)
     write_card(out, card)  # provisional, so the run-time classifier loads both files
@@ -607,9 +605,9 @@ def train(cfg: TrainConfig) -> dict:
             f"int8 ranges from up to {cfg.calib_max} real training crops (an equal share "
             "from each data folder), "
             f"{cfg.calib_copies} photometric variant(s) each and one auto-levels copy "
-            f"(input range [-1, 1]); layers kept float: {list(FLOAT_LAYERS)} (the first "
-            "depthwise convolution; the rest int8)"
+            "(input range [-1, 1])"
         ),
+        "int8_export": exported,
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.monotonic() - t_start, 1),
     }
@@ -639,17 +637,17 @@ def main(args: argparse.Namespace) -> int:
 
 
 def reexport(run_dir: str | Path, out: str | Path | None = None) -> dict:
-    """Export a finished run's Keras model again with the current int8 export, re-measure the
+    """Export a finished run's Keras model again with the current export, re-measure the
     held-out figures and write the card (the run's data, split and recipe kept).
 
-    The calibration crops are cut again from the run's training images with its config; the
+    The calibration and monitor crops are cut again from the run's images with its config; the
     split comes from the run's card, so held-out images stay held out.
     """
     import keras
 
     from detector.classify import ModelCard
     from training.evaluate import evaluate_split
-    from training.export import FLOAT_LAYERS, export_int8, float_card, input_dtype, write_card
+    from training.export import export_models, float_card, input_dtype, write_card
 
     run_dir = Path(run_dir)
     cfg = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
@@ -659,30 +657,27 @@ def reexport(run_dir: str | Path, out: str | Path | None = None) -> dict:
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
     ds = load_datasets(cfg.data, rule, finder="default" if cfg.use_segmenter else None,
                        min_images=cfg.min_images, voc_extras=cfg.voc_extras, cache_dir=cache)
-    not_train = set(old.split["val_images"]) | set(old.split.get("monitor_images", []))
+    monitor = list(old.split.get("monitor_images", []))
+    not_train = set(old.split["val_images"]) | set(monitor)
     tr = ds.subset([g for g in set(ds.groups) if g not in not_train])
     va = ds.subset(old.split["val_images"])
     x_tr, _, src_tr = _crops(tr, cfg, rule, cache, train=True)
+    x_mo = _crops(ds.subset(monitor), cfg, rule, cache, train=False)[0] if monitor else None
     model = with_temperature(keras.models.load_model(run_dir / "final.keras"),
                              float(old.recipe.get("temperature", 1.0)))
-    t0 = time.monotonic()
-    export_int8(model, calibration_crops(x_tr, src_tr, cfg.calib_max, cfg.seed), out,
-                max_samples=cfg.calib_max, augmented_copies=cfg.calib_copies)
-    float_path = run_dir / "hematovision.float.tflite"
+    float_path = run_dir / f"{out.stem}.float.tflite"
+    exported = export_models(model, calibration_crops(x_tr, src_tr, cfg.calib_max, cfg.seed),
+                             out, float_path, x_mo, max_samples=cfg.calib_max,
+                             augmented_copies=cfg.calib_copies)
     card = dataclasses.replace(old, name=out.stem, input_dtype=input_dtype(out), path=None,
                                date=_dt.date.today().isoformat())
     write_card(out, card)
     write_card(float_path, float_card(card))
     evaluation = evaluate_split(out, va, float_path)
     evaluation["calibration"] = old.evaluation.get("calibration", {})
-    recipe = {**old.recipe, "int8_export": (
-        f"re-exported {_dt.date.today().isoformat()} from {run_dir.name}/final.keras with "
-        f"layers kept float: {list(FLOAT_LAYERS)} ({time.monotonic() - t0:.0f} s); the "
-        f"full-integer export of the run measured: " + json.dumps(
-            {n: {"accuracy": r["crops"]["accuracy"],
-                 "float_vs_int8": r.get("float_vs_int8", {}).get("top1_agreement"),
-                 "end_to_end_accuracy": r.get("end_to_end", {}).get("accuracy")}
-             for n, r in old.evaluation.get("sources", {}).items()}))}
+    recipe = {**old.recipe, "int8_export": {
+        **exported, "note": f"re-exported {_dt.date.today().isoformat()} from "
+                            f"{run_dir.name}/final.keras"}}
     card = dataclasses.replace(card, evaluation=evaluation, recipe=recipe)
     write_card(out, card)
     write_card(float_path, float_card(card))

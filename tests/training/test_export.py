@@ -35,6 +35,13 @@ def test_int8_model_keeps_only_the_named_layer_float(tiny_run):
     card = json.loads(t["model"].with_suffix(".json").read_text())
     assert card["preprocessing"] == PREPROCESSING and card["format_version"] == 1
     assert card["input"]["dtype"] == "float32"
+    # the card names the float tensors: the named layer's, plus any the monitor split asked for
+    exported = card["recipe"]["int8_export"]
+    assert {d["name"] for d in kept} <= set(exported["float_tensors"]) | {""}
+    floats = {d["name"] for d in tensors if d["dtype"] == np.float32}
+    assert set(exported["float_tensors"]) <= floats
+    assert exported["monitor_crops"] > 0 and exported["monitor_agreement_steps"]
+    assert exported["calibration_crops"] == len(t["calibration"]) * 2 + 1
     for key in ("trained_on", "split", "recipe", "evaluation", "date", "min_score"):
         assert key in card
 
@@ -111,19 +118,50 @@ def test_card_built_by_export_is_the_one_the_runtime_reads(tmp_path):
     assert "note" not in card.to_dict() and fc.to_dict()["note"] == fc.note
 
 
+def test_float_layers_added_worst_first_until_the_monitor_agreement_is_reached():
+    from training.export import choose_float_layers
+
+    # a fake quantizer: each float layer is worth a known agreement gain
+    gain = {"a": 0.05, "b": 0.004, "c": 0.003, "d": 0.001}
+    calls = []
+
+    def quantize(names):
+        calls.append(tuple(names))
+        return tuple(names)
+
+    def agreement(model):
+        return 0.94 + sum(gain[n] for n in model if n in gain)
+
+    kept, model, steps = choose_float_layers(quantize, agreement, ["a", "b", "c", "d"],
+                                             start=["first"], target=0.99)
+    assert kept == ["first", "a"] and model == ("first", "a")  # 0.99 reached with one more
+    assert [n for n, _ in steps] == [1, 2] and calls == [("first",), ("first", "a")]
+    # never reached: the best set seen, within max_float
+    kept, _, steps = choose_float_layers(quantize, agreement, ["d", "c", "b", "a"], start=[],
+                                         target=0.999, max_float=3)
+    assert kept == ["d", "c", "b"] and [n for n, _ in steps] == [0, 1, 2, 3]
+    # a layer that makes it worse is not chosen when nothing better follows
+    kept, _, _ = choose_float_layers(quantize, lambda m: 0.9 - 0.01 * len(m), ["a"],
+                                     target=0.99)
+    assert kept == []
+
+
 @pytest.mark.train
 def test_export_leaves_nothing_in_the_temporary_folder(tmp_path, monkeypatch):
     import tempfile
 
     import keras
 
-    from training.export import export_float
+    from training.export import export_models
 
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     inp = keras.Input((8, 8, 3))
     out = keras.layers.Softmax()(keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(inp)))
-    path = export_float(keras.Model(inp, out), tmp_path / "f.tflite")
-    assert path.stat().st_size > 100
+    crops = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    done = export_models(keras.Model(inp, out), crops, tmp_path / "q.tflite",
+                         tmp_path / "f.tflite", max_samples=10)
+    assert (tmp_path / "q.tflite").stat().st_size > 100 and (tmp_path / "f.tflite").is_file()
+    assert done["float_tensors"] == [] and done["calibration_crops"] == 11
     assert list(scratch.iterdir()) == []

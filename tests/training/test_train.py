@@ -139,8 +139,11 @@ def test_tiny_training_writes_model_card_and_splits_by_image(tiny_run):
     val = set(card["split"]["val_images"])
     assert len(val) == 2  # one original image per class, both of its Kaggle copies held out
     assert card["trained_on"]["images"] == 8
-    assert card["split"]["train_images"] == 6  # the 6 other originals (groups)
-    assert card["recipe"]["train_crops"] == 24  # 12 files x 2 copies
+    # the 6 other originals (groups): 2 pick the epoch, the float layers and the temperature
+    assert len(card["split"]["monitor_images"]) == 2
+    assert not set(card["split"]["monitor_images"]) & val
+    assert card["split"]["train_images"] == 4
+    assert card["recipe"]["train_crops"] == 16  # 8 files x 2 copies
     assert card["trained_on"]["counts_per_class"] == {"neutrophil": 8, "lymphocyte": 8}
     src = card["evaluation"]["sources"]["cells"]
     assert src["kind"] == "class_folders" and src["crops"]["n"] == 4
@@ -158,10 +161,12 @@ def test_calibration_uses_real_training_crops(tiny_run):
     calib = t["calibration"]
     rule = CropRule(size=32)
     ds = load_datasets([t["data"]], rule, finder=None, min_images=2)
-    train_ds = ds.subset([g for g in set(ds.groups) if g not in t["card"]["split"]["val_images"]])
+    split = t["card"]["split"]
+    not_train = set(split["val_images"]) | set(split["monitor_images"])
+    train_ds = ds.subset([g for g in set(ds.groups) if g not in not_train])
     real, _ = cut_crops(train_ds.samples, rule, copies=2, jitter=t["cfg"].jitter,
                         seed=t["cfg"].seed)
-    assert len(calib) == len(real) == 24
+    assert len(calib) == len(real) == 16
     # the exporter receives exactly the real training crops (exact + jittered boxes, no held-out
-    # image, no noise); it adds photometric variants of these itself
+    # or monitor image, no noise); it adds photometric variants of these itself
     assert [c.tobytes() for c in calib] == [c.tobytes() for c in real]

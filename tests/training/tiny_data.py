@@ -83,21 +83,21 @@ def train_tiny(root: Path) -> dict:
 
     data = write_class_folders(root / "cells")
     seen: dict = {}
-    original = export.export_int8
+    original = export.export_models
 
-    def recording(model, calibration, out, **kw):
+    def recording(model, calibration, out, float_out, monitor=None, **kw):
         seen["calibration"] = calibration.copy()
-        return original(model, calibration, out, **kw)
+        return original(model, calibration, out, float_out, monitor, **kw)
 
-    export.export_int8 = recording
+    export.export_models = recording
     try:
         cfg = TrainConfig(data=[str(data)], out=str(root / "models" / "tiny.tflite"),
                           input_size=32, weights="none", frozen_epochs=1, epochs=1, copies=2,
-                          batch_size=8, val_fraction=0.25, monitor_fraction=0.0,
+                          batch_size=8, val_fraction=0.25, monitor_fraction=0.25,
                           min_images=2, use_segmenter=False, run_dir=str(root / "run"),
-                          cache_dir=None, calib_max=200)
+                          cache_dir=None, calib_max=200, run_eagerly=True)
         card = train(cfg)
     finally:
-        export.export_int8 = original
+        export.export_models = original
     return {"root": root, "data": data, "model": Path(cfg.out), "card": card, "cfg": cfg,
             "calibration": seen["calibration"], "run_dir": root / "run"}
