@@ -59,8 +59,21 @@ def shipped_model() -> Path:
     return path
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip the ``train`` tests when TensorFlow is not installed (found without importing it)."""
+    """Group the tests for the parallel run, and skip the ``train`` tests when TensorFlow is not
+    installed (found without importing it).
+
+    The suite runs on every core (pytest-xdist, ``--dist=loadgroup``): a module's tests stay on one
+    worker, so its module fixtures (servers, a browser) start once, and the tests that need
+    TensorFlow (marked ``train``, the shared tiny Keras training among them) run on one worker,
+    so TensorFlow is imported and the tiny model trained once.
+    """
+    for item in items:
+        tf = item.get_closest_marker("train") is not None or \
+            "tiny_run" in getattr(item, "fixturenames", ())
+        group = "tensorflow" if tf else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
     if importlib.util.find_spec("tensorflow") is not None:
         return
     skip = pytest.mark.skip(reason="needs TensorFlow: pip install -e '.[train]'")

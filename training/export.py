@@ -279,7 +279,7 @@ def export_models(
     calibration: np.ndarray,
     out: str | Path,
     float_out: str | Path,
-    monitor: np.ndarray | None = None,
+    monitor: Sequence[np.ndarray] = (),
     max_samples: int = 1200,
     augmented_copies: int = 1,
     float_layers: Sequence[str] = FLOAT_LAYERS,
@@ -290,14 +290,16 @@ def export_models(
 
     The int8 file is calibrated on real crops (:class:`Quantizer`) with the layers named like
     ``float_layers`` kept float. Given ``monitor`` crops (the monitor split, never the held-out
-    one), more layers are kept float, worst-quantized first, until the int8 model names them as
-    the float one does on ``target`` of them (:func:`choose_float_layers`, at most
-    ``max_float`` float layers).
+    one; one array per data folder), more layers are kept float, worst-quantized first, until
+    the int8 model names the crops of every folder as the float one does on ``target`` of them
+    (:func:`choose_float_layers`, at most ``max_float`` float layer tensors): the smallest
+    folder, another microscope, counts as much as the largest.
 
     Args:
         model: Keras model taking float RGB in [-1, 1].
         calibration: (N, S, S, 3) uint8 BGR crops cut by the crop rule from training images.
-        monitor: (M, S, S, 3) uint8 BGR monitor crops, or None for ``float_layers`` alone.
+        monitor: (M, S, S, 3) uint8 BGR monitor crops per data folder; none: ``float_layers``
+            alone.
         max_samples: cap on calibration crops (real + photometric variants).
         augmented_copies: photometric variants per real crop (see ``calibration_set``).
 
@@ -312,12 +314,12 @@ def export_models(
         start = float_layer_tensors(names, float_layers)
         if float_layers and not start:
             log.warning("no layer named like %s: none kept float", list(float_layers))
-        if monitor is not None and len(monitor):
-            x = preprocess(monitor)
+        xs = [preprocess(m) for m in monitor if len(m)]
+        if xs:
             candidates = [n for n, _ in quantizer.layer_errors() if n in names]
             kept, data, steps = choose_float_layers(
-                quantizer.quantize, lambda d: top1_agreement(reference, d, x), candidates,
-                start, target, max_float)
+                quantizer.quantize, lambda d: min(top1_agreement(reference, d, x) for x in xs),
+                candidates, start, target, max_float)
         else:
             kept, steps = start, []
             data = quantizer.quantize(kept)
@@ -329,10 +331,10 @@ def export_models(
              quantizer.n_real, float_out)
     return {
         "float_tensors": list(kept),
-        "monitor_agreement_steps": [{"float_tensors": n, "top1_agreement": round(a, 4)}
+        "monitor_agreement_steps": [{"float_tensors": n, "lowest_top1_agreement": round(a, 4)}
                                     for n, a in steps],
-        "monitor_crops": 0 if monitor is None else len(monitor),
-        "target_agreement": target if monitor is not None else None,
+        "monitor_crops": [len(m) for m in monitor],
+        "target_agreement": target if xs else None,
         "calibration_crops": quantizer.n_calibration,
         "seconds": round(time.monotonic() - t0, 1),
     }

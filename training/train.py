@@ -402,6 +402,15 @@ def _crops(ds: DataSet, cfg: TrainConfig, rule: CropRule, cache: Path | None,
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(srcs)
 
 
+def monitor_crops(mo: DataSet, cfg: TrainConfig, rule: CropRule,
+                  cache: Path | None) -> list[np.ndarray]:
+    """The monitor split's crops per data folder, with the training copies (jittered boxes), for
+    the export's float-vs-int8 agreement: a folder of few photographs (BCCD's 13 monitor
+    images) then gives enough crops to see a disagreement."""
+    x, _, src = _crops(mo, cfg, rule, cache, train=True)
+    return [x[src == k] for k in np.unique(src)]
+
+
 def calibration_crops(x: np.ndarray, source: np.ndarray, cap: int, seed: int) -> np.ndarray:
     """Up to ``cap`` training crops, an equal share from each data folder (in their order).
 
@@ -536,7 +545,7 @@ def train(cfg: TrainConfig) -> dict:
           "the monitor split)", flush=True)
     float_path = run_dir / f"{out.stem}.float.tflite"
     exported = export_models(shipped, calibration_crops(x_tr, src_tr, cfg.calib_max, cfg.seed),
-                             out, float_path, x_mo if len(x_mo) else None,
+                             out, float_path, monitor_crops(mo, cfg, rule, cache),
                              max_samples=cfg.calib_max, augmented_copies=cfg.calib_copies)
     dtype = input_dtype(out)
     card = build_card(out.stem, classes, rule, cfg.min_score, input_dtype=dtype)
@@ -662,13 +671,13 @@ def reexport(run_dir: str | Path, out: str | Path | None = None) -> dict:
     tr = ds.subset([g for g in set(ds.groups) if g not in not_train])
     va = ds.subset(old.split["val_images"])
     x_tr, _, src_tr = _crops(tr, cfg, rule, cache, train=True)
-    x_mo = _crops(ds.subset(monitor), cfg, rule, cache, train=False)[0] if monitor else None
     model = with_temperature(keras.models.load_model(run_dir / "final.keras"),
                              float(old.recipe.get("temperature", 1.0)))
     float_path = run_dir / f"{out.stem}.float.tflite"
     exported = export_models(model, calibration_crops(x_tr, src_tr, cfg.calib_max, cfg.seed),
-                             out, float_path, x_mo, max_samples=cfg.calib_max,
-                             augmented_copies=cfg.calib_copies)
+                             out, float_path,
+                             monitor_crops(ds.subset(monitor), cfg, rule, cache),
+                             max_samples=cfg.calib_max, augmented_copies=cfg.calib_copies)
     card = dataclasses.replace(old, name=out.stem, input_dtype=input_dtype(out), path=None,
                                date=_dt.date.today().isoformat())
     write_card(out, card)
