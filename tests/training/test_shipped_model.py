@@ -34,8 +34,8 @@ def test_card_matches_tensors(shipped_model):
     card = _card(shipped_model)
     r = CellClassifier(shipped_model)
     size = card["input"]["size"]
-    # float input and output, quantized inside the graph: every weight but the first depthwise
-    # convolution's is int8 (see the card's recipe), so the file is a third of the float one's
+    # float input and output, quantized inside the graph: every weight is int8 but those of the
+    # few layers the card's recipe names as kept float, so the file is a third of the float one
     assert card["input"]["dtype"] == "float32" and r.input_details["dtype"] == np.float32
     assert list(r.input_details["shape"]) == [1, size, size, 3]
     from ai_edge_litert.interpreter import Interpreter
@@ -45,7 +45,14 @@ def test_card_matches_tensors(shipped_model):
     depthwise = [t for t in tensors if len(t["shape"]) == 4 and "depthwise" in t["name"]]
     assert len(kernels) >= 30 and all(t["dtype"] == np.int8 for t in kernels)
     floats = [t["name"] for t in depthwise if t["dtype"] != np.int8]  # kernel and output
-    assert len(floats) <= 2 and all("expanded_conv_depthwise" in n for n in floats)
+    kept = card["recipe"]["int8_export"]["float_tensors"]
+    # the layer of each kept tensor: ".../block_2_depthwise_relu_1/Relu6;..." -> block_2_depthwise
+    layers = {n.split(";")[0].split("/")[-2].replace("_relu", "").rsplit("_", 1)[0]
+              for n in kept}
+    assert 1 <= len(layers) <= 6 and "expanded_conv_depthwise" in layers
+    assert len(floats) <= 2 * len(layers) and all(any(x in n for x in layers) for n in floats)
+    named = {t["name"]: t["dtype"] for t in tensors}
+    assert all(named[n] == np.float32 for n in kept if n in named)
     assert shipped_model.stat().st_size < 4_000_000
     assert card["crop"]["size"] == size and card["input"]["color_order"] == "RGB"
     assert r.output_details["shape"][-1] == len(card["labels"])
