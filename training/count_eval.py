@@ -177,12 +177,15 @@ def evaluate_video(folder: Path, analyzer: Analyzer,
 
     # classifier on truth crops
     crop_acc = None
+    wrong: Counter[str] = Counter()
     crop_right: dict[int, bool] = {}  # truth id -> classifier right on most of its crops
     if crops:
         probs = classifier.classify_crops(np.stack(crops))
         got = [classifier.label_of(row)[0] for row in probs]
         ok = [g == label_of_truth[c] for g, c in zip(got, crop_ids, strict=True)]
         crop_acc = float(np.mean(ok))
+        wrong = Counter(f"{label_of_truth[c]}->{g}" for g, c, k in
+                        zip(got, crop_ids, ok, strict=True) if not k)
         votes: dict[int, list[bool]] = defaultdict(list)
         for c, k in zip(crop_ids, ok, strict=True):
             votes[c].append(k)
@@ -224,6 +227,9 @@ def evaluate_video(folder: Path, analyzer: Analyzer,
         "counted_where_crop_right": len(easy),
         "label_accuracy_where_crop_right": round(easy_right / len(easy), 4) if easy else None,
         "per_class": per_class,
+        "nrbc": analyzer.tally.nrbc,
+        "vetoed": analyzer.tally.vetoed,
+        "crops_named_wrong": dict(wrong.most_common()),
     }
 
 
@@ -258,6 +264,10 @@ def summarize(videos: list[dict[str, Any]]) -> dict[str, Any]:
         "crop_accuracy": round(float(np.average(accs, weights=crops)), 4) if accs else None,
         "label_accuracy_where_crop_right": _pooled(videos),
         "per_class": per_class,
+        "nrbc": sum(v.get("nrbc", 0) for v in videos),
+        "vetoed": sum(v.get("vetoed", 0) for v in videos),
+        "crops_named_wrong": dict(sum((Counter(v.get("crops_named_wrong", {})) for v in videos),
+                                      Counter()).most_common()),
         "targets": {
             "total_within_1pct": abs(counted - truth) <= 0.01 * truth,
             "double_counts_le_1pct": double <= 0.01 * truth,
@@ -298,6 +308,11 @@ def format_table(report: dict[str, Any]) -> str:
     for lab, pc in o["per_class"].items():
         lines.append(f"{lab:<14}{pc['counted']:>8}{pc['truth']:>7}")
     lines.append("")
+    lines.append(f"outside the white-cell total: {o['nrbc']} named erythroblast (NRBC), "
+                 f"{o['vetoed']} vetoed (platelet or artefact)")
+    if o["crops_named_wrong"]:
+        lines.append("truth crops named wrong (truth->named, crops): " + ", ".join(
+            f"{k} {n}" for k, n in o["crops_named_wrong"].items()))
     t = o["targets"]
     lines.append(f"total within 1% of truth: {'yes' if t['total_within_1pct'] else 'NO'} "
                  f"({o['total_error_pct']:+.1f}%); double counts <= 1%: "

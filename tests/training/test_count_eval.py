@@ -100,6 +100,12 @@ def test_perfect_detections_count_every_cell_once(clips):
         assert v["crop_accuracy"] == 0.0
     else:
         assert 0.0 < v["crop_accuracy"] < 1.0
+    # where the crops named wrong went: only non-neutrophils, all "named neutrophil"
+    assert all(k.endswith("->neutrophil") and not k.startswith("neutrophil")
+               for k in v["crops_named_wrong"])
+    assert sum(v["crops_named_wrong"].values()) == round((1 - v["crop_accuracy"])
+                                                         * v["crops_checked"])
+    assert v["nrbc"] == v["vetoed"] == 0
 
 
 def test_parent_folder_overall_table_and_json(clips, tmp_path, monkeypatch, capsys):
@@ -135,6 +141,7 @@ def test_summarize_flags_double_counts():
          "per_class": {"neutrophil": {"counted": 33, "truth": 30},
                        "lymphocyte": {"counted": 20, "truth": 20}}}
     o = count_eval.summarize([v])
+    assert o["nrbc"] == o["vetoed"] == 0 and o["crops_named_wrong"] == {}
     assert o["double_pct"] == 6.0 and not o["targets"]["double_counts_le_1pct"]
     assert not o["targets"]["total_within_1pct"]
     assert not o["targets"]["per_class_within_2_or_3pct"]  # 3 neutrophils too many (> 2, > 3 %)
@@ -145,3 +152,20 @@ def test_not_a_synth_folder(tmp_path):
 
     with pytest.raises(InputError, match="truth.json"):
         count_eval.synth_folders(tmp_path)
+
+
+def test_summary_says_where_the_cells_outside_the_total_went():
+    base = {"frames": 10, "truth_total": 10, "double_counts": 0, "missed": 0,
+            "missed_never_detected": 0, "false_counts": 0, "unidentified": 0,
+            "crop_accuracy": 0.8, "crops_checked": 10,
+            "per_class": {"monocyte": {"counted": 8, "truth": 10}}}
+    a = {**base, "counted": 8, "nrbc": 1, "vetoed": 1,
+         "crops_named_wrong": {"monocyte->erythroblast": 1, "monocyte->platelet": 1}}
+    b = {**base, "counted": 9, "nrbc": 1, "vetoed": 0,
+         "crops_named_wrong": {"monocyte->erythroblast": 2}}
+    o = count_eval.summarize([a, b])
+    assert o["nrbc"] == 2 and o["vetoed"] == 1
+    assert o["crops_named_wrong"] == {"monocyte->erythroblast": 3, "monocyte->platelet": 1}
+    text = count_eval.format_table({"per_video": [], "overall": o})
+    assert "2 named erythroblast (NRBC), 1 vetoed" in text
+    assert "monocyte->erythroblast 3, monocyte->platelet 1" in text
