@@ -585,8 +585,10 @@ def media_kind(path: str | Path) -> str | None:
 
 
 def redact_url(url: str) -> str:
-    """The URL without a password (rtsp://user:pass@host -> rtsp://user:***@host; an ``@`` in
-    the password is hidden too)."""
-    return re.sub(r"(://[^:/@]*):[^/]*@", r"\1:***@", url)
+    """The URL without its secrets: the password (rtsp://user:pass@host -> rtsp://user:***@host;
+    an ``@`` in the password is hidden too) and the values of its query parameters
+    (...?token=abc -> ...?token=***), where cameras and stream services put access keys."""
+    url = re.sub(r"(://[^:/@]*):[^/]*@", r"\1:***@", url)
+    return re.sub(r"([?&;][^=&;#]*=)[^&;#]*", r"\1***", url)
 
 

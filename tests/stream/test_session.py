@@ -491,11 +491,13 @@ def test_recording_plays_in_a_browser(tmp_path: Path) -> None:
 @pytest.mark.parametrize("spec, shown", [
     ("/srv/lab/uploads/3f2a9c/smear.mp4", "smear.mp4"),
     ("rtsp://lab:pa55@cam.lab/live", "rtsp://lab:***@cam.lab/live"),
+    ("https://cams.example.org/live.m3u8?token=s3cr3t&quality=hd",
+     "https://cams.example.org/live.m3u8?token=***&quality=***"),
 ])
 def test_exports_name_the_source_without_server_path_or_password(
         tmp_path: Path, spec: str, shown: str) -> None:
     """report.json, report-runN.json and events.jsonl of the page's export (and /stats.json)
-    hand out neither the server's folders nor a URL's password."""
+    hand out neither the server's folders nor a URL's password or access token."""
     s = Session(spec, lambda st: FakeAnalyzer(st), out_dir=tmp_path / "s",
                 source_opener=lambda spec, realtime: ListSource(8), realtime=False)
     s.set_recording(True)
