@@ -31,7 +31,13 @@ THUMB = 96
 
 
 class SegmenterLike(Protocol):
+    """What the analyzer needs of a segmenter: ``find`` reads a video frame; ``find_still`` a
+    photo (the still-image path, :mod:`detector.still`, which ``run`` gives the analyzer's own
+    segmenter for a folder of separate fields)."""
+
     def find(self, image: np.ndarray | Frame) -> Detections: ...
+
+    def find_still(self, image: np.ndarray | Frame) -> Detections: ...
 
 
 class ClassifierLike(Protocol):
