@@ -91,6 +91,18 @@ def test_evaluate_class_folders_prints_and_writes_report(tmp_path, capsys, tiny_
     assert "rows: true class" in (tmp_path / "rep" / "cells" / "confusion.txt").read_text()
     # the 1-epoch tiny model is near-uniform, so compare probabilities, not arg-max
     assert rep["float_vs_int8"]["max_abs_prob_diff"] < 0.1
+    # few cells: the agreement is also measured on 10 jittered crops of each
+    jit = rep["float_vs_int8"]["jittered"]
+    assert jit["crops"] == 4 * 10 and "jittered crops of the same cells" in out
+    from detector.classify import CellClassifier
+    from training.data import cut_crops, load_datasets
+
+    q, f = CellClassifier(t["model"]), CellClassifier(float_model)
+    ds = load_datasets([t["data"]], q.crop_rule, finder=None, min_images=1)
+    held = ds.subset(t["card"]["split"]["val_images"])
+    xj, _ = cut_crops(held.samples, q.crop_rule, copies=10, jitter=0.08, seed=0)
+    same = q.classify_crops(xj).argmax(1) == f.classify_crops(xj).argmax(1)
+    assert jit["top1_agreement"] == round(float(same.mean()), 4)
     # the figures are those training put in the card (same split, same int8 file)
     card_fig = t["card"]["evaluation"]["sources"]["cells"]["crops"]
     assert rep["crops"]["confusion"] == card_fig["confusion"]
