@@ -151,6 +151,8 @@ def top1_agreement(a: bytes, b: bytes, x: np.ndarray, batch: int = 32) -> float:
 
 
 def _predict(data: bytes, x: np.ndarray, batch: int) -> np.ndarray:
+    """Probabilities of a candidate model still in memory (no file, no card yet: the run-time
+    ``CellClassifier`` reads files) on preprocessed float inputs, ``batch`` at a time."""
     from detector.classify import _interpreter_class
 
     cls, _ = _interpreter_class()
