@@ -269,13 +269,15 @@ def source_report(clf: CellClassifier, ds: Any, kind: str,
         if len(keep) < JITTER_BELOW:
             # few cells (BCCD's 55): one disagreement moves the figure by 2 %. Boxes jittered as
             # the segmenter's vary give more inputs of the same cells to compare on.
-            xj, _ = cut_crops(keep, clf.crop_rule, copies=JITTER_COPIES, jitter=0.08, seed=0,
+            jitter = float(clf.card.recipe.get("box_jitter", 0.08))  # as the model trained
+            xj, _ = cut_crops(keep, clf.crop_rule, copies=JITTER_COPIES, jitter=jitter, seed=0,
                               cache=cache)
             pj, pfj = clf.classify_crops(xj), float_clf.classify_crops(xj)
             report["float_vs_int8"]["jittered"] = {
                 "crops": len(xj),
                 "top1_agreement": round(float(np.mean(pfj.argmax(1) == pj.argmax(1))), 4),
-                "note": f"{JITTER_COPIES} crops per cell, the box jittered by up to 8 %",
+                "note": f"{JITTER_COPIES} crops per cell, the box jittered by up to "
+                        f"{100 * jitter:.0f} %",
             }
     if kind == "voc":
         report["end_to_end"] = _end_to_end(clf, keep, label_index)

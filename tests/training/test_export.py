@@ -37,7 +37,7 @@ def test_int8_model_keeps_only_the_named_layer_float(tiny_run):
     assert card["input"]["dtype"] == "float32"
     # the card names the float tensors: the named layer's, plus any the monitor split asked for
     exported = card["recipe"]["int8_export"]
-    assert {d["name"] for d in kept} <= set(exported["float_tensors"]) | {""}
+    assert {d["name"] for d in kept} <= set(exported["float_tensors"])
     floats = {d["name"] for d in tensors if d["dtype"] == np.float32}
     assert set(exported["float_tensors"]) <= floats
     # 2 monitor originals (2 files each), 2 training copies of each file

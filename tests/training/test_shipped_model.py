@@ -7,6 +7,7 @@ single-cell images through the run-time still-image analysis (find the centre ce
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,9 @@ def _card(model: Path) -> dict:
     return json.loads(model.with_suffix(".json").read_text())
 
 
+_DEPTHWISE = re.compile(r"expanded_conv_depthwise|block_\d+_depthwise")
+
+
 def test_card_matches_tensors(shipped_model):
     card = _card(shipped_model)
     r = CellClassifier(shipped_model)
@@ -46,9 +50,8 @@ def test_card_matches_tensors(shipped_model):
     assert len(kernels) >= 30 and all(t["dtype"] == np.int8 for t in kernels)
     floats = [t["name"] for t in depthwise if t["dtype"] != np.int8]  # kernel and output
     kept = card["recipe"]["int8_export"]["float_tensors"]
-    # the layer of each kept tensor: ".../block_2_depthwise_relu_1/Relu6;..." -> block_2_depthwise
-    layers = {n.split(";")[0].split("/")[-2].replace("_relu", "").rsplit("_", 1)[0]
-              for n in kept}
+    # the depthwise layer of each kept tensor (".../block_2_depthwise_relu_1/Relu6;...")
+    layers = {m.group(0) for n in kept if (m := _DEPTHWISE.search(n))}
     assert 1 <= len(layers) <= 6 and "expanded_conv_depthwise" in layers
     assert len(floats) <= 2 * len(layers) and all(any(x in n for x in layers) for n in floats)
     named = {t["name"]: t["dtype"] for t in tensors}

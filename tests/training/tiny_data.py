@@ -85,9 +85,9 @@ def train_tiny(root: Path) -> dict:
     seen: dict = {}
     original = export.export_models
 
-    def recording(model, calibration, out, float_out, monitor=None, **kw):
+    def recording(model, calibration, *args, **kw):
         seen["calibration"] = calibration.copy()
-        return original(model, calibration, out, float_out, monitor, **kw)
+        return original(model, calibration, *args, **kw)
 
     export.export_models = recording
     try:
