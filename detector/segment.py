@@ -211,9 +211,11 @@ class SegmenterOptions:
             stain beyond (vignetted corners, pale neighbours) neither cuts it nor widens its box.
         max_cell_diameter: largest nucleus group extent; bigger stained areas are smears or clumps
             (generous, so that an underestimated red-cell size never drops a large cell).
-        min_edge_depth: a cell cut by the frame border is reported only when it reaches at least
-            this far into the frame (about a third of a white cell); thinner slivers are left
-            for the frames in which the cell is in view.
+        min_edge_depth: a cell cut by the frame border is reported only when its stained body
+            reaches at least this far into the frame (about a third of a white cell, which is
+            ~1.4 red cells across: about half the cell with the pale rim an annotator's box
+            takes in); thinner slivers are left for the frames in which the cell is in view.
+            (0.6 dropped a tenth of the cells half in view after a 1.25x zoom.)
         max_cytoplasm: how far the cell body may reach beyond the nucleus.
         background_percentile: percentile of each channel taken as the illuminant (the glass).
         body_any_hue: the cell body is stain off the red-cell direction in any hue (takes in
@@ -237,7 +239,7 @@ class SegmenterOptions:
     min_weak_cytoplasm: float = 1.0
     edge_level: float = 1.5
     max_cell_diameter: float = 5.0
-    min_edge_depth: float = 0.6
+    min_edge_depth: float = 0.5
     max_cytoplasm: float = 0.5
     background_percentile: float = 97.0
     body_any_hue: bool = True
