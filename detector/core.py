@@ -217,6 +217,22 @@ class Detections:
         """No detections."""
         return cls(xyxy=np.empty((0, 4), dtype=np.float32))
 
+    @classmethod
+    def concat(cls, parts: Sequence[Detections]) -> Detections:
+        """One Detections of ``parts`` in order (their ``data`` keys must match)."""
+        if not parts:
+            return cls.empty()
+        keys = parts[0].data.keys()
+        return cls(
+            xyxy=np.concatenate([p.xyxy for p in parts]),
+            score=np.concatenate([p.score for p in parts]),
+            class_id=np.concatenate([p.class_id for p in parts]),
+            track_id=np.concatenate([p.track_id for p in parts]),
+            area=np.concatenate([p.area for p in parts]),
+            touches_edge=np.concatenate([p.touches_edge for p in parts]),
+            data={k: np.concatenate([p.data[k] for p in parts]) for k in keys},
+        )
+
     def __len__(self) -> int:
         return int(self.xyxy.shape[0])
 

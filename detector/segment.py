@@ -46,10 +46,12 @@ Scale: all sizes are in red-cell diameters. The diameter is estimated per frame 
 mask by granulometry (the disc radius whose morphological opening keeps 60 % of the red-cell area,
 which touching and overlapping cells do not fool; pale centres are filled first, but not the plasma
 enclosed by a ring of packed cells, which would merge them into one blob); when a frame has too few
-red cells, or the estimate is implausible (outside 0.3-3x), the configured ``rbc_diameter`` is
-used. So other magnifications and cameras work without retuning. At low magnification (red cells
-under 18 working pixels, ~0.7x BCCD's at 640x480) the frame is read again at a working width that
-gives red cells ~24 pixels (slower: ~2-4 ms for such frames) so nuclei and platelets stay apart.
+red cells, no disc-shaped ones (only rims of pale cells cut open by the border, as in a crop
+zoomed in on one white cell), or the estimate is implausible (outside 0.3-3x), the configured
+``rbc_diameter`` is used. So other magnifications and cameras work without retuning. At low
+magnification (red cells under 18 working pixels, ~0.7x BCCD's at 640x480) the frame is read
+again at a working width that gives red cells ~24 pixels (slower: ~2-4 ms for such frames) so
+nuclei and platelets stay apart.
 The opening radius is calibrated to BCCD's
 annotated red-cell boxes (x1.42: red cells with open pale centres read small as binary masks);
 on BCCD 90 % of frames fall within -16 % / +20 % of the annotated size. Crisp cells with filled
@@ -87,7 +89,8 @@ data sets; the cell may fill or touch the crop): ``find_single`` returns the cel
 (or nearest it), falling back, when the red cells of the crop are too few or the cell fills it,
 on the densest nuclear stain at the centre with the red-cell stain read from the crop's outer
 band; ``find_still`` recognises such an image (its only whole cell centred and at least a fifth
-of the shorter side) and returns that one cell, else the field's cells.
+of the shorter side) and returns that one cell, else the field's cells (with a large nucleus over
+the centre added when the field analysis missed it).
 
 ``score`` is a segmentation confidence in [0, 1] from the nucleus contrast and how plausible its
 size is. Focus is not measured here: the analyzer measures it only for the cells it may
@@ -106,7 +109,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from detector.core import Detections, Frame
+from detector.core import Detections, Frame, box_iou
 from detector.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -352,15 +355,18 @@ def _components(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarr
     return cv2.connectedComponentsWithStatsWithAlgorithm(mask, 8, cv2.CV_32S, cv2.CCL_BBDT)
 
 
-def _granulometry(mask: np.ndarray, lo: float, hi: float) -> float:
+def _granulometry(mask: np.ndarray, lo: float, hi: float) -> float | None:
     """Disc radius (px, bisected in [lo, hi]) whose morphological opening keeps
-    ``_GRANULOMETRY_KEEP`` of the mask's area. Touching and overlapping red cells do not fool it
-    (a disc still fits each cell), unlike blob sizes or distance maxima. Opening by radius r =
-    points within r of a point at least r deep, so each trial radius costs two distance
-    transforms (one when no point is that deep)."""
+    ``_GRANULOMETRY_KEEP`` of the mask's area; None when no trial disc does: the mask holds no
+    disc-shaped cells (e.g. only the rims of pale red cells whose centres open to the border, in
+    a crop zoomed in on one white cell), and the bisection's floor would be read as a size.
+    Touching and overlapping red cells do not fool it (a disc still fits each cell), unlike blob
+    sizes or distance maxima. Opening by radius r = points within r of a point at least r deep,
+    so each trial radius costs two distance transforms (one when no point is that deep)."""
     area = int(np.count_nonzero(mask))
     depth = cv2.distanceTransform(mask, cv2.DIST_L2, 3)
     deepest = float(depth.max())
+    lo0 = lo
     for _ in range(6):
         r = (lo + hi) / 2
         kept = 0  # no disc wider than the deepest point fits
@@ -368,7 +374,7 @@ def _granulometry(mask: np.ndarray, lo: float, hi: float) -> float:
             outside = (depth < r).astype(np.uint8)
             kept = np.count_nonzero(cv2.distanceTransform(outside, cv2.DIST_L2, 3) <= r)
         lo, hi = (r, hi) if kept > area * _GRANULOMETRY_KEEP else (lo, r)
-    return (lo + hi) / 2
+    return None if lo == lo0 else (lo + hi) / 2
 
 
 def _round_holes(holes: np.ndarray) -> np.ndarray:
@@ -477,21 +483,33 @@ class Segmenter:
         A photo whose only whole cell sits over its centre and is large for the photo (at least
         a fifth of its shorter side; other cells, if any, cut by its edge) is a single-cell
         image: the result is that one cell (:meth:`find_single`). Any other photo is a field and
-        gets :meth:`find`'s cells.
+        gets :meth:`find`'s cells; when none of them is over the centre but a large nucleus is
+        (a single-cell crop whose red-cell size misread), that cell is added to them.
         """
         bgr = _as_bgr(image)
         h, w = bgr.shape[:2]
         det = self.find(bgr)
         k = _centre_index(det.xyxy, w, h)
         others = [i for i in range(len(det)) if i != k and not det.touches_edge[i]]
+
+        def big(box: np.ndarray) -> bool:
+            return max(box[2] - box[0], box[3] - box[1]) >= _SINGLE_MIN_SIZE * min(w, h)
+
         if k is not None:
-            x1, y1, x2, y2 = det.xyxy[k]
-            big = max(x2 - x1, y2 - y1) >= _SINGLE_MIN_SIZE * min(w, h)
-            return det[[k]] if big and not others else det
-        if others:
-            return det
+            return det[[k]] if big(det.xyxy[k]) and not others else det
         one = self._centre_nucleus(bgr)
-        return one if len(one) else det
+        if not len(one):
+            return det
+        if not others:
+            return one
+        if not big(one.xyxy[0]):
+            return det
+        # A large nucleus over the centre that the field analysis did not box (in a crop
+        # zoomed in on one cell, pale red cells cut by the border can read as rings and the
+        # red-cell size small, which makes the cell too large to be one): the cell is added,
+        # the field's cells that do not overlap it kept.
+        apart = box_iou(det.xyxy, one.xyxy)[:, 0] == 0
+        return Detections.concat([one, det[apart]])
 
     def _centre_nucleus(self, bgr: np.ndarray) -> Detections:
         """The densest nuclear stain at the centre of a crop, boxed with its cytoplasm rim."""
@@ -739,15 +757,19 @@ class Segmenter:
         cv2.floodFill(outer, None, (0, 0), 1, flags=4)
         holes = 1 - outer[1:-1, 1:-1]
         round_ = _round_holes(holes)
-        lo, hi = max(1.0, 0.12 * fallback / 2), 1.5 * fallback / 2  # radii at half resolution
+        # radii at half resolution, from the smallest measurable (1 px) up
+        lo, hi = 1.0, 1.5 * fallback / 2
         r = _granulometry(rbc | holes, lo, hi)
+        if r is None:
+            log.debug("no disc-shaped red cells to measure, using the configured diameter")
+            return fallback
         if np.count_nonzero(holes) > np.count_nonzero(round_):
             # Some enclosed pieces are not round: slit-like pale centres, or the plasma enclosed
             # by a ring of packed red cells (crowded, zoomed-out frames), whose filling merges
             # the cells into blobs read 1.5-2x too large. Without them, the size falls by far
             # only in the second case.
             r_round = _granulometry(rbc | round_, lo, hi)
-            if r_round < _MERGED * r:
+            if r_round is not None and r_round < _MERGED * r:
                 r = r_round
         d = 4.0 * r * _GRANULOMETRY_CAL
         if not 0.3 * fallback <= d <= 3.0 * fallback:

@@ -400,3 +400,37 @@ def test_round_holes_keep_pale_centres_not_plasma_channels() -> None:
     assert out[20, 12] == 1 and out[:, :20].sum() == holes[:, :20].sum()
     assert out[:, 25:].sum() == 0
     assert _round_holes(np.zeros((10, 10), np.uint8)).sum() == 0
+
+
+def test_granulometry_reads_disc_radius_and_no_size_from_rims() -> None:
+    """Discs of radius 8 read ~8; thin rings (the rims of pale red cells whose centres open to
+    the border) hold no disc and give no size, not the bisection's floor."""
+    from detector.segment import _granulometry
+
+    discs = np.zeros((80, 120), np.uint8)
+    for x in (20, 60, 100):
+        cv2.circle(discs, (x, 40), 8, 1, -1)
+    assert 6.5 <= _granulometry(discs, 1.0, 20.0) <= 9.5
+    rims = np.zeros((80, 120), np.uint8)
+    for x in (20, 60, 100):
+        cv2.ellipse(rims, (x, 40), (14, 14), 0, 20, 340, 1, 1)  # open 1-px rings
+    assert _granulometry(rims, 1.0, 20.0) is None
+
+
+def test_real_pbc_crops_zoomed_in_until_the_cell_fills_them(bccd_dir) -> None:
+    """Crops zoomed in 1.5x on PBC cells (another gallery's framing: the cell fills the crop, the
+    pale red cells around it cut open by the border) whose red-cell size used to read as the
+    rims' width: the centre cell is still found."""
+    from training.detection_eval import perturb
+
+    pbc = bccd_dir.parent / "pbc"
+    if not pbc.is_dir():
+        pytest.skip(f"PBC images not found at {pbc}")
+    seg = Segmenter()
+    for name in ("eosinophil/EO_566829.jpg", "eosinophil/EO_94652.jpg",
+                 "neutrophil/BNE_228660.jpg", "basophil/BA_457610.jpg"):
+        img = cv2.imread(str(pbc / name))
+        zoomed, _, _ = perturb(img, np.zeros((0, 4), np.float32), "scale_1.5")
+        h, w = zoomed.shape[:2]
+        det = seg.find_still(zoomed)
+        assert any(x1 <= w / 2 <= x2 and y1 <= h / 2 <= y2 for x1, y1, x2, y2 in det.xyxy), name

@@ -14,24 +14,23 @@ import argparse
 import json
 from pathlib import Path
 
-import cv2
 import pytest
 
 from detector.core import Frame
 from detector.segment import Segmenter
 from detector.vote import VoteOptions
 from stream import bench
-from tests.detector.fakes import Cell, Slide, pan, view
 
 
 @pytest.fixture()
 def short_clip(tmp_path, monkeypatch):
-    slide = Slide(1200, 600, [Cell(1, "neutrophil", 300, 300), Cell(2, "eosinophil", 520, 320)])
-    path = tmp_path / "clip.mp4"
-    w = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), 30.0, (320, 240))
-    for x, y in pan((60, 170), (5, 0), 60):
-        w.write(view(slide, x, y))
-    w.release()
+    """Two seconds of the simulator (the reference clip is ten): real red cells around real-
+    looking white cells, so the real segmenter reads them as it reads the reference clip."""
+    from stream import synth
+
+    folder = synth.render_video(tmp_path / "clip", seconds=2.0, fps=30.0, seed=bench.CLIP_SEED,
+                                size=(320, 240), progress=False, **bench.CLIP_SETTINGS)
+    path = folder / "video.mp4"
     monkeypatch.setattr(bench, "bench_clip", lambda: path)
     return path
 
