@@ -156,7 +156,8 @@ def evaluate_detection(
 
 #: Named image perturbations for robustness figures: white balance, exposure, gamma, stain
 #: strength and hue, red cells stained grey or blue-grey/teal, yellowish and bluish backgrounds,
-#: dim and vignetted illumination, magnification 0.35x-2x, focus, sensor noise and compression.
+#: dim and vignetted illumination, magnification 0.35x-2x, a camera with half the pixels, focus,
+#: sensor noise and compression.
 PERTURBATIONS: tuple[str, ...] = (
     "wb_warm",
     "wb_cool",
@@ -185,6 +186,7 @@ PERTURBATIONS: tuple[str, ...] = (
     "scale_1.25",
     "scale_1.5",
     "scale_2",
+    "resize_0.5",
     "blur_1.5",
     "blur_3",
     "noise_8",
@@ -321,6 +323,11 @@ def perturb(
             m = np.array([[s, 0, -ox * s], [0, s, -oy * s]], np.float32)
             img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR)
             boxes, ignore = _visible((boxes - np.array([ox, oy, ox, oy], np.float32)) * s, w, h)
+    elif name == "resize":  # the same view, fewer pixels: a lower-resolution camera, a thumbnail
+        s = float(arg)
+        size = (max(8, int(round(w * s))), max(8, int(round(h * s))))
+        img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+        boxes = boxes * np.array([size[0] / w, size[1] / h] * 2, np.float32)
     elif name == "blur":
         img = cv2.GaussianBlur(img, (0, 0), float(arg))
     elif name == "noise":
@@ -368,6 +375,51 @@ def evaluate_robustness(
 
 #: Folder names of single-cell image sets that are not white cells (see evaluate_single_cells).
 NOT_WHITE = ("platelet", "erythroblast")
+
+
+#: Perturbations of single-cell images: those of a field that keep one centred cell (colour,
+#: light, focus, noise, compression), zooming in until the cell fills and touches the crop, and
+#: smaller crops (other analysers' galleries and data sets are 100-400 px). Zooming out is left
+#: out: the mirrored surround would put copies of the cell around it.
+SINGLE_CELL_PERTURBATIONS: tuple[str, ...] = tuple(
+    k for k in PERTURBATIONS if not k.startswith(("scale_0.", "resize_"))
+) + ("resize_0.6", "resize_0.4", "resize_0.25")
+
+
+def evaluate_single_cell_robustness(
+    folder: Path,
+    segmenter,
+    kinds: Sequence[str] = SINGLE_CELL_PERTURBATIONS,
+    every: int = 20,
+    tuned: Callable[[int], bool] = lambda i: False,
+) -> dict[str, dict]:
+    """Share of single-cell images whose centre cell the still-image analysis
+    (``segmenter.find_still``) finds on perturbed copies, per kind and white-cell class, on every
+    ``every``-th image of each class (from the 6th on; those marked ``tuned``, looked at while
+    tuning, left out). The not-white folders (``NOT_WHITE``) are left out too."""
+    sample = []
+    for d, files in class_folder_images(Path(folder)):
+        if d.name in NOT_WHITE:
+            continue
+        for f in [files[i] for i in range(5, len(files), every) if not tuned(i)]:
+            try:
+                sample.append((d.name, read_image(f)))
+            except InputError as exc:
+                log.warning("%s, skipped", exc)
+    if not sample:
+        raise InputError(f"{folder}: no white-cell class folders with images")
+    out: dict[str, dict] = {}
+    for kind in kinds:
+        per: dict[str, list[bool]] = {}
+        for k, (cls, img) in enumerate(sample):
+            pimg, _, _ = perturb(img, np.zeros((0, 4), np.float32), kind, seed=k)
+            h, w = pimg.shape[:2]
+            per.setdefault(cls, []).append(_over_centre(segmenter.find_still(pimg).xyxy, w, h))
+        found = {c: float(np.mean(v)) for c, v in per.items()}
+        worst = min(found, key=found.__getitem__)
+        out[kind] = {"images": len(sample), "found": float(np.mean(sum(per.values(), []))),
+                     "worst_class": worst, "worst_found": found[worst], "per_class": found}
+    return out
 
 
 def _over_centre(xyxy: np.ndarray, w: int, h: int) -> bool:
@@ -476,6 +528,12 @@ def evaluate_single_cells(
     return out
 
 
+def _tuned(i: int) -> bool:
+    """Images 0, 10, 20... and 1, 13, 25... of each single-cell class were looked at while
+    tuning the segmenter."""
+    return i % 10 == 0 or i % 12 == 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m training.detection_eval FOLDER [--json]``: print the detection figures."""
     from detector.segment import Segmenter
@@ -496,7 +554,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--threads", type=int, default=1, help="OpenCV threads while timing")
     p.add_argument(
-        "--robustness", action="store_true", help="also report figures on perturbed copies"
+        "--robustness", action="store_true",
+        help="also report figures on perturbed copies (with --single-cells: of every 20th "
+        "single-cell image too)",
     )
     args = p.parse_args(argv)
     if args.model is not None and args.single_cells is None:
@@ -508,7 +568,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.robustness:
             res["robustness"] = evaluate_robustness(records, Segmenter())
         if args.single_cells is not None:
-            # images 0, 10, 20... and 1, 13, 25... of each class were looked at while tuning
             clf = held = None
             if args.model is not None:
                 from detector.classify import CellClassifier
@@ -517,9 +576,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 held = held_out_of(clf.card.split, args.single_cells)
                 res["model"] = str(args.model)
             res["single_cells"] = evaluate_single_cells(
-                args.single_cells, Segmenter(), tuned=lambda i: i % 10 == 0 or i % 12 == 1,
-                classifier=clf, held_out=held,
+                args.single_cells, Segmenter(), tuned=_tuned, classifier=clf, held_out=held,
             )
+            if args.robustness:
+                res["single_cell_robustness"] = evaluate_single_cell_robustness(
+                    args.single_cells, Segmenter(), tuned=_tuned)
     except HematoVisionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -554,6 +615,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"{kind:12s} recall {r['recall']:.4f}  precision {r['precision']:.4f}  "
             f"(fn {r['fn']}, fp {r['fp']})"
+        )
+    for kind, r in res.get("single_cell_robustness", {}).items():
+        print(
+            f"single cells {kind:12s} found {r['found']:.4f}  worst class {r['worst_class']} "
+            f"{r['worst_found']:.4f}  ({r['images']} images)"
         )
     return 0
 

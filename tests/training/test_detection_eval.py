@@ -73,6 +73,11 @@ def test_perturbations_keep_shape_and_boxes(kind: str) -> None:
     img = np.full((48, 64, 3), 200, np.uint8)
     boxes = np.array([[20, 10, 44, 38]], np.float32)
     out, b, ign = perturb(img, boxes, kind)
+    if kind.startswith("resize_"):  # fewer pixels, the same view: the box shrinks with it
+        f = float(kind.split("_")[1])
+        assert out.shape == (round(48 * f), round(64 * f), 3) and out.dtype == np.uint8
+        np.testing.assert_allclose(b, boxes * f, rtol=1e-5)
+        return
     assert out.shape == img.shape and out.dtype == np.uint8
     s = float(kind.split("_")[1]) if kind.startswith("scale_") else 1.0
     if s < 1:  # a wider field: the photo's box and its mirror images, each shrunk
@@ -134,6 +139,33 @@ def test_single_cell_figures(tmp_path: Path) -> None:
     res = evaluate_single_cells(tmp_path, Centre([[0, 0, 5, 5]]), progress=False)
     assert res["lymphocyte"]["found"] == 0.0
     assert res["lymphocyte"]["missed"] == ["0.png", "1.png", "2.png"]
+
+
+def test_single_cell_robustness_per_kind_and_class(tmp_path: Path) -> None:
+    """Every ``every``-th image of each white-cell class from the 6th, the tuned ones and the
+    not-white folders left out, perturbed per kind; a segmenter that needs 30 px loses the
+    quarter-size copies."""
+    from training.detection_eval import SINGLE_CELL_PERTURBATIONS, evaluate_single_cell_robustness
+
+    for name in ("lymphocyte", "monocyte", "platelet"):
+        (tmp_path / name).mkdir()
+        for i in range(8):
+            cv2.imwrite(str(tmp_path / name / f"{i}.png"), np.full((40, 40, 3), 200, np.uint8))
+
+    class NeedsPixels:
+        def find_still(self, image: np.ndarray) -> Detections:
+            h, w = image.shape[:2]
+            return Detections(xyxy=[[w / 4, h / 4, 3 * w / 4, 3 * h / 4]] if w >= 30 else [])
+
+    res = evaluate_single_cell_robustness(tmp_path, NeedsPixels(), kinds=("none", "resize_0.25"),
+                                          every=1, tuned=lambda i: i == 5)
+    assert res["none"]["images"] == 4  # images 6 and 7 of the two white-cell classes
+    assert res["none"]["found"] == 1.0 and set(res["none"]["per_class"]) == {"lymphocyte",
+                                                                               "monocyte"}
+    assert res["resize_0.25"]["found"] == 0.0 and res["resize_0.25"]["worst_found"] == 0.0
+    # zooming out (a mirrored surround: copies of the cell around it) is not a single-cell case
+    assert "scale_2" in SINGLE_CELL_PERTURBATIONS
+    assert not any(k.startswith("scale_0.") for k in SINGLE_CELL_PERTURBATIONS)
 
 
 def test_single_cell_figures_with_a_classifier_veto(tmp_path: Path) -> None:
