@@ -156,8 +156,9 @@ def evaluate_detection(
 
 #: Named image perturbations for robustness figures: white balance, exposure, gamma, stain
 #: strength and hue, red cells stained grey or blue-grey/teal, yellowish and bluish backgrounds,
-#: dim and vignetted illumination, magnification 0.35x-2x, a camera with half the pixels, focus,
-#: sensor noise and compression.
+#: dim and vignetted illumination, magnification 0.35x-2x (zooming out also with the photo's
+#: mirror image around it, a harsher case), a camera with half the pixels, focus, sensor noise
+#: and compression.
 PERTURBATIONS: tuple[str, ...] = (
     "wb_warm",
     "wb_cool",
@@ -186,6 +187,10 @@ PERTURBATIONS: tuple[str, ...] = (
     "scale_1.25",
     "scale_1.5",
     "scale_2",
+    "mirror_0.35",
+    "mirror_0.5",
+    "mirror_0.6",
+    "mirror_0.8",
     "resize_0.5",
     "blur_1.5",
     "blur_3",
@@ -243,6 +248,58 @@ def _mirror_boxes(boxes: np.ndarray, w: int, h: int) -> tuple[np.ndarray, np.nda
             np.asarray(ignore, np.float32).reshape(-1, 4))
 
 
+def _mosaic(
+    img: np.ndarray,
+    boxes: np.ndarray,
+    px: int,
+    py: int,
+    neighbours: Sequence[tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The photo with ``px`` / ``py`` pixels of other photos around it, tiled edge to edge in a
+    grid -> (the wider field, boxes relative to the photo's corner of cells clear of their
+    photo's edge, ignore regions). Tiles cycle through ``neighbours`` (the photo itself when
+    none; a tile of another size is resized to the photo's). A cell within 3% of the photo's
+    size of its photo's edge is cut by a seam next to unrelated cells: it is ignored, and so is
+    any detection within half a white cell (10% of the photo's size) of a seam, i.e. of a cell
+    whose box crosses it: cut by its photo's edge, where annotators leave most cells out (BCCD's
+    three unannotated cells are such), or two unrelated halves."""
+    h, w = img.shape[:2]
+    tiles = list(neighbours) or [(img, boxes)]
+    nx, ny = -(-px // w), -(-py // h)  # tiles needed on each side
+    big = np.empty(((2 * ny + 1) * h, (2 * nx + 1) * w, 3), img.dtype)
+    m, band = 0.03 * max(w, h), 0.1 * max(w, h)
+    keep: list[np.ndarray] = []
+    ignore: list[np.ndarray] = []
+    t = 0
+    for j in range(-ny, ny + 1):
+        for i in range(-nx, nx + 1):
+            if (i, j) == (0, 0):
+                tile, tb = img, np.asarray(boxes, np.float32).reshape(-1, 4)
+            else:
+                tile, tb = tiles[t % len(tiles)]
+                t += 1
+                tb = np.asarray(tb, np.float32).reshape(-1, 4)
+                if tile.shape[:2] != (h, w):
+                    th, tw = tile.shape[:2]
+                    tb = tb * np.array([w / tw, h / th] * 2, np.float32)
+                    tile = cv2.resize(tile, (w, h), interpolation=cv2.INTER_AREA)
+            oy, ox = (j + ny) * h, (i + nx) * w
+            big[oy:oy + h, ox:ox + w] = tile.astype(img.dtype)
+            near = (tb[:, 0] < m) | (tb[:, 1] < m) | (tb[:, 2] > w - m) | (tb[:, 3] > h - m)
+            off = np.array([i * w, j * h, i * w, j * h], np.float32)
+            keep.append(tb[~near] + off)
+            ignore.append(tb[near] + off)
+    far = 4.0 * max(big.shape[:2])
+    for i in range(-nx, nx + 2):
+        ignore.append(np.array([[i * w - band, -far, i * w + band, far]], np.float32))
+    for j in range(-ny, ny + 2):
+        ignore.append(np.array([[-far, j * h - band, far, j * h + band]], np.float32))
+    # the wider field around the photo: cut from the grid at the photo's offset
+    x0, y0 = nx * w - px, ny * h - py
+    field = big[y0:y0 + h + 2 * py, x0:x0 + w + 2 * px]
+    return field, np.concatenate(keep), np.concatenate(ignore)
+
+
 def _visible(b: np.ndarray, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
     """Boxes clipped to a ``w`` x ``h`` frame -> (at least half visible: to be found; less:
     ignored, neither a hit nor a false alarm)."""
@@ -253,15 +310,22 @@ def _visible(b: np.ndarray, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def perturb(
-    image: np.ndarray, boxes: np.ndarray, kind: str, seed: int = 0
+    image: np.ndarray,
+    boxes: np.ndarray,
+    kind: str,
+    seed: int = 0,
+    neighbours: Sequence[tuple[np.ndarray, np.ndarray]] = (),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Apply one named perturbation -> (image, boxes, ignore boxes).
 
-    Magnification changes keep the frame size: zooming out (<1) widens the field of view, the
-    smear continuing beyond the photo as its mirror image (white cells included, so the frame is
-    full of cells as a real low-magnification frame is); zooming in (>1) crops the centre. GT
-    boxes follow; a box less than half visible becomes an ignore box (a detection there is
-    neither a hit nor a false alarm).
+    Magnification changes keep the frame size: zooming out (``scale_S``, S < 1) widens the field
+    of view, the photo in the middle of a mosaic of ``neighbours`` (other photos of the same
+    smear with their white-cell boxes; the photo itself, shifted, when none are given), so the
+    frame is full of cells as a real low-magnification frame is; ``mirror_S`` widens it with the
+    photo's own mirror image instead (a harsher case: a cell and its mirror image merge at the
+    seams). Zooming in (S > 1) crops the centre. GT boxes follow; a box less than half visible
+    becomes an ignore box (a detection there is neither a hit nor a false alarm), and so do the
+    cells at the seams.
     """
     rng = np.random.default_rng(seed)
     img = image.astype(np.float32)
@@ -301,28 +365,31 @@ def perturb(
         hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
         hsv[..., 0] = ((hsv[..., 0].astype(np.int32) + int(arg)) % 180).astype(np.uint8)
         img = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR).astype(np.float32)
-    elif name == "scale":
+    elif name in ("scale", "mirror"):
         s = float(arg)
         if s < 1.0:
-            # a wider field of view: the smear continues beyond the photo (mirrored around it,
-            # with its white cells), all shrunk to the frame
+            # a wider field of view, all shrunk to the frame
             px, py = int(round((w / s - w) / 2)), int(round((h / s - h) / 2))
-            big = cv2.copyMakeBorder(img, py, py, px, px, cv2.BORDER_REFLECT)
+            if name == "mirror":  # the smear continues beyond the photo as its mirror image
+                big = cv2.copyMakeBorder(img, py, py, px, px, cv2.BORDER_REFLECT)
+                whole, seam = _mirror_boxes(boxes, w, h)
+            else:  # ... as other photos of the smear
+                big, whole, seam = _mosaic(img, boxes, px, py, neighbours)
             img = cv2.resize(big, (w, h), interpolation=cv2.INTER_AREA)
             fx, fy = w / big.shape[1], h / big.shape[0]
             shift = np.array([px, py, px, py], np.float32)
             scale = np.array([fx, fy, fx, fy], np.float32)
-            whole, seam = _mirror_boxes(boxes, w, h)
             boxes, ignore = _visible((whole + shift) * scale, w, h)
-            # cells at the photo's edge and the mirror seams themselves (a cell or a platelet
-            # and its mirror image make a shape no smear has) are neither hits nor misses
+            # cells at the photo's edge and the seams themselves are neither hits nor misses
             ignore = np.concatenate([ignore, ((seam + shift) * scale).astype(np.float32)])
-        else:
+        elif name == "scale":
             cw, ch = w / s, h / s
             ox, oy = (w - cw) / 2, (h - ch) / 2
             m = np.array([[s, 0, -ox * s], [0, s, -oy * s]], np.float32)
             img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR)
             boxes, ignore = _visible((boxes - np.array([ox, oy, ox, oy], np.float32)) * s, w, h)
+        else:
+            raise ValueError(f"mirror_S widens the field: S must be < 1, got {kind!r}")
     elif name == "resize":  # the same view, fewer pixels: a lower-resolution camera, a thumbnail
         s = float(arg)
         size = (max(8, int(round(w * s))), max(8, int(round(h * s))))
@@ -341,6 +408,10 @@ def perturb(
     return out, boxes, ignore
 
 
+#: Other photos a zoomed-out field is tiled from (8 surround the photo down to 0.33x).
+_MOSAIC_TILES = 8
+
+
 def evaluate_robustness(
     records: Sequence[VocRecord], segmenter, kinds: Sequence[str] = PERTURBATIONS
 ) -> dict[str, dict]:
@@ -349,11 +420,15 @@ def evaluate_robustness(
     for rec in records:
         images.append((rec, read_image(rec.image)))
     out: dict[str, dict] = {}
+    n = len(images)
     for kind in kinds:
         tp = fp = fn = 0
         bad: list[str] = []
         for k, (rec, img) in enumerate(images):
-            pimg, gt, ign = perturb(img, rec.wbc, kind, seed=k)
+            # a zoomed-out field continues with the next photos of the set
+            around = [(images[(k + i) % n][1], images[(k + i) % n][0].wbc)
+                      for i in range(1, min(n, _MOSAIC_TILES + 1))]
+            pimg, gt, ign = perturb(img, rec.wbc, kind, seed=k, neighbours=around)
             det = segmenter.find(pimg)
             pairs, up, ug = match_centres(det.xyxy, gt)
             if len(ign) and up:
@@ -380,9 +455,9 @@ NOT_WHITE = ("platelet", "erythroblast")
 #: Perturbations of single-cell images: those of a field that keep one centred cell (colour,
 #: light, focus, noise, compression), zooming in until the cell fills and touches the crop, and
 #: smaller crops (other analysers' galleries and data sets are 100-400 px). Zooming out is left
-#: out: the mirrored surround would put copies of the cell around it.
+#: out: it would make a field of several cells.
 SINGLE_CELL_PERTURBATIONS: tuple[str, ...] = tuple(
-    k for k in PERTURBATIONS if not k.startswith(("scale_0.", "resize_"))
+    k for k in PERTURBATIONS if not k.startswith(("scale_0.", "mirror_", "resize_"))
 ) + ("resize_0.6", "resize_0.4", "resize_0.25")
 
 

@@ -79,8 +79,8 @@ def test_perturbations_keep_shape_and_boxes(kind: str) -> None:
         np.testing.assert_allclose(b, boxes * f, rtol=1e-5)
         return
     assert out.shape == img.shape and out.dtype == np.uint8
-    s = float(kind.split("_")[1]) if kind.startswith("scale_") else 1.0
-    if s < 1:  # a wider field: the photo's box and its mirror images, each shrunk
+    s = float(kind.split("_")[1]) if kind.startswith(("scale_", "mirror_")) else 1.0
+    if s < 1:  # a wider field: the photo's box and its copies (mosaic) or mirror images, shrunk
         centre = np.array([32 + (32 - 32) * s, 24 + (24 - 24) * s])  # the photo's centre
         mid = (b[:, :2] + b[:, 2:]) / 2
         k = int(np.argmin(np.hypot(*(mid - centre).T)))
@@ -103,6 +103,32 @@ def test_zoom_out_ignores_cells_at_the_mirror_seams() -> None:
     assert [-60, 30, -40, 50] in keep.tolist()  # its mirror image left of the photo
     assert [0, 10, 20, 30] in ignore.tolist() and [-20, 10, 0, 30] in ignore.tolist()
     assert len(ignore) == 9 + 4  # the edge cell's copies and four seam bands
+
+
+def test_zoom_out_is_a_mosaic_of_the_neighbouring_photos() -> None:
+    """Zooming out to 0.5x puts other photos around this one: their cells are to be found
+    too, shrunk with the field; a cell cut by its photo's edge is ignored, and so are the
+    bands along the seams."""
+    w, h = 100, 80
+    photo = np.full((h, w, 3), 200, np.uint8)
+    other = np.full((h, w, 3), 120, np.uint8)
+    mine = np.array([[40, 30, 60, 50]], np.float32)
+    theirs = np.array([[40, 30, 60, 50], [0, 10, 20, 30]], np.float32)  # one clear, one cut
+    out, gt, ign = perturb(photo, mine, "scale_0.5", neighbours=[(other, theirs)])
+    assert out.shape == photo.shape
+    assert out[h // 2, w // 2, 0] == 200 and out[2, 2, 0] == 120  # the photo amid the others
+    # the photo's cell at the centre, half size, and the neighbours' clear cells around it
+    centres = (gt[:, :2] + gt[:, 2:]) / 2
+    assert [50.0, 40.0] in centres.tolist() and len(gt) == 5
+    inner = gt[(gt[:, 0] > 0) & (gt[:, 2] < w)]  # (not clipped by the frame's sides)
+    assert len(inner) == 3 and np.allclose(inner[:, 2] - inner[:, 0], 10)  # shrunk to half
+    # the neighbours' cut cell is never a cell to find: in the tile right of the photo it is
+    # at (100 + 0, 10) + the 50/40 px margin, halved
+    assert [75.0, 25.0, 85.0, 35.0] in ign.tolist()
+    assert not any(np.allclose(b, [75, 25, 85, 35]) for b in gt)
+    # a detection at a seam (the photo's left edge, x = 25 in the frame) is ignored
+    _, still, _ = match_centres(np.array([[22, 30, 28, 40]], np.float32), ign)
+    assert still == []
 
 
 def test_restain_turns_red_cells_teal_and_keeps_nuclei() -> None:
