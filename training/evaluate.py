@@ -273,9 +273,13 @@ def source_report(clf: CellClassifier, ds: Any, kind: str,
             xj, _ = cut_crops(keep, clf.crop_rule, copies=JITTER_COPIES, jitter=jitter, seed=0,
                               cache=cache)
             pj, pfj = clf.classify_crops(xj), float_clf.classify_crops(xj)
+            differ = pfj.argmax(1) != pj.argmax(1)
             report["float_vs_int8"]["jittered"] = {
                 "crops": len(xj),
-                "top1_agreement": round(float(np.mean(pfj.argmax(1) == pj.argmax(1))), 4),
+                "top1_agreement": round(float(np.mean(~differ)), 4),
+                # near-ties flip first: how sure the float model was where the two differ
+                "float_top_prob_where_they_differ": sorted(
+                    round(float(v), 2) for v in pfj.max(1)[differ]),
                 "note": f"{JITTER_COPIES} crops per cell, the box jittered by up to "
                         f"{100 * jitter:.0f} %",
             }
@@ -362,6 +366,10 @@ def print_source(name: str, rep: dict[str, Any]) -> None:
         if "jittered" in fv:
             print(f"  float vs int8 top-1 agreement on {fv['jittered']['crops']} jittered crops "
                   f"of the same cells: {fv['jittered']['top1_agreement']:.3f}")
+            where = fv["jittered"].get("float_top_prob_where_they_differ")
+            if where:
+                print(f"    where they differ the float model's top probability was "
+                      f"{', '.join(f'{v:.2f}' for v in where)}")
     else:
         print("  float vs int8: not compared (no float export found)")
     e2e = rep.get("end_to_end")

@@ -101,8 +101,12 @@ def test_evaluate_class_folders_prints_and_writes_report(tmp_path, capsys, tiny_
     ds = load_datasets([t["data"]], q.crop_rule, finder=None, min_images=1)
     held = ds.subset(t["card"]["split"]["val_images"])
     xj, _ = cut_crops(held.samples, q.crop_rule, copies=10, jitter=0.08, seed=0)
-    same = q.classify_crops(xj).argmax(1) == f.classify_crops(xj).argmax(1)
+    pf = f.classify_crops(xj)
+    same = q.classify_crops(xj).argmax(1) == pf.argmax(1)
     assert jit["top1_agreement"] == round(float(same.mean()), 4)
+    # and how sure the float model was on each crop where the two differ
+    assert jit["float_top_prob_where_they_differ"] == sorted(
+        round(float(v), 2) for v in pf.max(1)[~same])
     # the figures are those training put in the card (same split, same int8 file)
     card_fig = t["card"]["evaluation"]["sources"]["cells"]["crops"]
     assert rep["crops"]["confusion"] == card_fig["confusion"]
