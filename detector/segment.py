@@ -218,7 +218,8 @@ class SegmenterOptions:
             reaches at least this far into the frame (about a third of a white cell, which is
             ~1.4 red cells across: about half the cell with the pale rim an annotator's box
             takes in); thinner slivers are left for the frames in which the cell is in view.
-            (0.6 dropped a tenth of the cells half in view after a 1.25x zoom.)
+            (At 0.6, 6 of BCCD's 287 cells in view after a 1.25x zoom were dropped though
+            half of each was in the frame.)
         max_cytoplasm: how far the cell body may reach beyond the nucleus.
         background_percentile: percentile of each channel taken as the illuminant (the glass).
         body_any_hue: the cell body is stain off the red-cell direction in any hue (takes in
