@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import statistics
 import sys
 import time
@@ -157,7 +158,8 @@ def evaluate_detection(
 #: Named image perturbations for robustness figures: white balance, exposure, gamma, stain
 #: strength and hue, red cells stained grey or blue-grey/teal, yellowish and bluish backgrounds,
 #: dim and vignetted illumination, magnification 0.35x-2x (zooming out also with the photo's
-#: mirror image around it, a harsher case), a camera with half the pixels, focus, sensor noise
+#: mirror image around it, a harsher case), another microscope's field (a cast, red cells stained
+#: otherwise and a lower magnification at once), a camera with half the pixels, focus, sensor noise
 #: and compression.
 PERTURBATIONS: tuple[str, ...] = (
     "wb_warm",
@@ -191,6 +193,8 @@ PERTURBATIONS: tuple[str, ...] = (
     "mirror_0.5",
     "mirror_0.6",
     "mirror_0.8",
+    "rbc_teal+wb_cool+scale_0.5",
+    "rbc_grey+bg_yellow+scale_0.6",
     "resize_0.5",
     "blur_1.5",
     "blur_3",
@@ -199,6 +203,9 @@ PERTURBATIONS: tuple[str, ...] = (
     "jpeg_30",
 )
 
+
+#: Where joined kinds meet: a "+" before a kind's name (not the sign of "hue_+10").
+_JOINED = re.compile(r"\+(?=[a-z])")
 
 #: Optical-density direction (BGR) of red cells under stains that leave them grey or blue-grey.
 _RBC_TINTS = {
@@ -326,7 +333,18 @@ def perturb(
     seams). Zooming in (S > 1) crops the centre. GT boxes follow; a box less than half visible
     becomes an ignore box (a detection there is neither a hit nor a false alarm), and so do the
     cells at the seams.
+
+    Kinds joined by ``+`` are applied in turn, the neighbours given the same colour and light
+    ones (``rbc_teal+wb_cool+scale_0.5``: another microscope's field).
     """
+    parts = _JOINED.split(kind, maxsplit=1)  # ("hue_+10" is one kind)
+    if len(parts) == 2:
+        first, rest = parts
+        if first.startswith(("scale_", "mirror_", "resize_")):
+            raise ValueError(f"in {kind!r} the magnification comes last")
+        image, boxes, _ = perturb(image, boxes, first, seed)
+        neighbours = [(perturb(im, b, first, seed)[0], b) for im, b in neighbours]
+        return perturb(image, boxes, rest, seed, neighbours)
     rng = np.random.default_rng(seed)
     img = image.astype(np.float32)
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)

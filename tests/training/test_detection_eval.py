@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import cv2
@@ -79,7 +80,8 @@ def test_perturbations_keep_shape_and_boxes(kind: str) -> None:
         np.testing.assert_allclose(b, boxes * f, rtol=1e-5)
         return
     assert out.shape == img.shape and out.dtype == np.uint8
-    s = float(kind.split("_")[1]) if kind.startswith(("scale_", "mirror_")) else 1.0
+    last = re.split(r"\+(?=[a-z])", kind)[-1]  # joined kinds: the magnification comes last
+    s = float(last.split("_")[1]) if last.startswith(("scale_", "mirror_")) else 1.0
     if s < 1:  # a wider field: the photo's box and its copies (mosaic) or mirror images, shrunk
         centre = np.array([32 + (32 - 32) * s, 24 + (24 - 24) * s])  # the photo's centre
         mid = (b[:, :2] + b[:, 2:]) / 2
@@ -129,6 +131,19 @@ def test_zoom_out_is_a_mosaic_of_the_neighbouring_photos() -> None:
     # a detection at a seam (the photo's left edge, x = 25 in the frame) is ignored
     _, still, _ = match_centres(np.array([[22, 30, 28, 40]], np.float32), ign)
     assert still == []
+
+
+def test_joined_kinds_tint_the_neighbours_too() -> None:
+    """``wb_cool+scale_0.5``: the whole wider field has the cast, not only the photo."""
+    grey = np.full((80, 100, 3), 160, np.uint8)
+    out, gt, _ = perturb(grey, np.array([[40, 30, 60, 50]], np.float32), "wb_cool+scale_0.5",
+                         neighbours=[(grey.copy(), np.empty((0, 4), np.float32))])
+    alone, _, _ = perturb(grey, np.empty((0, 4)), "wb_cool")
+    np.testing.assert_array_equal(out[2, 2], alone[2, 2])  # a neighbour's corner, tinted
+    np.testing.assert_array_equal(out[40, 50], alone[40, 50])
+    assert gt.tolist() == [[45.0, 35.0, 55.0, 45.0]]
+    with pytest.raises(ValueError, match="magnification comes last"):
+        perturb(grey, np.empty((0, 4)), "scale_0.5+wb_cool")
 
 
 def test_restain_turns_red_cells_teal_and_keeps_nuclei() -> None:
