@@ -475,7 +475,8 @@ NOT_WHITE = ("platelet", "erythroblast")
 #: smaller crops (other analysers' galleries and data sets are 100-400 px). Zooming out is left
 #: out: it would make a field of several cells.
 SINGLE_CELL_PERTURBATIONS: tuple[str, ...] = tuple(
-    k for k in PERTURBATIONS if not k.startswith(("scale_0.", "mirror_", "resize_"))
+    k for k in PERTURBATIONS
+    if not _JOINED.split(k)[-1].startswith(("scale_0.", "mirror_", "resize_"))
 ) + ("resize_0.6", "resize_0.4", "resize_0.25")
 
 

@@ -206,7 +206,8 @@ def test_single_cell_robustness_per_kind_and_class(tmp_path: Path) -> None:
     assert res["resize_0.25"]["found"] == 0.0 and res["resize_0.25"]["worst_found"] == 0.0
     # zooming out (a mirrored surround: copies of the cell around it) is not a single-cell case
     assert "scale_2" in SINGLE_CELL_PERTURBATIONS
-    assert not any(k.startswith("scale_0.") for k in SINGLE_CELL_PERTURBATIONS)
+    assert not any(re.search(r"(scale|mirror)_0\.", k) for k in SINGLE_CELL_PERTURBATIONS)
+    assert "hue_+15" in SINGLE_CELL_PERTURBATIONS and len(SINGLE_CELL_PERTURBATIONS) == 31
 
 
 def test_single_cell_figures_with_a_classifier_veto(tmp_path: Path) -> None:
