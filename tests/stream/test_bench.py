@@ -24,8 +24,9 @@ from stream import bench
 
 @pytest.fixture()
 def short_clip(tmp_path, monkeypatch):
-    """Two seconds of the simulator (the reference clip is ten): real red cells around real-
-    looking white cells, so the real segmenter reads them as it reads the reference clip."""
+    """Two seconds of the simulator (the reference clip is ten): red cells sized as a smear's
+    around the white cells, so the real segmenter reads them as it reads the reference clip
+    (the tracking tests' fake slide has red cells a quarter of a white cell's size)."""
     from stream import synth
 
     folder = synth.render_video(tmp_path / "clip", seconds=2.0, fps=30.0, seed=bench.CLIP_SEED,
