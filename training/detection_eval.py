@@ -231,28 +231,41 @@ def _restain(img: np.ndarray, tint: np.ndarray) -> np.ndarray:
     return bg * np.exp(-od) - 1.0
 
 
+#: A cell's box within this share of the photo's size of its edge: the photo cuts the cell.
+_EDGE = 0.03
+
+
+def _cut_by_edge(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Which of a ``w`` x ``h`` photo's boxes (N, 4) are cells its edge cuts (within ``_EDGE``)."""
+    m = _EDGE * max(w, h)
+    return (boxes[:, 0] < m) | (boxes[:, 1] < m) | (boxes[:, 2] > w - m) | (boxes[:, 3] > h - m)
+
+
+def _seam_bands(xs: Iterable[float], ys: Iterable[float], half: float, far: float) -> np.ndarray:
+    """Ignore regions: bands ``2 * half`` wide along the vertical seams at ``xs`` and the
+    horizontal ones at ``ys``, reaching ``far`` either way."""
+    bands = [[x - half, -far, x + half, far] for x in xs]
+    bands += [[-far, y - half, far, y + half] for y in ys]
+    return np.asarray(bands, np.float32).reshape(-1, 4)
+
+
 def _mirror_boxes(boxes: np.ndarray, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
     """Boxes of a ``w`` x ``h`` photo and of its mirror images on all sides (as
     ``cv2.BORDER_REFLECT`` pads it), in the padded photo's frame relative to the original's
     corner -> (boxes of cells clear of the photo's edge, ignore regions). A cell within 3% of
     the photo's size of its edge meets its own mirror image there: its copies are ignore
     regions, and so are bands of that width along the mirror lines."""
-    m = 0.03 * max(w, h)
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     keep: list[list[float]] = []
     ignore: list[list[float]] = []
-    for b in np.asarray(boxes, np.float32).reshape(-1, 4):
+    for b, cut in zip(boxes, _cut_by_edge(boxes, w, h), strict=True):
         xs = [(b[0], b[2]), (-b[2], -b[0]), (2 * w - b[2], 2 * w - b[0])]
         ys = [(b[1], b[3]), (-b[3], -b[1]), (2 * h - b[3], 2 * h - b[1])]
         copies = [[float(x1), float(y1), float(x2), float(y2)] for x1, x2 in xs for y1, y2 in ys]
-        near_edge = b[0] < m or b[1] < m or b[2] > w - m or b[3] > h - m
-        (ignore if near_edge else keep).extend(copies)
-    big = 4.0 * max(w, h)
-    for x in (0.0, float(w)):
-        ignore.append([x - m, -big, x + m, big])
-    for y in (0.0, float(h)):
-        ignore.append([-big, y - m, big, y + m])
+        (ignore if cut else keep).extend(copies)
+    bands = _seam_bands((0.0, float(w)), (0.0, float(h)), _EDGE * max(w, h), 4.0 * max(w, h))
     return (np.asarray(keep, np.float32).reshape(-1, 4),
-            np.asarray(ignore, np.float32).reshape(-1, 4))
+            np.concatenate([np.asarray(ignore, np.float32).reshape(-1, 4), bands]))
 
 
 def _mosaic(
@@ -274,7 +287,6 @@ def _mosaic(
     tiles = list(neighbours) or [(img, boxes)]
     nx, ny = -(-px // w), -(-py // h)  # tiles needed on each side
     big = np.empty(((2 * ny + 1) * h, (2 * nx + 1) * w, 3), img.dtype)
-    m, band = 0.03 * max(w, h), 0.1 * max(w, h)
     keep: list[np.ndarray] = []
     ignore: list[np.ndarray] = []
     t = 0
@@ -292,15 +304,13 @@ def _mosaic(
                     tile = cv2.resize(tile, (w, h), interpolation=cv2.INTER_AREA)
             oy, ox = (j + ny) * h, (i + nx) * w
             big[oy:oy + h, ox:ox + w] = tile.astype(img.dtype)
-            near = (tb[:, 0] < m) | (tb[:, 1] < m) | (tb[:, 2] > w - m) | (tb[:, 3] > h - m)
+            near = _cut_by_edge(tb, w, h)
             off = np.array([i * w, j * h, i * w, j * h], np.float32)
             keep.append(tb[~near] + off)
             ignore.append(tb[near] + off)
-    far = 4.0 * max(big.shape[:2])
-    for i in range(-nx, nx + 2):
-        ignore.append(np.array([[i * w - band, -far, i * w + band, far]], np.float32))
-    for j in range(-ny, ny + 2):
-        ignore.append(np.array([[-far, j * h - band, far, j * h + band]], np.float32))
+    ignore.append(_seam_bands((i * w for i in range(-nx, nx + 2)),
+                              (j * h for j in range(-ny, ny + 2)),
+                              0.1 * max(w, h), 4.0 * max(big.shape[:2])))
     # the wider field around the photo: cut from the grid at the photo's offset
     x0, y0 = nx * w - px, ny * h - py
     field = big[y0:y0 + h + 2 * py, x0:x0 + w + 2 * px]
