@@ -74,7 +74,9 @@ Deliberate handling of the things that are not white cells:
   ``small_nucleus_area``; the largest still pass and are left to the classifier's ``platelet``
   class, which vetoes them.
 - **Platelet clumps** are a scatter of platelet-sized dots: a nucleus group needs one solid piece
-  of ``min_fragment_area`` and, when no piece is most of it, a white cell's cytoplasm.
+  of ``min_fragment_area`` and, when no piece is most of it and none is a nucleus's size (twice
+  ``small_nucleus_area``, larger than any platelet), a white cell's cytoplasm. (A neutrophil cut by
+  the frame edge keeps a lobe that size but may have lost the cytoplasm the rule asks for.)
 - **Stain debris / precipitate and dust** are small or not blue-shifted (dark grey dirt absorbs all
   channels alike and scores ~0 on the nucleus channel); groups larger than ``max_cell_diameter``
   red-cell diameters (stain smears, thick clumped areas) are rejected too.
@@ -841,7 +843,12 @@ class Segmenter:
             # clump looks like that; so do the lobes of a neutrophil, inside their cytoplasm),
             # needs a white cell's cytoplasm around it.
             cyto = np.count_nonzero(region) - np.count_nonzero(own)
-            if (mass[i] < opt.min_nucleus_mass or biggest < 0.5 * core_area[i]) and (
+            # (a piece twice the small-nucleus area is a nucleus's lobe, not a platelet: a cell cut
+            # by the frame edge keeps such a lobe but loses part of its cytoplasm)
+            scattered = biggest < 0.5 * core_area[i] and biggest < (
+                2 * opt.small_nucleus_area * rbc_area
+            )
+            if (mass[i] < opt.min_nucleus_mass or scattered) and (
                 cyto < opt.min_weak_cytoplasm * rbc_area
             ):
                 continue

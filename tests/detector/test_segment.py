@@ -343,6 +343,28 @@ def test_real_single_cell_crop_and_perturbed_copies(bccd_dir) -> None:
         assert len(pairs) == 1 and not false and not missed, kind
 
 
+def test_real_neutrophil_cut_by_the_frame_edge_with_its_lobes_in_view(bccd_dir) -> None:
+    """A field of grey red cells on yellowish glass at 0.6x (BloodImage_00199 in a mosaic of the
+    next photos): the neighbour photo's neutrophil is cut by the frame's top edge, two large lobes
+    in view, but most of its cytoplasm outside. Lobes that size are a nucleus, not a platelet
+    clump: it is reported, cut (it was missed when any lobed group needed a whole cell's
+    cytoplasm)."""
+    from training.detection_eval import _MOSAIC_TILES, match_centres, perturb
+    from training.voc import read_voc
+
+    records = read_voc(bccd_dir)
+    k = next(i for i, r in enumerate(records) if r.name == "BloodImage_00199")
+    photos = [cv2.imread(str(records[k + i].image)) for i in range(_MOSAIC_TILES + 1)]
+    around = [(photos[i], records[k + i].wbc) for i in range(1, _MOSAIC_TILES + 1)]
+    img, gt, _ = perturb(photos[0], records[k].wbc, "rbc_grey+bg_yellow+scale_0.6", seed=k,
+                         neighbours=around)
+    det = Segmenter().find(img)
+    pairs, false, missed = match_centres(det.xyxy, gt)
+    assert len(gt) == 2 and len(pairs) == 2 and not missed, (det.xyxy, gt)
+    top = next(d for d, g in pairs if gt[g, 1] == 0)
+    assert det.touches_edge[top] and det.xyxy[top, 1] == 0
+
+
 PBC_WHITE = ("basophil", "eosinophil", "immature_granulocyte", "lymphocyte", "monocyte",
              "neutrophil")
 
