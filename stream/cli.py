@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--float-model", type=str, default=None,
                    help="float .tflite of the same training run, for float-vs-int8 agreement "
                         "(default: runs/NAME/NAME.float.tflite if present)")
+    e.add_argument("--robustness", action="store_true",
+                   help="also name the same cells in photos changed as another microscope would "
+                        "take them (stain, light, white balance, focus, noise, JPEG)")
 
     b = sub.add_parser("bench", help="per-stage timings and end-to-end frames per second")
     b.add_argument("--threads", type=_positive_int, default=1, help="inference threads (default 1)")

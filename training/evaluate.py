@@ -237,9 +237,12 @@ JITTER_COPIES = 10
 
 
 def source_report(clf: CellClassifier, ds: Any, kind: str,
-                  float_clf: CellClassifier | None = None) -> dict[str, Any]:
+                  float_clf: CellClassifier | None = None,
+                  robustness: bool = False) -> dict[str, Any]:
     """Figures of one data source: its crops (cut at the training boxes) and, for VOC photos,
-    end to end. Only the labelled cells (no VOC platelet/red-cell extras) of the model's labels."""
+    end to end; with ``robustness``, the crops again from photos changed as another microscope
+    would take them. Only the labelled cells (no VOC platelet/red-cell extras) of the model's
+    labels."""
     from training.data import ImageCache, cut_crops
 
     label_index = {c: i for i, c in enumerate(clf.labels)}
@@ -283,9 +286,58 @@ def source_report(clf: CellClassifier, ds: Any, kind: str,
                 "note": f"{JITTER_COPIES} crops per cell, the box jittered by up to "
                         f"{100 * jitter:.0f} %",
             }
+    if robustness:
+        report["robustness"] = robustness_report(clf, keep, y, probs, cache)
     if kind == "voc":
         report["end_to_end"] = _end_to_end(clf, keep, label_index)
     return report
+
+
+#: Another microscope's colour, light, focus and camera, as the detection evaluation applies them
+#: (training.detection_eval.perturb), those that keep the photo's geometry: the same crops are cut
+#: from the changed photo. Magnification is left out: the crop rule sizes every crop by its box.
+NAMING_PERTURBATIONS = (
+    "wb_warm", "wb_cool", "wb_led", "dark", "bright", "gamma_0.7", "gamma_1.4", "contrast_0.6",
+    "stain_pale", "stain_dark", "hue_-10", "hue_+10", "rbc_grey", "rbc_teal", "bg_yellow",
+    "bg_blue", "dim", "blur_1.5", "noise_8", "jpeg_30", "rbc_teal+wb_cool", "rbc_grey+bg_yellow",
+)
+
+
+class _Perturbed:
+    """A source's photos as ``kind`` would have photographed them (one seed per photo)."""
+
+    def __init__(self, images: Any, kind: str) -> None:
+        self._images, self.kind = images, kind
+
+    def __call__(self, path: str) -> np.ndarray:
+        import zlib
+
+        from training.detection_eval import perturb
+
+        img = self._images(path)
+        return perturb(img, np.empty((0, 4), np.float32), self.kind,
+                       seed=zlib.crc32(str(path).encode()))[0]
+
+
+def robustness_report(clf: CellClassifier, samples: list, y: np.ndarray, clean: np.ndarray,
+                      images: Any, kinds: tuple[str, ...] = NAMING_PERTURBATIONS
+                      ) -> dict[str, Any]:
+    """How the model names the same cells in photos changed as another microscope would take them.
+
+    Per kind: accuracy and macro-F1 on the crops cut at the same boxes from the changed photos,
+    and the share of cells whose label changed from the unchanged photos' (``clean`` probs)."""
+    from training.data import cut_crops
+
+    out: dict[str, Any] = {}
+    for kind in _progress(kinds, len(kinds), "robustness"):
+        x, _ = cut_crops(samples, clf.crop_rule, cache=_Perturbed(images, kind))
+        probs = clf.classify_crops(x)
+        fig = classification_figures(y, probs, clf.labels, clf.min_score)
+        out[kind] = {"accuracy": round(fig["accuracy"], 4),
+                     "macro_f1": round(fig["macro_f1"], 4),
+                     "label_changed": round(float(np.mean(probs.argmax(1) != clean.argmax(1))),
+                                            4)}
+    return out
 
 
 def _latency(model: Path) -> dict[str, Any]:
@@ -377,6 +429,13 @@ def print_source(name: str, rep: dict[str, Any]) -> None:
         print(f"  end to end (segment, then classify; WBC missed by the segmenter: "
               f"{e2e['wbc_missed']} of {e2e['images']}):")
         _print_fig("end to end", e2e)
+    rob = rep.get("robustness")
+    if rob:
+        print("  photos changed as another microscope would take them (crops at the same boxes):")
+        print("    perturbation           accuracy  macro-F1  label changed")
+        for k, v in rob.items():
+            print(f"    {k:<22} {v['accuracy']:>8.3f} {v['macro_f1']:>9.3f} "
+                  f"{v['label_changed']:>14.3f}")
     det = rep.get("detection")
     if det is not None:
         print(f"  detection on {det['images']} images: recall {det['recall']:.3f}, precision "
@@ -431,7 +490,7 @@ def main(args: argparse.Namespace) -> int:
           f"{clf.min_score})")
     for data in folders:
         ds, kind, subset = _read_source(data, clf)
-        rep = source_report(clf, ds, kind, fclf)
+        rep = source_report(clf, ds, kind, fclf, robustness=getattr(args, "robustness", False))
         rep.update({"data": str(data), "subset": subset})
         if kind == "voc":
             rep["detection"] = _detection(data)

@@ -53,10 +53,11 @@ def test_missed_cells_count_as_wrong_and_macro_f1_skips_absent_classes():
     assert f["ece"] == pytest.approx((0.1 + 0.2) / 2, abs=1e-4)  # of the two classified cells
 
 
-def _args(data, model=None, out=None, float_model=None):
+def _args(data, model=None, out=None, float_model=None, robustness=False):
     return argparse.Namespace(data=str(data), model=str(model) if model else None,
                               out=str(out) if out else None,
-                              float_model=str(float_model) if float_model else None)
+                              float_model=str(float_model) if float_model else None,
+                              robustness=robustness)
 
 
 def test_bad_folder_and_synth_dispatch(tmp_path, monkeypatch):
@@ -112,3 +113,51 @@ def test_evaluate_class_folders_prints_and_writes_report(tmp_path, capsys, tiny_
     assert rep["crops"]["confusion"] == card_fig["confusion"]
     top = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert list(top["sources"]) == ["cells"] and top["latency_ms_per_crop"]["batch1"] > 0
+    # --robustness: the same held-out cells in photos changed as another microscope takes them
+    assert main(_args(t["data"], t["model"], tmp_path / "rob", robustness=True)) == 0
+    assert "as another microscope would take them" in capsys.readouterr().out
+    rob = json.loads((tmp_path / "rob" / "cells" / "report.json").read_text())["robustness"]
+    from training.evaluate import NAMING_PERTURBATIONS
+
+    assert list(rob) == list(NAMING_PERTURBATIONS)
+    assert all(0.0 <= v["label_changed"] <= 1.0 for v in rob.values())
+
+
+class _ByColour:
+    """A stand-in classifier that names a crop by its colour: bluer than red -> class 0."""
+
+    labels = ("neutrophil", "eosinophil")
+    min_score = 0.0
+
+    def __init__(self) -> None:
+        from detector.crop import CropRule
+
+        self.crop_rule = CropRule(size=16)
+
+    def classify_crops(self, crops: np.ndarray) -> np.ndarray:
+        bluer = crops[..., 0].mean((1, 2)) > crops[..., 2].mean((1, 2))
+        return np.stack([bluer, ~bluer], 1).astype(np.float32)
+
+
+def test_robustness_names_the_same_cells_in_changed_photos(tmp_path):
+    """Each kind cuts the same boxes from the photo as that kind changes it: a cool white balance
+    (blue x1.15, red x0.8) turns the slightly red photos bluer, a gamma change does not."""
+    import cv2
+
+    from training.data import ImageCache, Sample
+    from training.evaluate import robustness_report
+
+    samples = []
+    for i, bgr in enumerate([(150, 150, 160), (150, 150, 170), (170, 150, 150)]):
+        path = tmp_path / f"p{i}.png"
+        cv2.imwrite(str(path), np.full((40, 40, 3), bgr, np.uint8))
+        samples.append(Sample(str(path), (10, 10, 30, 30), "x", f"g{i}", "gt_box"))
+    clf = _ByColour()
+    y = np.array([1, 1, 0])  # the true classes: what the clean photos give
+    clean = clf.classify_crops(np.stack([cv2.imread(s.image)[:16, :16] for s in samples]))
+    rep = robustness_report(clf, samples, y, clean, ImageCache(), kinds=("wb_cool", "gamma_1.4"))
+    # (150, 150, 160) -> (172, 150, 128): bluer; (150, 150, 170) -> (172, 150, 136): bluer
+    # all three named class 0: F1 0.5 for class 0 (precision 1/3, recall 1), 0 for class 1
+    assert rep["wb_cool"] == {"accuracy": round(1 / 3, 4), "macro_f1": 0.25,
+                              "label_changed": round(2 / 3, 4)}
+    assert rep["gamma_1.4"]["accuracy"] == 1.0 and rep["gamma_1.4"]["label_changed"] == 0.0
