@@ -14,8 +14,9 @@ The kind of folder decides what is measured (every source is reported separately
 Every classification report holds accuracy, per-class precision/recall/F1, macro-F1 over the
 classes present, the expected calibration error, float-vs-int8 agreement when the float export is
 found, and the confusion matrix; ``--robustness`` adds the same cells named in photos changed as
-another microscope would take them (colour, light, focus, camera). Prints a readable summary; with ``--out`` writes
-OUT/SOURCE/report.json, confusion.txt and confusion.png (and end_to_end_confusion.* for VOC).
+another microscope would take them (colour, light, focus, camera). Prints a readable summary; with
+``--out`` writes OUT/SOURCE/report.json, confusion.txt and confusion.png (and
+end_to_end_confusion.* for VOC).
 """
 
 from __future__ import annotations
