@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -309,16 +310,14 @@ class _Perturbed:
     """A source's photos as ``kind`` would have photographed them (one seed per photo)."""
 
     def __init__(self, images: Any, kind: str) -> None:
-        self._images, self.kind = images, kind
-
-    def __call__(self, path: str) -> np.ndarray:
-        import zlib
-
         from training.detection_eval import perturb
 
-        img = self._images(path)
-        return perturb(img, np.empty((0, 4), np.float32), self.kind,
-                       seed=zlib.crc32(str(path).encode()))[0]
+        self._images, self.kind, self._perturb = images, kind, perturb
+
+    def __call__(self, path: str) -> np.ndarray:
+        no_boxes = np.empty((0, 4), np.float32)
+        return self._perturb(self._images(path), no_boxes, self.kind,
+                             seed=zlib.crc32(str(path).encode()))[0]
 
 
 def robustness_report(clf: CellClassifier, samples: list, y: np.ndarray, clean: np.ndarray,

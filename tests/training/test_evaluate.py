@@ -121,6 +121,19 @@ def test_evaluate_class_folders_prints_and_writes_report(tmp_path, capsys, tiny_
 
     assert list(rob) == list(NAMING_PERTURBATIONS)
     assert all(0.0 <= v["label_changed"] <= 1.0 for v in rob.values())
+    # the held-out cells, cut at their boxes from each photo under a cool white balance (a
+    # deterministic change), named by the int8 file: the report's figures, worked out here apart
+    from detector.crop import crop_cell
+    from stream.images import read_image
+    from training.detection_eval import perturb
+
+    cool = np.stack([crop_cell(perturb(read_image(s.image), np.empty((0, 4)), "wb_cool")[0],
+                               np.asarray(s.box), q.crop_rule) for s in held.samples])
+    truth = np.array([q.labels.index(s.label) for s in held.samples])
+    named, clean = q.classify_crops(cool).argmax(1), q.classify_crops(
+        cut_crops(held.samples, q.crop_rule)[0]).argmax(1)
+    assert rob["wb_cool"]["accuracy"] == round(float(np.mean(named == truth)), 4)
+    assert rob["wb_cool"]["label_changed"] == round(float(np.mean(named != clean)), 4)
 
 
 class _ByColour:
