@@ -43,6 +43,7 @@ from detector.analyzer import Analyzer
 from detector.core import Frame
 from detector.errors import InputError
 from stream import resolve_model
+from stream.devices import open_video_file
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def time_streaming(analyzer: Analyzer, video: Path) -> tuple[int, float, float]:
     """Decode and analyse frame by frame, as ``hematovision run`` does (each frame is still in
     the CPU cache when it is analysed) -> (frames, CPU seconds, wall seconds)."""
     analyzer.reset()
-    cap = cv2.VideoCapture(str(video))
+    cap = open_video_file(video)
     n = 0
     t0, c0 = time.perf_counter(), time.process_time()
     while True:
@@ -85,9 +86,7 @@ def bench_clip() -> Path:
 
 def decode_all(video: Path) -> tuple[list[np.ndarray], float, float]:
     """All frames of the clip in memory, and the wall and CPU seconds decoding took."""
-    cap = cv2.VideoCapture(str(video))
-    if not cap.isOpened():
-        raise InputError(f"{video}: not a readable video file")
+    cap = open_video_file(video)
     frames: list[np.ndarray] = []
     t0, c0 = time.perf_counter(), time.process_time()
     while True:

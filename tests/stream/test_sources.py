@@ -152,6 +152,25 @@ def test_file_replay_in_analysis_mode_drops_nothing(tmp_path: Path) -> None:
         assert src.dropped == 0
 
 
+def test_a_video_file_decodes_on_one_thread_and_gives_every_frame(tmp_path: Path) -> None:
+    """FFmpeg's thread-per-core decoding costs CPU the analysis needs (see DECODE_THREADS)."""
+    from stream.devices import DECODE_THREADS, open_video_file
+
+    video = _write_video(tmp_path / "clip.mp4", 12)
+    cap = open_video_file(video)
+    try:
+        assert cap.get(cv2.CAP_PROP_N_THREADS) == DECODE_THREADS == 1
+        levels = []
+        while (got := cap.read())[0]:
+            levels.append(int(got[1][0, 0, 0]))
+    finally:
+        cap.release()
+    # every frame, in order: the grey level steps by 7 a frame (the codec's range shifts it)
+    steps = np.diff(levels[1:])
+    assert len(levels) == 12 and steps.min() >= 6 and steps.max() <= 8
+    assert levels[0] < levels[1]
+
+
 def test_file_replay_in_realtime_mode_is_paced(tmp_path: Path) -> None:
     video = _write_video(tmp_path / "clip.mp4", 15, fps=30.0)  # 0.5 s of video
     t0 = time.monotonic()
