@@ -179,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--robustness", action="store_true",
                    help="also name the same cells in photos changed as another microscope would "
                         "take them (stain, light, white balance, focus, noise, JPEG)")
+    e.add_argument("--split", choices=["held-out", "monitor"], default="held-out",
+                   help="of a data set the model trained on, which images: the held-out split "
+                        "(default) or the monitor split that chose its epoch (for choosing "
+                        "between models without touching the held-out images)")
 
     b = sub.add_parser("bench", help="per-stage timings and end-to-end frames per second")
     b.add_argument("--threads", type=_positive_int, default=1, help="inference threads (default 1)")

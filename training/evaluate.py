@@ -14,9 +14,10 @@ The kind of folder decides what is measured (every source is reported separately
 Every classification report holds accuracy, per-class precision/recall/F1, macro-F1 over the
 classes present, the expected calibration error, float-vs-int8 agreement when the float export is
 found, and the confusion matrix; ``--robustness`` adds the same cells named in photos changed as
-another microscope would take them (colour, light, focus, camera). Prints a readable summary; with
-``--out`` writes OUT/SOURCE/report.json, confusion.txt and confusion.png (and
-end_to_end_confusion.* for VOC).
+another microscope would take them (colour, light, focus, camera); ``--split monitor`` measures on
+the model's monitor split instead of the held-out one (for choosing between models). Prints a
+readable summary; with ``--out`` writes OUT/SOURCE/report.json, confusion.txt and confusion.png
+(and end_to_end_confusion.* for VOC).
 """
 
 from __future__ import annotations
@@ -361,8 +362,11 @@ def evaluate_split(model: Path, ds: Any, float_model: Path | None = None) -> dic
             "sources": sources, "latency_ms_per_crop": _latency(model)}
 
 
-def _read_source(data: Path, clf: CellClassifier) -> tuple[Any, str, str]:
-    """A data folder read with the training boxes; the model's held-out part if it trained on it."""
+def _read_source(data: Path, clf: CellClassifier, split: str = "held-out"
+                 ) -> tuple[Any, str, str]:
+    """A data folder read with the training boxes; the model's held-out part if it trained on it
+    (``split="monitor"``: its monitor split, which chose the epoch: models are compared there, so
+    the held-out images never choose a model)."""
     from training.data import is_voc, load_datasets
 
     cache = Path("runs") / "cache"
@@ -371,7 +375,15 @@ def _read_source(data: Path, clf: CellClassifier) -> tuple[Any, str, str]:
                        cache_dir=cache if cache.is_dir() else None)
     kind = "voc" if is_voc(data) else "class_folders"
     subset = "all images (a data set the model never trained on)"
-    if data.name in clf.card.trained_on.get("datasets", []):
+    trained = data.name in clf.card.trained_on.get("datasets", [])
+    if split == "monitor":
+        if not trained:
+            raise InputError(f"{data}: the model did not train on it, so it has no monitor "
+                             "split there")
+        mon = set(clf.card.split.get("monitor_images") or [])
+        ds = ds.subset([g for g in set(ds.groups) if g in mon])
+        subset = f"the model's monitor split ({len(set(ds.groups))} images; not held out)"
+    elif trained:
         val = set(clf.card.split.get("val_images") or [])
         ds = ds.subset([g for g in set(ds.groups) if g in val])
         subset = f"the model's held-out validation split ({len(set(ds.groups))} images)"
@@ -437,6 +449,9 @@ def print_source(name: str, rep: dict[str, Any]) -> None:
         for k, v in rob.items():
             print(f"    {k:<22} {v['accuracy']:>8.3f} {v['macro_f1']:>9.3f} "
                   f"{v['label_changed']:>14.3f}")
+        accs = [v["accuracy"] for v in rob.values()]
+        print(f"    mean accuracy over the {len(accs)} perturbations {np.mean(accs):.3f}, "
+              f"lowest {min(accs):.3f}")
     det = rep.get("detection")
     if det is not None:
         print(f"  detection on {det['images']} images: recall {det['recall']:.3f}, precision "
@@ -490,10 +505,10 @@ def main(args: argparse.Namespace) -> int:
     print(f"model {model} ({len(clf.labels)} labels, input {clf.size}, min_score "
           f"{clf.min_score})")
     for data in folders:
-        ds, kind, subset = _read_source(data, clf)
+        ds, kind, subset = _read_source(data, clf, getattr(args, "split", "held-out"))
         rep = source_report(clf, ds, kind, fclf, robustness=getattr(args, "robustness", False))
         rep.update({"data": str(data), "subset": subset})
-        if kind == "voc":
+        if kind == "voc" and getattr(args, "split", "held-out") == "held-out":
             rep["detection"] = _detection(data)
         print_source(data.name, rep)
         reports[data.name] = rep

@@ -53,11 +53,11 @@ def test_missed_cells_count_as_wrong_and_macro_f1_skips_absent_classes():
     assert f["ece"] == pytest.approx((0.1 + 0.2) / 2, abs=1e-4)  # of the two classified cells
 
 
-def _args(data, model=None, out=None, float_model=None, robustness=False):
+def _args(data, model=None, out=None, float_model=None, robustness=False, split="held-out"):
     return argparse.Namespace(data=str(data), model=str(model) if model else None,
                               out=str(out) if out else None,
                               float_model=str(float_model) if float_model else None,
-                              robustness=robustness)
+                              robustness=robustness, split=split)
 
 
 def test_bad_folder_and_synth_dispatch(tmp_path, monkeypatch):
@@ -134,6 +134,34 @@ def test_evaluate_class_folders_prints_and_writes_report(tmp_path, capsys, tiny_
         cut_crops(held.samples, q.crop_rule)[0]).argmax(1)
     assert rob["wb_cool"]["accuracy"] == round(float(np.mean(named == truth)), 4)
     assert rob["wb_cool"]["label_changed"] == round(float(np.mean(named != clean)), 4)
+
+
+@pytest.mark.train
+def test_evaluate_on_the_monitor_split_names_the_cells_that_chose_the_epoch(tmp_path, capsys,
+                                                                          tiny_run):
+    """New models are compared with the shipped one there, so held-out images choose nothing."""
+    t = tiny_run
+    monitor = set(t["card"]["split"]["monitor_images"])
+    assert monitor and not monitor & set(t["card"]["split"]["val_images"])
+    assert main(_args(t["data"], t["model"], tmp_path / "mon", robustness=True,
+                      split="monitor")) == 0
+    out = capsys.readouterr().out
+    assert f"the model's monitor split ({len(monitor)} images; not held out)" in out
+    assert "mean accuracy over the 22 perturbations" in out
+    rep = json.loads((tmp_path / "mon" / "cells" / "report.json").read_text())
+    from detector.classify import CellClassifier
+    from training.data import load_datasets
+
+    ds = load_datasets([t["data"]], CellClassifier(t["model"]).crop_rule, finder=None,
+                       min_images=1)
+    assert rep["crops"]["n"] == len(ds.subset(sorted(monitor)).samples)
+    # a folder the model never trained on has no monitor split
+    other = tmp_path / "other"
+    (other / "NEUTROPHILS").mkdir(parents=True)
+    src = next(p for p in (t["data"] / "NEUTROPHILS").iterdir())
+    (other / "NEUTROPHILS" / src.name).write_bytes(src.read_bytes())
+    with pytest.raises(InputError, match="did not train on it, so it has no monitor split"):
+        main(_args(other, t["model"], split="monitor"))
 
 
 class _ByColour:
