@@ -66,8 +66,6 @@ DEFAULT_AUGMENT: dict[str, Any] = {
     "contrast": [0.8, 1.2],
     "saturation": [0.7, 1.3],
     "hue": 0.03,
-    #: a dimmer or brighter lamp or exposure time (multiplies the light)
-    "exposure": [0.4, 1.3],
     "blur_p": 0.3,
     "blur_sigma": [0.3, 1.5],
     "noise_sd": 0.015,
@@ -241,9 +239,9 @@ def augment_image(x: Any, aug: dict[str, Any]) -> Any:
     """One RGB float [0, 1] image re-photographed under another stain, lamp and camera.
 
     Stain: optical density (-log I) projected onto the haematoxylin/eosin/DAB vectors (Ruifrok &
-    Johnston), each stain's amount scaled and shifted, projected back. Then the lamp's exposure,
-    a white-balance cast (per-channel gain), gamma, brightness, contrast, saturation and hue, an
-    occasional Gaussian blur (focus), sensor noise and an occasional JPEG re-compression.
+    Johnston), each stain's amount scaled and shifted, projected back. Then a white-balance cast
+    (per-channel gain), gamma, brightness, contrast, saturation and hue, an occasional Gaussian blur
+    (focus), sensor noise and an occasional JPEG re-compression.
     """
     import tensorflow as tf
 
@@ -254,8 +252,6 @@ def augment_image(x: Any, aug: dict[str, Any]) -> Any:
     s, b = aug["stain_hed_scale"], aug["stain_hed_shift"]
     hed = hed * u([1, 3], 1.0 - s, 1.0 + s) + u([1, 3], -b, b)
     x = tf.reshape(tf.exp(-(hed @ _RGB_FROM_HED)), shape)
-    if "exposure" in aug:  # (older recipes have none)
-        x = x * u([], *aug["exposure"])
     g = aug["white_balance_gain"]
     x = tf.clip_by_value(x * u([1, 1, 3], 1.0 - g, 1.0 + g), 0.0, 1.0)
     x = tf.pow(x + 1e-6, u([], *aug["gamma"]))

@@ -115,12 +115,9 @@ def test_augmentation_neutral_settings_give_the_image_back_and_defaults_change_i
     neutral = {**DEFAULT_AUGMENT, "stain_hed_scale": 0.0, "stain_hed_shift": 0.0,
                "white_balance_gain": 0.0, "gamma": [1.0, 1.0], "brightness": 0.0,
                "contrast": [1.0, 1.0001], "saturation": [1.0, 1.0001], "hue": 0.0, "blur_p": 0.0,
-               "noise_sd": 0.0, "jpeg_p": 0.0, "exposure": [1.0, 1.0]}
+               "noise_sd": 0.0, "jpeg_p": 0.0}
     # the stain round trip (optical density -> H/E/DAB -> back) is exact
     np.testing.assert_allclose(augment_image(x, neutral).numpy(), x.numpy(), atol=2e-3)
-    # a lamp at 40 %: every pixel gets 40 % of its light (a dim microscope, not a colour change)
-    dim = {**neutral, "exposure": [0.4, 0.4]}
-    np.testing.assert_allclose(augment_image(x, dim).numpy(), 0.4 * x.numpy(), atol=2e-3)
     tf.random.set_seed(1)
     outs = [augment_image(x, DEFAULT_AUGMENT).numpy() for _ in range(4)]
     for out in outs:
