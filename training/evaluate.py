@@ -362,6 +362,11 @@ def evaluate_split(model: Path, ds: Any, float_model: Path | None = None) -> dic
             "sources": sources, "latency_ms_per_crop": _latency(model)}
 
 
+#: ``--split``: the model card's split key and how reports name it.
+_SPLITS = {"held-out": ("val_images", "held-out validation split ({n} images)"),
+           "monitor": ("monitor_images", "monitor split ({n} images; not held out)")}
+
+
 def _read_source(data: Path, clf: CellClassifier, split: str = "held-out"
                  ) -> tuple[Any, str, str]:
     """A data folder read with the training boxes; the model's held-out part if it trained on it
@@ -375,18 +380,14 @@ def _read_source(data: Path, clf: CellClassifier, split: str = "held-out"
                        cache_dir=cache if cache.is_dir() else None)
     kind = "voc" if is_voc(data) else "class_folders"
     subset = "all images (a data set the model never trained on)"
-    trained = data.name in clf.card.trained_on.get("datasets", [])
-    if split == "monitor":
-        if not trained:
-            raise InputError(f"{data}: the model did not train on it, so it has no monitor "
-                             "split there")
-        mon = set(clf.card.split.get("monitor_images") or [])
-        ds = ds.subset([g for g in set(ds.groups) if g in mon])
-        subset = f"the model's monitor split ({len(set(ds.groups))} images; not held out)"
-    elif trained:
-        val = set(clf.card.split.get("val_images") or [])
-        ds = ds.subset([g for g in set(ds.groups) if g in val])
-        subset = f"the model's held-out validation split ({len(set(ds.groups))} images)"
+    if data.name in clf.card.trained_on.get("datasets", []):
+        key, name = _SPLITS[split]
+        keep = set(clf.card.split.get(key) or [])
+        ds = ds.subset([g for g in set(ds.groups) if g in keep])
+        subset = "the model's " + name.format(n=len(set(ds.groups)))
+    elif split == "monitor":
+        raise InputError(f"{data}: the model did not train on it, so it has no monitor split "
+                         "there")
     return ds, kind, subset
 
 
@@ -504,11 +505,12 @@ def main(args: argparse.Namespace) -> int:
     reports = {}
     print(f"model {model} ({len(clf.labels)} labels, input {clf.size}, min_score "
           f"{clf.min_score})")
+    split = getattr(args, "split", "held-out")
     for data in folders:
-        ds, kind, subset = _read_source(data, clf, getattr(args, "split", "held-out"))
+        ds, kind, subset = _read_source(data, clf, split)
         rep = source_report(clf, ds, kind, fclf, robustness=getattr(args, "robustness", False))
         rep.update({"data": str(data), "subset": subset})
-        if kind == "voc" and getattr(args, "split", "held-out") == "held-out":
+        if kind == "voc" and split == "held-out":  # (detection: all photos, whatever the split)
             rep["detection"] = _detection(data)
         print_source(data.name, rep)
         reports[data.name] = rep
