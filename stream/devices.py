@@ -36,7 +36,7 @@ READ_TIMEOUT_MS = 5_000
 
 #: FFmpeg decoder threads for files and streams. A 640x480 frame decodes in ~0.4 ms on one
 #: thread, a tenth of its analysis; FFmpeg's default (a thread per core, frame threading) spent
-#: ~0.3-0.4 ms more CPU per frame on synchronisation (bench clip, 2 cores) and holds frames back.
+#: ~0.3-0.4 ms more CPU per frame on synchronisation (bench clip, 2 cores).
 DECODE_THREADS = 1
 
 
