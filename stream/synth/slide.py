@@ -64,7 +64,7 @@ _OD = {
     "baso_gran": _od((172, 80, 122)),
     "baso_cyto": _od((200, 175, 195)),
     "lymph_cyto": _od((204, 180, 160)),
-    "mono_cyto": _od((204, 178, 160)),
+    "mono_cyto": _od((194, 180, 176)),  # grey-blue, paler than a lymphocyte's
     "platelet": _od((200, 165, 180)),
     "platelet_gran": _od((185, 125, 155)),
 }
@@ -278,7 +278,7 @@ def _paint_wbc(p: _Painter, rng: np.random.Generator, label: str, cx: float, cy:
     x1, y1, x2, y2 = win
     h, w = y2 - y1, x2 - x1
     lx, ly = cx - x1, cy - y1
-    wob = {"basophil": 0.07, "monocyte": 0.06}.get(label, 0.035)
+    wob = {"basophil": 0.07, "monocyte": 0.12}.get(label, 0.035)
     _, cell = _shape_rho(h, w, lx, ly, r * rng.uniform(0.95, 1.05), r * rng.uniform(0.92, 1.0),
                          float(rng.uniform(0, math.pi)), _wobble(rng, wob, 6))
     nuc = np.zeros((h, w), np.float32)
@@ -318,20 +318,23 @@ def _paint_wbc(p: _Painter, rng: np.random.Generator, label: str, cx: float, cy:
         gran_amt = 0.6
         tex = 1.0 + 0.12 * _smooth_noise(rng, h, w, max(r * 0.04, 1.0))
     elif label == "monocyte":
+        # the largest white cell (BCCD's monocytes, any haematology atlas): an irregular outline,
+        # a large nucleus off the centre, folded into a kidney or horseshoe (the fold a quarter
+        # to half of its width deep), lacy chromatin, pale grey-blue cytoplasm with vacuoles
         a = rng.uniform(0, 2 * math.pi)
-        ncx, ncy = lx + 0.1 * r * math.cos(a), ly + 0.1 * r * math.sin(a)
-        ax, ay = r * rng.uniform(0.68, 0.8), r * rng.uniform(0.55, 0.68)
-        _, m = _shape_rho(h, w, ncx, ncy, ax, ay, a, _wobble(rng, 0.07, 5))
-        # kidney / horseshoe: bite out of one long side
-        bite_r = ay * rng.uniform(0.3, 0.6)
-        bx = ncx - math.sin(a) * ay * rng.uniform(0.9, 1.3)
-        by = ncy + math.cos(a) * ay * rng.uniform(0.9, 1.3)
+        off = r * rng.uniform(0.08, 0.2)
+        ncx, ncy = lx + off * math.cos(a), ly + off * math.sin(a)
+        ax, ay = r * rng.uniform(0.66, 0.8), r * rng.uniform(0.5, 0.64)
+        _, m = _shape_rho(h, w, ncx, ncy, ax, ay, a, _wobble(rng, 0.1, 6))
+        bite_r = ay * rng.uniform(0.6, 0.9)
+        dist = ay + bite_r - 2 * ay * rng.uniform(0.25, 0.5)  # centre of the fold's bite
+        bx, by = ncx - math.sin(a) * dist, ncy + math.cos(a) * dist
         _, bite = _shape_rho(h, w, bx, by, bite_r, bite_r, 0.0, [])
         nuc = m * (1 - bite)
         nv = int(rng.choice([0, 0, 1, 2, 3, 5]))
         _dots(gran, rng, nv, lx, ly, 0.8 * r, (0.04 * r, 0.08 * r))  # vacuoles
         cyto_od, gran_od, nuc_od, gran_amt = c["mono_cyto"], c["mono_cyto"], c["nucleus_mono"], -0.7
-        tex = 1.0 + 0.18 * _smooth_noise(rng, h, w, max(r * 0.03, 1.0))
+        tex = 1.0 + 0.28 * _smooth_noise(rng, h, w, max(r * 0.02, 1.0))
     else:
         raise ValueError(f"unknown cell type {label!r}")
     nuc = cv2.GaussianBlur(nuc, (0, 0), 0.8) * cell

@@ -411,3 +411,34 @@ def test_cli_stain_and_magnification(tmp_path: Path) -> None:
     settings = load_truth(out)["settings"]
     assert settings["stain"] == "yellow_bg"
     assert settings["rbc_px"] == pytest.approx(105.0 * 0.5 * 0.5)
+
+
+def _nucleus_and_cytoplasm(label: str, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(nucleus mask, cytoplasm BGR pixels) of each white cell of a slide of one type."""
+    slide = make_slide(seed=seed, wbc_mix={label: 1.0}, all_types=False, wbc_per_frame=1.0)
+    out = []
+    for c in slide.cells:
+        x1, y1, x2, y2 = c.box
+        px = slide.image[y1:y2, x1:x2]
+        nuc = _purple(px) & c.mask
+        cyto = c.mask & ~cv2.dilate(nuc.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+        out.append((nuc, px[cyto]))
+    return out
+
+
+def test_monocytes_look_like_monocytes_not_nucleated_red_cells() -> None:
+    """A monocyte's nucleus is folded (kidney or horseshoe: far from its convex hull) and its
+    cytoplasm greyer than a lymphocyte's sky blue; drawn round in blue cytoplasm, the
+    simulator's monocytes looked like erythroblasts (PBC's) to the classifier."""
+    solidity, mono_sat = [], []
+    for nuc, cyto in _nucleus_and_cytoplasm("monocyte", 4):
+        contours, _ = cv2.findContours(nuc.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                       cv2.CHAIN_APPROX_SIMPLE)
+        big = max(contours, key=cv2.contourArea)
+        solidity.append(cv2.contourArea(big) / cv2.contourArea(cv2.convexHull(big)))
+        mono_sat.append(np.median(cyto.max(1).astype(int) - cyto.min(1)))
+    lymph_sat = [np.median(cy.max(1).astype(int) - cy.min(1))
+                 for _, cy in _nucleus_and_cytoplasm("lymphocyte", 4) if len(cy) > 50]
+    assert len(solidity) >= 5 and len(lymph_sat) >= 5
+    assert np.median(solidity) < 0.88, solidity
+    assert np.median(mono_sat) < 0.8 * np.median(lymph_sat), (mono_sat, lymph_sat)
