@@ -192,7 +192,12 @@ class Tracker:
 
     def _unclipped(self, box: np.ndarray, t: Track, full: bool) -> np.ndarray:
         """The track's box from a detection: a box cut by the border is grown back to the size
-        the cell had when last fully in view, so predictions keep the whole cell."""
+        the cell had when last fully in view, so predictions keep the whole cell.
+
+        Across the cut side it grows away from the border; along it (a cell more than half out
+        of view shows only a chord of itself, narrower than the cell) it grows about the
+        chord's middle. A cell that left half-seen is then looked for at its whole size when
+        the stage brings it back, so it is not taken for a new one."""
         box = box.astype(np.float32).copy()
         if full or self.frame_size is None:
             if full:
@@ -207,10 +212,19 @@ class Tracker:
             box[0] = min(box[0], box[2] - bw)
         elif box[2] >= w - m and box[0] > m:
             box[2] = max(box[2], box[0] + bw)
+        cut_x = box[0] <= m or box[2] >= w - m
         if box[1] <= m and box[3] < h - m:
             box[1] = min(box[1], box[3] - bh)
         elif box[3] >= h - m and box[1] > m:
             box[3] = max(box[3], box[1] + bh)
+        cut_y = box[1] <= m or box[3] >= h - m
+        # the side along the cut: a chord, grown to the whole cell about its middle
+        if cut_y and not cut_x and box[2] - box[0] < bw:
+            mid = 0.5 * float(box[0] + box[2])
+            box[0], box[2] = mid - 0.5 * bw, mid + 0.5 * bw
+        if cut_x and not cut_y and box[3] - box[1] < bh:
+            mid = 0.5 * float(box[1] + box[3])
+            box[1], box[3] = mid - 0.5 * bh, mid + 0.5 * bh
         return box
 
     def _clip(self, boxes: np.ndarray) -> np.ndarray:

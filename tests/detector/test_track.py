@@ -218,3 +218,45 @@ def test_flush_ends_every_track():
     assert d.track_id.tolist() == [3]  # a flushed id is never given again before a reset
     tracker.reset()
     assert tracker.update(Detections(xyxy=np.array([[10, 10, 40, 40]]))).track_id.tolist() == [1]
+
+
+def _visible_boxes(slide: Slide, x: int, y: int, w: int = 320, h: int = 240
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes of the visible pixels of each cell, as a segmenter reports a cell the border cuts:
+    a cell more than half out of view shows only a chord of itself."""
+    boxes, edge = [], []
+    for c in slide.cells:
+        mask = np.zeros((h, w), np.uint8)
+        cv2.circle(mask, (int(c.x - x), int(c.y - y)), int(c.r), 1, -1)
+        ys, xs = np.nonzero(mask)
+        if len(xs) < 16:
+            continue
+        b = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        boxes.append(b)
+        edge.append(b[0] == 0 or b[1] == 0 or b[2] == w or b[3] == h)
+    return np.array(boxes, np.float32).reshape(-1, 4), np.array(edge, bool)
+
+
+def test_a_cell_that_left_half_seen_is_looked_for_at_its_whole_size():
+    """A large cell carried out through the top edge shows a narrowing chord of itself; its
+    lost track keeps the cell's whole width (not the last chord's), so when the stage brings
+    the cell back in from the side, the prediction still covers it and the id is kept."""
+    cells = [Cell(1, "neutrophil", 500, 400, r=70)]
+    slide = Slide(1400, 900, cells)
+    tracker = Tracker()
+    path = [(340, 300)] * 5 + pan((340, 300), (0, 12), 30)  # the cell leaves through the top
+    path += pan(path[-1], (20, 0), 20)                          # away to the right
+    path += pan(path[-1], (-20, 0), 20)                         # back: in from the left
+    path += pan(path[-1], (-10, -6), 25)
+    ids: set[int] = set()
+    width_after_leaving = None
+    for i, (x, y) in enumerate(path):
+        boxes, edge = _visible_boxes(slide, x, y)
+        d = tracker.update(Detections(xyxy=boxes, touches_edge=edge),
+                           Frame(view(slide, x, y), index=i))
+        ids |= set(d.track_id.tolist())
+        if i == 40:
+            (t,) = tracker.tracks
+            width_after_leaving = float(t.box[2] - t.box[0])
+    assert width_after_leaving == pytest.approx(140, abs=6)
+    assert ids == {1}
