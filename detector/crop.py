@@ -2,10 +2,8 @@
 
 A cell crop is the detection box grown by ``margin`` (a fraction of the box's longer side on every
 side), made square around the box centre, cut from the frame with the part outside the frame
-filled by edge replication, and resized to the model's input size. With ``stain`` set, the crop's
-colours are then mapped onto the reference microscope's stains, measured on the whole photo
-(:mod:`detector.stain`). Training cuts its crops with this same function, so the model sees at
-run time exactly what it saw in training.
+filled by edge replication, and resized to the model's input size. Training cuts its crops with
+this same function, so the model sees at run time exactly what it saw in training.
 """
 
 from __future__ import annotations
@@ -14,8 +12,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-
-from detector.stain import Stain, measure_stain, normalise_crop
 
 
 @dataclass(frozen=True)
@@ -26,14 +22,11 @@ class CropRule:
         margin: context added on every side, as a fraction of the box's longer side.
         square: make the crop square around the box centre (keeps cell shape undistorted).
         size: side of the output crop in pixels (the model's input size).
-        stain: map each crop's stains onto the reference microscope's (measured on the photo
-            the crop is cut from); off for models trained without it.
     """
 
     margin: float = 0.15
     square: bool = True
     size: int = 128
-    stain: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.margin <= 2.0:
@@ -42,8 +35,7 @@ class CropRule:
             raise ValueError(f"crop size must be >= 8 pixels, got {self.size}")
 
     def to_dict(self) -> dict[str, float | bool | int]:
-        return {"margin": self.margin, "square": self.square, "size": self.size,
-                "stain": self.stain}
+        return {"margin": self.margin, "square": self.square, "size": self.size}
 
     @classmethod
     def from_dict(cls, d: dict) -> CropRule:
@@ -51,7 +43,6 @@ class CropRule:
             margin=float(d.get("margin", 0.15)),
             square=bool(d.get("square", True)),
             size=int(d.get("size", 128)),
-            stain=bool(d.get("stain", False)),
         )
 
 
@@ -71,12 +62,8 @@ def crop_window(box: np.ndarray, rule: CropRule) -> tuple[int, int, int, int]:
     return wx1, wy1, wx1 + max(int(round(w)), 1), wy1 + max(int(round(h)), 1)
 
 
-def crop_cell(image: np.ndarray, box: np.ndarray, rule: CropRule,
-              stain: Stain | None = None) -> np.ndarray:
-    """Cut one cell from ``image`` (BGR) -> (size, size, 3) uint8.
-
-    With ``rule.stain``, the crop is stain-normalised with ``stain``, the photo's stains (measured
-    here when not given: pass them when cutting several crops of one photo)."""
+def crop_cell(image: np.ndarray, box: np.ndarray, rule: CropRule) -> np.ndarray:
+    """Cut one cell from ``image`` (any channel order, kept) -> (size, size, C) uint8."""
     fh, fw = image.shape[:2]
     x1, y1, x2, y2 = crop_window(box, rule)
     cx1, cy1, cx2, cy2 = max(x1, 0), max(y1, 0), min(x2, fw), min(y2, fh)
@@ -87,19 +74,14 @@ def crop_cell(image: np.ndarray, box: np.ndarray, rule: CropRule,
     if top or left or bottom or right:
         patch = cv2.copyMakeBorder(patch, top, bottom, left, right, cv2.BORDER_REPLICATE)
     interp = cv2.INTER_AREA if patch.shape[0] > rule.size else cv2.INTER_LINEAR
-    crop = cv2.resize(patch, (rule.size, rule.size), interpolation=interp)
-    if rule.stain:
-        crop = normalise_crop(crop, stain if stain is not None else measure_stain(image))
-    return crop
+    return cv2.resize(patch, (rule.size, rule.size), interpolation=interp)
 
 
 def crop_cells(image: np.ndarray, boxes: np.ndarray, rule: CropRule) -> np.ndarray:
-    """Cut every box -> (N, size, size, C) uint8, ready to batch into one invoke (the photo's
-    stains measured once for all of them)."""
+    """Cut every box -> (N, size, size, C) uint8, ready to batch into one invoke."""
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     channels = image.shape[2] if image.ndim == 3 else 1
     out = np.empty((len(boxes), rule.size, rule.size, channels), dtype=np.uint8)
-    stain = measure_stain(image) if rule.stain and len(boxes) else None
     for i, box in enumerate(boxes):
-        out[i] = crop_cell(image, box, rule, stain).reshape(rule.size, rule.size, channels)
+        out[i] = crop_cell(image, box, rule).reshape(rule.size, rule.size, channels)
     return out

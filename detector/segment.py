@@ -429,48 +429,6 @@ def _connected_to(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
     return connected[lab]
 
 
-def red_cell_stain(od2: np.ndarray) -> tuple[np.ndarray, float]:
-    """OD direction and median density of the red cells (the commonest stain direction).
-
-    Red cells may be pink, grey or blue-grey/teal depending on stain and camera, so the mode
-    of the stained pixels' directions is sought from each of those priors (mean shift in a
-    narrowing cone) and the mode holding most pixels wins. Pixels count as stained above
-    half the typical stained density, so a large white cell filling a crop (its dense
-    nucleus) does not set the bar above the pale red cells around it.
-    """
-    px = od2.reshape(-1, 3)[::2]  # every 8th working pixel is plenty for two statistics
-    dens = px @ _ONES3
-    stained = dens > 0.1
-    if np.count_nonzero(stained) < 30:
-        return _RBC_DIR0.copy(), 1.0
-    sel = dens > max(0.1, 0.45 * _quantile(dens, 0.8))
-    v = px[sel]
-    vd = v / np.sqrt(np.einsum("ij,ij->i", v, v))[:, None]
-    best: tuple[int, np.ndarray, np.ndarray] | None = None
-    for u0 in _RBC_PRIORS:
-        u = u0.copy()
-        inside = None
-        for cone in (0.9, 0.95, 0.98):  # narrowing cone: converge on the mode, not the mean
-            inside = vd @ u > cone
-            if inside.sum() < 30:
-                inside = None
-                break
-            u = inside.astype(np.float32) @ vd  # sum of the directions inside the cone
-            u /= float(np.linalg.norm(u))
-        # A mode that drifted far from every red-cell colour is a large white cell's
-        # cytoplasm (a frame or crop filled by one cell), not the red cells.
-        if inside is None or max(float(q @ u) for q in _RBC_PRIORS) < _RBC_PRIOR_COS:
-            continue
-        if best is None or int(inside.sum()) > best[0]:
-            best = (int(inside.sum()), u, inside)
-            if best[0] > 0.5 * len(vd):
-                break  # most stained pixels are of this colour: no other mode can be larger
-    if best is None:
-        return _RBC_DIR0.copy(), max(_quantile(v @ _RBC_DIR0, 0.5), 0.1)
-    _, u, inside = best
-    return u.astype(np.float32), max(_quantile(v[inside] @ u, 0.5), 0.1)
-
-
 class Segmenter:
     """Finds white cells in a smear frame; stateless between frames except diagnostics."""
 
@@ -625,9 +583,9 @@ class Segmenter:
             hh, ww = od2.shape[:2]
             band = np.ones((hh, ww), bool)
             band[hh // 4 : hh - hh // 4, ww // 4 : ww - ww // 4] = False
-            u, m = red_cell_stain(od2[band].reshape(-1, 1, 3))
+            u, m = self._rbc_direction(od2[band].reshape(-1, 1, 3))
         else:
-            u, m = red_cell_stain(od2)
+            u, m = self._rbc_direction(od2)
         theta, basis = self._nucleus_direction(od2, u, m)
         # a, b: OD off the red-cell direction (two axes), in units of red-cell density; f is the
         # nucleus-stain channel, off the any-hue magnitude used for cell bodies.
@@ -705,6 +663,48 @@ class Segmenter:
         v = np.arange(256, dtype=np.float32)[:, None] + 1.0
         lut = -np.log(np.minimum(v / (np.asarray(bg, dtype=np.float32)[None, :] + 1.0), 1.0))
         return cv2.LUT(small, lut.reshape(1, 256, 3).astype(np.float32))
+
+    @staticmethod
+    def _rbc_direction(od2: np.ndarray) -> tuple[np.ndarray, float]:
+        """OD direction and median density of the red cells (the commonest stain direction).
+
+        Red cells may be pink, grey or blue-grey/teal depending on stain and camera, so the mode
+        of the stained pixels' directions is sought from each of those priors (mean shift in a
+        narrowing cone) and the mode holding most pixels wins. Pixels count as stained above
+        half the typical stained density, so a large white cell filling a crop (its dense
+        nucleus) does not set the bar above the pale red cells around it.
+        """
+        px = od2.reshape(-1, 3)[::2]  # every 8th working pixel is plenty for two statistics
+        dens = px @ _ONES3
+        stained = dens > 0.1
+        if np.count_nonzero(stained) < 30:
+            return _RBC_DIR0.copy(), 1.0
+        sel = dens > max(0.1, 0.45 * _quantile(dens, 0.8))
+        v = px[sel]
+        vd = v / np.sqrt(np.einsum("ij,ij->i", v, v))[:, None]
+        best: tuple[int, np.ndarray, np.ndarray] | None = None
+        for u0 in _RBC_PRIORS:
+            u = u0.copy()
+            inside = None
+            for cone in (0.9, 0.95, 0.98):  # narrowing cone: converge on the mode, not the mean
+                inside = vd @ u > cone
+                if inside.sum() < 30:
+                    inside = None
+                    break
+                u = inside.astype(np.float32) @ vd  # sum of the directions inside the cone
+                u /= float(np.linalg.norm(u))
+            # A mode that drifted far from every red-cell colour is a large white cell's
+            # cytoplasm (a frame or crop filled by one cell), not the red cells.
+            if inside is None or max(float(q @ u) for q in _RBC_PRIORS) < _RBC_PRIOR_COS:
+                continue
+            if best is None or int(inside.sum()) > best[0]:
+                best = (int(inside.sum()), u, inside)
+                if best[0] > 0.5 * len(vd):
+                    break  # most stained pixels are of this colour: no other mode can be larger
+        if best is None:
+            return _RBC_DIR0.copy(), max(_quantile(v @ _RBC_DIR0, 0.5), 0.1)
+        _, u, inside = best
+        return u.astype(np.float32), max(_quantile(v[inside] @ u, 0.5), 0.1)
 
     def _nucleus_direction(
         self, od2: np.ndarray, u: np.ndarray, m: float

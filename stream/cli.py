@@ -164,9 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batches per epoch (default: the whole training set; small = timing)")
     t.add_argument("--min-images", type=_positive_int, default=None,
                    help="drop classes with fewer images (default 5)")
-    t.add_argument("--normalise-stain", action="store_true", default=None,
-                   help="map every crop's stains onto the reference microscope's (BCCD's), in "
-                   "training and at run time (recorded in the card's crop rule)")
     t.add_argument("--seed", type=_non_negative_int, default=None, help="random seed (default 0)")
     t.add_argument("--run-dir", type=str, default=None,
                    help="checkpoints, float .tflite, history and log (default runs/hv-DATE-TIME)")

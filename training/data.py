@@ -39,7 +39,6 @@ import numpy as np
 from detector.core import box_iou
 from detector.crop import CropRule, crop_cell
 from detector.errors import InputError
-from detector.stain import measure_stain
 from stream.images import IMAGE_EXTENSIONS, read_image
 
 log = logging.getLogger(__name__)
@@ -474,10 +473,9 @@ def cut_crops(
     k = 0
     for i, s in enumerate(samples):
         img = cache(s.image)
-        stain = measure_stain(img) if rule.stain else None
         for c in range(copies):
             box = np.asarray(s.box, np.float32) if c == 0 else jitter_box(s.box, rng, jitter)
-            out[k] = crop_cell(img, box, rule, stain)
+            out[k] = crop_cell(img, box, rule)
             index[k] = i
             k += 1
     return out, index

@@ -135,7 +135,7 @@ def test_tiny_training_writes_model_card_and_splits_by_image(tiny_run):
     # int8 inside, the first depthwise layer float: float input, quantized in the graph
     assert card["input"] == {"size": 32, "channels": 3, "dtype": "float32",
                              "color_order": "RGB"}
-    assert card["crop"] == {"margin": 0.15, "square": True, "size": 32, "stain": False}
+    assert card["crop"] == {"margin": 0.15, "square": True, "size": 32}
     val = set(card["split"]["val_images"])
     assert len(val) == 2  # one original image per class, both of its Kaggle copies held out
     assert card["trained_on"]["images"] == 8
