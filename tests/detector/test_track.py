@@ -244,10 +244,10 @@ def test_a_cell_that_left_half_seen_is_looked_for_at_its_whole_size():
     cells = [Cell(1, "neutrophil", 500, 400, r=70)]
     slide = Slide(1400, 900, cells)
     tracker = Tracker()
-    path = [(340, 300)] * 5 + pan((340, 300), (0, 12), 30)  # the cell leaves through the top
-    path += pan(path[-1], (20, 0), 20)                          # away to the right
-    path += pan(path[-1], (-20, 0), 20)                         # back: in from the left
-    path += pan(path[-1], (-10, -6), 25)
+    path = [(340, 300)] * 5 + pan((340, 300), (0, 10), 30)  # down: it leaves through the top
+    path += pan(path[-1], (20, 0), 20)                          # right, the cell out of view
+    path += pan(path[-1], (0, -10), 24)                         # up: level with the view again
+    path += pan(path[-1], (-10, 0), 36)                         # left: it comes in from the left
     ids: set[int] = set()
     width_after_leaving = None
     for i, (x, y) in enumerate(path):
@@ -258,5 +258,5 @@ def test_a_cell_that_left_half_seen_is_looked_for_at_its_whole_size():
         if i == 40:
             (t,) = tracker.tracks
             width_after_leaving = float(t.box[2] - t.box[0])
+    assert ids == {1}  # before: a second id for the same cell when it came back
     assert width_after_leaving == pytest.approx(140, abs=6)
-    assert ids == {1}
