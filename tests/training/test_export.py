@@ -43,7 +43,7 @@ def test_int8_model_keeps_only_the_named_layer_float(tiny_run):
     # 2 monitor originals (2 files each), 2 training copies of each file
     assert exported["monitor_crops"] == [2 * 2 * 2]
     assert exported["monitor_agreement_steps"][0]["float_tensors"] == len(kept)
-    assert exported["calibration_crops"] == len(t["calibration"]) * 2 + 1
+    assert exported["calibration_crops"] == len(t["calibration"]) + 1  # real crops + auto-levels
     for key in ("trained_on", "split", "recipe", "evaluation", "date", "min_score"):
         assert key in card
 
@@ -165,7 +165,7 @@ def test_export_leaves_nothing_in_the_temporary_folder(tmp_path, monkeypatch):
     done = export_models(keras.Model(inp, out), crops, tmp_path / "q.tflite",
                          tmp_path / "f.tflite", max_samples=10)
     assert (tmp_path / "q.tflite").stat().st_size > 100 and (tmp_path / "f.tflite").is_file()
-    assert done["float_tensors"] == [] and done["calibration_crops"] == 11
+    assert done["float_tensors"] == [] and done["calibration_crops"] == 7
     # no SavedModel, no model file left; TensorFlow's own autograph modules (written the first
     # time a process traces a function, removed when it exits) are not the export's
     left = [p.name for p in scratch.iterdir() if not p.name.startswith("__autograph_generated")]
