@@ -137,11 +137,17 @@ def test_float_layers_added_worst_first_until_the_monitor_agreement_is_reached()
     kept, model, steps = choose_float_layers(quantize, agreement, ["a", "b", "c", "d"],
                                              start=["first"], target=0.99)
     assert kept == ["first", "a"] and model == ("first", "a")  # 0.99 reached with one more
-    assert [n for n, _ in steps] == [1, 2] and calls == [("first",), ("first", "a")]
-    # never reached: the best set seen, within max_float
+    assert [n for n, _ in steps] == [1, 2] and calls[:2] == [("first",), ("first", "a")]
+    # each step keeps the layer that helps most, whatever its rank in the quantization error
+    calls.clear()
     kept, _, steps = choose_float_layers(quantize, agreement, ["d", "c", "b", "a"], start=[],
                                          target=0.999, max_float=3)
-    assert kept == ["d", "c", "b"] and [n for n, _ in steps] == [0, 1, 2, 3]
+    assert kept == ["a", "b", "c"] and [n for n, _ in steps] == [0, 1, 2, 3]
+    assert len(calls) == 1 + 4 + 3 + 2  # every candidate left is tried at each step
+    # only the ``pool`` worst-quantized candidates are tried
+    kept, _, _ = choose_float_layers(quantize, agreement, ["d", "c", "b", "a"], start=[],
+                                     target=0.999, max_float=3, pool=2)
+    assert kept == ["c", "d"]
     # a layer that makes it worse is not chosen when nothing better follows
     kept, _, _ = choose_float_layers(quantize, lambda m: 0.9 - 0.01 * len(m), ["a"],
                                      target=0.99)
