@@ -66,11 +66,6 @@ DEFAULT_AUGMENT: dict[str, Any] = {
     "contrast": [0.8, 1.2],
     "saturation": [0.7, 1.3],
     "hue": 0.03,
-    #: another eosin or buffer: how often, and how far, the eosin colour turns grey or teal
-    "rbc_tint_p": 0.5,
-    "rbc_tint_max": 1.0,
-    #: a dimmer or brighter lamp or exposure time (multiplies the light)
-    "exposure": [0.4, 1.3],
     "blur_p": 0.3,
     "blur_sigma": [0.3, 1.5],
     "noise_sd": 0.015,
@@ -239,25 +234,15 @@ _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0
                          dtype=np.float32)
 _RGB_FROM_HED /= np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
 _HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED).astype(np.float32)
-#: Optical-density directions (RGB) of Romanowsky stains: the pink of red cells (eosin), the
-#: violet of nuclei; and of red cells that other eosins and buffers leave grey or blue-grey/teal.
-_OD_PINK = np.array([0.37, 0.67, 0.64], np.float32)
-_OD_VIOLET = np.array([0.5, 0.85, 0.15], np.float32)
-_OD_GREY = np.array([1.0, 1.0, 1.0], np.float32)
-_OD_TEAL = np.array([1.0, 0.75, 0.6], np.float32)
-_OD_BASIS = np.stack([v / np.linalg.norm(v) for v in (
-    _OD_PINK, _OD_VIOLET, np.cross(_OD_PINK, _OD_VIOLET))]).astype(np.float32)
 
 
 def augment_image(x: Any, aug: dict[str, Any]) -> Any:
     """One RGB float [0, 1] image re-photographed under another stain, lamp and camera.
 
     Stain: optical density (-log I) projected onto the haematoxylin/eosin/DAB vectors (Ruifrok &
-    Johnston), each stain's amount scaled and shifted, projected back; on some images the eosin's
-    colour is turned towards grey or teal first, as other eosins and buffers stain red cells, the
-    nuclear stain kept. Then the lamp's exposure, a white-balance cast (per-channel gain), gamma,
-    brightness, contrast, saturation and hue, an occasional Gaussian blur (focus), sensor noise and
-    an occasional JPEG re-compression.
+    Johnston), each stain's amount scaled and shifted, projected back. Then a white-balance cast
+    (per-channel gain), gamma, brightness, contrast, saturation and hue, an occasional Gaussian blur
+    (focus), sensor noise and an occasional JPEG re-compression.
     """
     import tensorflow as tf
 
@@ -268,20 +253,6 @@ def augment_image(x: Any, aug: dict[str, Any]) -> Any:
     s, b = aug["stain_hed_scale"], aug["stain_hed_shift"]
     hed = hed * u([1, 3], 1.0 - s, 1.0 + s) + u([1, 3], -b, b)
     x = tf.reshape(tf.exp(-(hed @ _RGB_FROM_HED)), shape)
-    if aug.get("rbc_tint_p", 0.0) > 0.0:  # (older recipes have no tint)
-        # in optical density, the pink direction sent to a colour between grey and teal, the
-        # violet (nuclear) direction and the one across both kept
-        basis = tf.constant(_OD_BASIS)
-        m = u([], 0.0, 1.0)
-        tint = (1.0 - m) * _OD_GREY / np.linalg.norm(_OD_GREY) + m * _OD_TEAL / np.linalg.norm(
-            _OD_TEAL)
-        t = u([], 0.0, aug["rbc_tint_max"]) * tf.cast(u([]) < aug["rbc_tint_p"], tf.float32)
-        pink = (1.0 - t) * basis[0] + t * tint / tf.norm(tint)
-        to = tf.stack([pink / tf.norm(pink), basis[1], basis[2]])
-        od = tf.reshape(-tf.math.log(tf.clip_by_value(x, 1.0 / 255.0, 1.0)), [-1, 3])
-        x = tf.reshape(tf.exp(-(od @ tf.linalg.inv(basis) @ to)), shape)
-    if "exposure" in aug:
-        x = x * u([], *aug["exposure"])
     g = aug["white_balance_gain"]
     x = tf.clip_by_value(x * u([1, 1, 3], 1.0 - g, 1.0 + g), 0.0, 1.0)
     x = tf.pow(x + 1e-6, u([], *aug["gamma"]))

@@ -115,7 +115,7 @@ def test_augmentation_neutral_settings_give_the_image_back_and_defaults_change_i
     neutral = {**DEFAULT_AUGMENT, "stain_hed_scale": 0.0, "stain_hed_shift": 0.0,
                "white_balance_gain": 0.0, "gamma": [1.0, 1.0], "brightness": 0.0,
                "contrast": [1.0, 1.0001], "saturation": [1.0, 1.0001], "hue": 0.0, "blur_p": 0.0,
-               "noise_sd": 0.0, "jpeg_p": 0.0, "rbc_tint_p": 0.0, "exposure": [1.0, 1.0]}
+               "noise_sd": 0.0, "jpeg_p": 0.0}
     # the stain round trip (optical density -> H/E/DAB -> back) is exact
     np.testing.assert_allclose(augment_image(x, neutral).numpy(), x.numpy(), atol=2e-3)
     tf.random.set_seed(1)
@@ -124,29 +124,6 @@ def test_augmentation_neutral_settings_give_the_image_back_and_defaults_change_i
         assert out.shape == (16, 16, 3) and out.min() >= 0.0 and out.max() <= 1.0
         assert np.abs(out - x.numpy()).mean() > 0.01
     assert np.abs(outs[0] - outs[1]).mean() > 0.01  # a new draw each time
-
-
-def test_augmentation_turns_pink_red_cells_grey_or_teal_and_keeps_the_nuclear_stain():
-    tf = pytest.importorskip("tensorflow")
-    from training.train import _OD_PINK, _OD_VIOLET, augment_image
-
-    # a red cell and a nucleus on white glass, each a pure stain in optical density
-    pink = np.exp(-0.5 * _OD_PINK / np.linalg.norm(_OD_PINK))
-    violet = np.exp(-1.2 * _OD_VIOLET / np.linalg.norm(_OD_VIOLET))
-    x = tf.constant(np.array([[pink, violet]], np.float32))
-    tint = {**DEFAULT_AUGMENT, "stain_hed_scale": 0.0, "stain_hed_shift": 0.0,
-            "white_balance_gain": 0.0, "gamma": [1.0, 1.0], "brightness": 0.0,
-            "contrast": [1.0, 1.0001], "saturation": [1.0, 1.0001], "hue": 0.0, "blur_p": 0.0,
-            "noise_sd": 0.0, "jpeg_p": 0.0, "rbc_tint_p": 1.0, "rbc_tint_max": 1.0,
-            "exposure": [1.0, 1.0]}
-    tf.random.set_seed(3)
-    outs = np.array([augment_image(x, tint).numpy()[0] for _ in range(40)])
-    red_cell = outs[:, 0]
-    # pink is red above green and blue; grey or teal red cells are not redder than they are blue
-    turned = red_cell[:, 0] - red_cell[:, 2] < 0.5 * (pink[0] - pink[2])
-    assert 0.3 < turned.mean() <= 1.0
-    # the nucleus keeps its colour in every draw
-    np.testing.assert_allclose(outs[:, 1], np.broadcast_to(violet, (40, 3)), atol=0.01)
 
 
 @pytest.mark.train
