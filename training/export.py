@@ -2,11 +2,11 @@
 
 The int8 model takes RGB crops scaled to [-1, 1] (x/127.5 - 1) as float and quantizes them inside
 the graph; it runs int8 but for the few layers kept float, and outputs float probabilities.
-Calibration uses REAL training crops preprocessed exactly as at run time plus photometric variants
-of the same crops (other stains/microscopes), never random noise; one auto-levels copy of a real
-crop makes the input range [-1, 1] (step 2/255), so no pixel level clips. Which layers stay float
-is chosen on the monitor split: the worst-quantized ones, until the int8 file names the monitor
-crops as the float one does.
+Calibration uses REAL training crops preprocessed exactly as at run time, never random noise
+(photometric variants of them, other stains and exposures, only when asked); one auto-levels copy
+of a real crop makes the input range [-1, 1] (step 2/255), so no pixel level clips. Which layers
+stay float is chosen on the monitor split: one at a time, the one that makes the int8 file name
+the monitor crops most like the float one does, until it does on 99% of them.
 
 Both exports get a card beside them (``NAME.json``, ``NAME.float.json``), built as the run time's
 own :class:`detector.classify.ModelCard`, so the run-time ``CellClassifier`` loads either: every
@@ -252,7 +252,8 @@ def photometric_variants(
 def calibration_set(
     crops_bgr: np.ndarray, max_samples: int = 1200, augmented_copies: int = 0, seed: int = 0
 ) -> np.ndarray:
-    """Calibration crops: the real crops plus photometric variants of them, covering 0..255.
+    """Calibration crops: the real crops (and photometric variants of them when asked),
+    covering 0..255.
 
     The input tensor's range is set by the calibration data: one contrast-stretched (auto-levels,
     as a camera would) copy of a real crop with its end points at 0 and 255 fixes it to [-1, 1],
@@ -263,10 +264,9 @@ def calibration_set(
     The variants also put darker/more saturated smears inside the inner layers' ranges, at the
     cost of coarser steps for the real crops. On BCCD (one trained model, held-out crops) real
     crops alone did a little better (float-vs-int8 agreement 0.922 vs 0.911 on 550 box-jittered
-    held-out crops, 0.933 vs 0.926 on photometric variants of them); on a stain-normalised
-    BCCD+PBC model (2026-12-03, monitor crops) clearly better: 0.950 vs 0.908 of BCCD's with the
-    first depthwise layer float, and >= 0.98 with 7 float layer tensors where the variants
-    stopped at 0.950 with 6. Training calibrates on the real crops alone since then
+    held-out crops, 0.933 vs 0.926 on photometric variants of them); on two BCCD+PBC models
+    (2026-12-03, BCCD's monitor crops, the first depthwise layer float) clearly better: 0.950 vs
+    0.908 and 0.958 vs 0.933. Training calibrates on the real crops alone since then
     (``augmented_copies=0``).
     """
     rng = np.random.default_rng(seed)
