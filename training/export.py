@@ -2,11 +2,11 @@
 
 The int8 model takes RGB crops scaled to [-1, 1] (x/127.5 - 1) as float and quantizes them inside
 the graph; it runs int8 but for the few layers kept float, and outputs float probabilities.
-Calibration uses REAL training crops preprocessed exactly as at run time, never random noise
-(photometric variants of them, other stains and exposures, only when asked); one auto-levels copy
-of a real crop makes the input range [-1, 1] (step 2/255), so no pixel level clips. Which layers
-stay float is chosen on the monitor split: one at a time, the one that makes the int8 file name
-the monitor crops most like the float one does, until it does on 99% of them.
+Calibration uses REAL training crops preprocessed exactly as at run time plus photometric variants
+of the same crops (other stains/microscopes), never random noise; one auto-levels copy of a real
+crop makes the input range [-1, 1] (step 2/255), so no pixel level clips. Which layers stay float
+is chosen on the monitor split: the worst-quantized ones, until the int8 file names the monitor
+crops as the float one does.
 
 Both exports get a card beside them (``NAME.json``, ``NAME.float.json``), built as the run time's
 own :class:`detector.classify.ModelCard`, so the run-time ``CellClassifier`` loads either: every
@@ -88,7 +88,7 @@ class Quantizer:
     """
 
     def __init__(self, saved: str, calibration: np.ndarray, max_samples: int = 1200,
-                 augmented_copies: int = 0, debug_samples: int = 32) -> None:
+                 augmented_copies: int = 1, debug_samples: int = 32) -> None:
         """``calibration``: (N, S, S, 3) uint8 BGR crops cut by the crop rule from training
         images; ``debug_samples`` of the calibration crops measure the per-layer errors."""
         import tensorflow as tf
@@ -175,38 +175,32 @@ def choose_float_layers(
     candidates: Sequence[str],
     start: Sequence[str] = (),
     target: float = 0.99,
-    max_float: int = 8,
-    pool: int = 12,
+    max_float: int = 6,
 ) -> tuple[list[str], bytes, list[tuple[int, float]]]:
-    """Keep layers float, one at a time, until the int8 model agrees with the float one on
-    ``target`` of the monitor crops (or ``max_float`` layers are float).
+    """Keep the worst-quantized layers float, one at a time, until the int8 model agrees with
+    the float one on ``target`` of the monitor crops (or ``max_float`` layers are float).
 
-    ``candidates`` are output tensor names worst first (:meth:`Quantizer.layer_errors`), ``start``
-    the ones always kept float. Each step tries every one of the ``pool`` worst-quantized
-    candidates left and keeps the one whose int8 model agrees best: a layer's own error does not
-    say how much the model's answer depends on it (on two BCCD+PBC models, adding layers in
-    error order moved the agreement up and down between 0.92 and 0.96; chosen by agreement, three
-    more layers reached 0.98). Returns the float tensors, the model bytes and the agreement after
-    each step ``[(n_float, agreement), ...]``; the smallest set that reaches the target wins,
-    else the best one seen (fewest float layers on ties). Chosen on the monitor split, never the
-    held-out one.
+    ``candidates`` are output tensor names worst first (:meth:`Quantizer.layer_errors`),
+    ``start`` the ones always kept float. Returns the float tensors, the model bytes and the
+    agreement after each step ``[(n_float, agreement), ...]``; the smallest set that reaches the
+    target wins, else the best one seen (fewest float layers on ties). Chosen on the monitor
+    split, never the held-out one.
     """
     chosen = list(start)
     data = quantize(chosen)
     best = (agreement(data), -len(chosen), list(chosen), data)
     steps = [(len(chosen), best[0])]
-    left = [n for n in candidates if n not in chosen][:pool]
-    while best[0] < target and len(chosen) < max_float and left:
-        tried = []
-        for name in left:
-            model = quantize([*chosen, name])
-            tried.append((agreement(model), name, model))
-        agree, name, model = max(tried, key=lambda t: t[0])  # the worst-quantized on ties
+    for name in candidates:
+        if best[0] >= target or len(chosen) >= max_float:
+            break
+        if name in chosen:
+            continue
         chosen.append(name)
-        left.remove(name)
+        data = quantize(chosen)
+        agree = agreement(data)
         steps.append((len(chosen), agree))
         if (agree, -len(chosen)) > best[:2]:
-            best = (agree, -len(chosen), list(chosen), model)
+            best = (agree, -len(chosen), list(chosen), data)
     return best[2], best[3], steps
 
 
@@ -250,10 +244,9 @@ def photometric_variants(
 
 
 def calibration_set(
-    crops_bgr: np.ndarray, max_samples: int = 1200, augmented_copies: int = 0, seed: int = 0
+    crops_bgr: np.ndarray, max_samples: int = 1200, augmented_copies: int = 1, seed: int = 0
 ) -> np.ndarray:
-    """Calibration crops: the real crops (and photometric variants of them when asked),
-    covering 0..255.
+    """Calibration crops: the real crops plus photometric variants of them, covering 0..255.
 
     The input tensor's range is set by the calibration data: one contrast-stretched (auto-levels,
     as a camera would) copy of a real crop with its end points at 0 and 255 fixes it to [-1, 1],
@@ -261,13 +254,11 @@ def calibration_set(
     (BCCD crops alone only reach ~[-0.6, 1], so darker smears clipped). Returned shuffled and
     capped at ``max_samples`` (half real, half variants if capped with variants).
 
-    The variants also put darker/more saturated smears inside the inner layers' ranges, at the
-    cost of coarser steps for the real crops. On BCCD (one trained model, held-out crops) real
-    crops alone did a little better (float-vs-int8 agreement 0.922 vs 0.911 on 550 box-jittered
-    held-out crops, 0.933 vs 0.926 on photometric variants of them); on two BCCD+PBC models
-    (2026-12-03, BCCD's monitor crops, the first depthwise layer float) clearly better: 0.950 vs
-    0.908 and 0.958 vs 0.933. Training calibrates on the real crops alone since then
-    (``augmented_copies=0``).
+    The variants also put darker/more saturated smears inside the inner layers' ranges. On BCCD
+    (one trained model, held-out crops) real crops alone and real + variants are within noise of
+    each other (float-vs-int8 agreement 0.922 vs 0.911 on 550 box-jittered held-out crops, 0.933
+    vs 0.926 on photometric variants of them); both beat the earlier calibration on 222 crops
+    with a BCCD-only input range (0.904, and 0.827 on the variants).
     """
     rng = np.random.default_rng(seed)
     real = crops_bgr[rng.permutation(len(crops_bgr))]
@@ -292,19 +283,19 @@ def export_models(
     float_out: str | Path,
     monitor: Sequence[np.ndarray] = (),
     max_samples: int = 1200,
-    augmented_copies: int = 0,
+    augmented_copies: int = 1,
     float_layers: Sequence[str] = FLOAT_LAYERS,
     target: float = 0.99,
-    max_float: int = 8,
+    max_float: int = 6,
 ) -> dict:
     """Write the int8 file (``out``) and its float32 reference (``float_out``) of a Keras model.
 
     The int8 file is calibrated on real crops (:class:`Quantizer`) with the layers named like
     ``float_layers`` kept float. Given ``monitor`` crops (the monitor split, never the held-out
-    one; one array per data folder), more layers are kept float, each step the one that helps
-    most, until the int8 model names the crops of every folder as the float one does on
-    ``target`` of them (:func:`choose_float_layers`, at most ``max_float`` float layer
-    tensors): the smallest folder, another microscope, counts as much as the largest.
+    one; one array per data folder), more layers are kept float, worst-quantized first, until
+    the int8 model names the crops of every folder as the float one does on ``target`` of them
+    (:func:`choose_float_layers`, at most ``max_float`` float layer tensors): the smallest
+    folder, another microscope, counts as much as the largest.
 
     Args:
         model: Keras model taking float RGB in [-1, 1].
@@ -312,8 +303,7 @@ def export_models(
         monitor: (M, S, S, 3) uint8 BGR monitor crops per data folder; none: ``float_layers``
             alone.
         max_samples: cap on calibration crops (real + photometric variants).
-        augmented_copies: photometric variants per real crop (see ``calibration_set``; the
-            training recipe uses none since 2026-12-03).
+        augmented_copies: photometric variants per real crop (see ``calibration_set``).
 
     Returns what the card's recipe records: the float layers, the monitor agreement after each
     step, the calibration size and the seconds taken.

@@ -105,9 +105,8 @@ class TrainConfig:
     voc_extras: bool = True
     patience: int = 3
     min_score: float = 0.5
-    #: calibration: photometric variants per real crop (0: the real crops alone, which set
-    #: tighter ranges the int8 file names real crops better with), and the cap on crops
-    calib_copies: int = 0
+    #: calibration: photometric variants per real crop, and the cap on calibration crops
+    calib_copies: int = 1
     calib_max: int = 1000
     #: multiply a class's balanced weight (e.g. {"eosinophil": 1.5}); empty = balanced
     class_weight_scale: dict = field(default_factory=dict)
