@@ -205,26 +205,20 @@ class Tracker:
             return box
         if t.size is None:
             return box
-        w, h = self.frame_size
         m = self.options.edge_margin
-        bw, bh = float(t.size[0]), float(t.size[1])
-        if box[0] <= m and box[2] < w - m:
-            box[0] = min(box[0], box[2] - bw)
-        elif box[2] >= w - m and box[0] > m:
-            box[2] = max(box[2], box[0] + bw)
-        cut_x = box[0] <= m or box[2] >= w - m
-        if box[1] <= m and box[3] < h - m:
-            box[1] = min(box[1], box[3] - bh)
-        elif box[3] >= h - m and box[1] > m:
-            box[3] = max(box[3], box[1] + bh)
-        cut_y = box[1] <= m or box[3] >= h - m
-        # the side along the cut: a chord, grown to the whole cell about its middle
-        if cut_y and not cut_x and box[2] - box[0] < bw:
-            mid = 0.5 * float(box[0] + box[2])
-            box[0], box[2] = mid - 0.5 * bw, mid + 0.5 * bw
-        if cut_x and not cut_y and box[3] - box[1] < bh:
-            mid = 0.5 * float(box[1] + box[3])
-            box[1], box[3] = mid - 0.5 * bh, mid + 0.5 * bh
+        size = (float(t.size[0]), float(t.size[1]))
+        cut = []
+        for a, n in enumerate(self.frame_size):  # a = 0: x (box[0], box[2]); a = 1: y
+            lo, hi = box[a], box[a + 2]
+            if lo <= m and hi < n - m:  # cut on the low side: grow away from it
+                box[a] = min(lo, hi - size[a])
+            elif hi >= n - m and lo > m:
+                box[a + 2] = max(hi, lo + size[a])
+            cut.append(bool(box[a] <= m or box[a + 2] >= n - m))
+        for a in (0, 1):  # along a cut on the other axis: a chord, grown about its middle
+            if cut[1 - a] and not cut[a] and box[a + 2] - box[a] < size[a]:
+                mid = 0.5 * float(box[a] + box[a + 2])
+                box[a], box[a + 2] = mid - 0.5 * size[a], mid + 0.5 * size[a]
         return box
 
     def _clip(self, boxes: np.ndarray) -> np.ndarray:
