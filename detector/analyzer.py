@@ -31,11 +31,12 @@ THUMB = 96
 
 
 class SegmenterLike(Protocol):
-    """What the analyzer needs of a segmenter: ``find`` reads a video frame; ``find_still`` a
-    photo (the still-image path, :mod:`detector.still`, which ``run`` gives the analyzer's own
-    segmenter for a folder of separate fields)."""
+    """What the analyzer needs of a segmenter: ``find`` reads a video frame (``in_sequence``:
+    it follows the frame of the previous call, so what changes only with the microscope may be
+    kept); ``find_still`` a photo (the still-image path, :mod:`detector.still`, which ``run``
+    gives the analyzer's own segmenter for a folder of separate fields)."""
 
-    def find(self, image: np.ndarray | Frame) -> Detections: ...
+    def find(self, image: np.ndarray | Frame, *, in_sequence: bool = False) -> Detections: ...
 
     def find_still(self, image: np.ndarray | Frame) -> Detections: ...
 
@@ -124,7 +125,7 @@ class Analyzer:
             frame = Frame(bgr=frame, index=0 if self._last_index is None else self._last_index + 1)
         clock = self.clock
         t0 = clock()
-        dets = self.segmenter.find(frame)
+        dets = self.segmenter.find(frame, in_sequence=self._last_index is not None)
         t1 = clock()
         period = 1 if self._last_index is None else max(1, frame.index - self._last_index)
         self._last_index = frame.index
@@ -181,7 +182,7 @@ class Analyzer:
             probs = self.classifier.classify_boxes(frame.bgr, dets.xyxy)
             due = voter.due(dets, whole)
             return voter.vote([int(dets.track_id[i]) for i in due], probs[due]), len(dets)
-        frame_ok = self.frame_gate.check(frame_sharpness(frame.bgr))
+        frame_ok = self.frame_gate.check(frame_sharpness(frame))
         due = voter.due(dets, whole)
         if not due or not frame_ok:
             return [], 0

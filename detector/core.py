@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
+import cv2
 import numpy as np
 
 #: The white cells: they make the count and the differential (display order).
@@ -146,6 +148,19 @@ class Frame:
     @property
     def height(self) -> int:
         return int(self.bgr.shape[0])
+
+    @cached_property
+    def half(self) -> np.ndarray:
+        """Half-size copy (area-averaged: OpenCV's exact 2x path), made once per frame and
+        shared by the steps that read a reduced frame (the segmenter's working copy, the
+        stage-motion window, the focus gate), so the full frame is read once, not three times."""
+        h, w = self.bgr.shape[:2]
+        return cv2.resize(self.bgr, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+
+    def reduced(self, width: int, height: int) -> np.ndarray:
+        """The half-size copy when it is at least ``width`` x ``height``, else the frame."""
+        h, w = self.bgr.shape[:2]
+        return self.half if w >= 2 * width and h >= 2 * height else self.bgr
 
     @property
     def width(self) -> int:

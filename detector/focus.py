@@ -15,6 +15,8 @@ from collections import deque
 import cv2
 import numpy as np
 
+from detector.core import Frame
+
 log = logging.getLogger(__name__)
 
 #: Side (pixels) a cell patch is resized to before measuring, so magnification does not matter.
@@ -51,14 +53,18 @@ def cell_sharpness(image: np.ndarray, box: np.ndarray, side: int = PATCH_SIDE) -
     return sharpness(patch)
 
 
-def frame_sharpness(bgr: np.ndarray, size: tuple[int, int] = (160, 120)) -> float:
+def frame_sharpness(image: Frame | np.ndarray, size: tuple[int, int] = (160, 120)) -> float:
     """Focus measure of a whole frame, cheap: the centre half of the frame (where cells are
-    whole), green channel (the stain's contrast), area-averaged to ``size``."""
-    h, w = bgr.shape[:2]
+    whole), green channel (the stain's contrast), area-averaged to ``size``; read from a Frame's
+    shared half-size copy when that is large enough."""
+    img = image.reduced(2 * size[0], 2 * size[1]) if isinstance(image, Frame) else image
+    h, w = img.shape[:2]
     x0, y0 = w // 4, h // 4
-    centre = bgr[y0:y0 + h // 2, x0:x0 + w // 2]
+    centre = img[y0:y0 + h // 2, x0:x0 + w // 2]
     green = cv2.extractChannel(centre, 1) if centre.ndim == 3 else centre
-    return sharpness(cv2.resize(green, size, interpolation=cv2.INTER_AREA))
+    if green.shape[1] != size[0] or green.shape[0] != size[1]:
+        green = cv2.resize(green, size, interpolation=cv2.INTER_AREA)
+    return sharpness(green)
 
 
 class SharpGate:

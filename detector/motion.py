@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from detector.core import Frame
+
 log = logging.getLogger(__name__)
 
 #: Largest residual (half-size pixels) the fine phase-correlation step is trusted with.
@@ -52,28 +54,36 @@ class StageMotion:
         """Forget the previous frame (a new field, or a new slide)."""
         self.__init__(self.options)  # type: ignore[misc]
 
-    def small_grey_of(self, bgr: np.ndarray) -> np.ndarray:
+    def small_grey_of(self, image: Frame | np.ndarray) -> np.ndarray:
         """Half-size one-channel copy of a frame (2x ``shift_size``) for phase correlation.
 
         The green channel, area-averaged: stained cells absorb green most, so it carries most of
         the contrast, and it costs less than a grey conversion (area averaging, not subsampling:
-        aliasing made the dead reckoning drift 3x more on the simulator)."""
+        aliasing made the dead reckoning drift 3x more on the simulator). Read from the frame's
+        shared half-size copy when that is large enough (for 640x480 the same pixels: averaging
+        commutes with taking a channel; other sizes differ by rounding, under half a grey level
+        on average)."""
         w, h = self.options.shift_size
-        green = cv2.extractChannel(bgr, 1) if bgr.ndim == 3 else bgr
+        src = image.reduced(2 * w, 2 * h) if isinstance(image, Frame) else image
+        green = cv2.extractChannel(src, 1) if src.ndim == 3 else src
+        if green.shape[1] == 2 * w and green.shape[0] == 2 * h:
+            return green
         return cv2.resize(green, (2 * w, 2 * h), interpolation=cv2.INTER_AREA)
 
-    def update(self, bgr: np.ndarray | None, predicted: np.ndarray, radius: np.ndarray,
-               centers: np.ndarray) -> np.ndarray:
+    def update(self, image: Frame | np.ndarray | None, predicted: np.ndarray,
+               radius: np.ndarray, centers: np.ndarray) -> np.ndarray:
         """Shift since the previous frame -> float32 (dx, dy).
 
-        ``bgr``: this frame (None: no picture, cells only); ``predicted``: (K, 2) centres where
-        the tracker expects the cells it saw recently (before this shift), ``radius``: (K,) how
-        far a centre may be from it and still agree; ``centers``: (N, 2) this frame's cells.
+        ``image``: this frame, a Frame or a BGR image (None: no picture, cells only);
+        ``predicted``: (K, 2) centres where the tracker expects the cells it saw recently
+        (before this shift), ``radius``: (K,) how far a centre may be from it and still agree;
+        ``centers``: (N, 2) this frame's cells.
         """
         o = self.options
+        bgr = image.bgr if isinstance(image, Frame) else image
         frame_size = (bgr.shape[1], bgr.shape[0]) if bgr is not None else (640, 480)
-        phase = (self._phase_shift(self.small_grey_of(bgr), frame_size)
-                 if bgr is not None else None)
+        phase = (self._phase_shift(self.small_grey_of(image), frame_size)
+                 if image is not None else None)
         strong = phase is not None and phase[2] >= o.min_response
         shift = self._choose(phase, strong, predicted, radius, centers, frame_size)
         self.shift = (float(shift[0]), float(shift[1]))

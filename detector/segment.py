@@ -50,8 +50,10 @@ red cells, no disc-shaped ones (only rims of pale cells cut open by the border, 
 zoomed in on one white cell), or the estimate is implausible (outside 0.3-3x), the configured
 ``rbc_diameter`` is used. So other magnifications and cameras work without retuning. At low
 magnification (red cells under 18 working pixels, ~0.7x BCCD's at 640x480) the frame is read
-again at a working width that gives red cells ~24 pixels (slower: ~2-4 ms for such frames) so
-nuclei and platelets stay apart.
+again at a working width that gives red cells ~24 pixels, so nuclei and platelets stay apart
+(slower: ~1.5-3 ms for such frames). In a video the size is measured every ``rbc_every``
+frames and kept in between (it changes only with the objective), which saves the measurement
+and, at low magnification, the first reading of the frame.
 The opening radius is calibrated to BCCD's
 annotated red-cell boxes (x1.42: red cells with open pale centres read small as binary masks);
 on BCCD 90 % of frames fall within -16 % / +20 % of the annotated size. Crisp cells with filled
@@ -227,6 +229,9 @@ class SegmenterOptions:
         body_any_hue: the cell body is stain off the red-cell direction in any hue (takes in
             lilac neutrophil and orange eosinophil cytoplasm); False uses only the nucleus-stain
             channel (blue cytoplasm only, tighter boxes).
+        rbc_every: in a video (``find(frame, in_sequence=True)``) the red-cell diameter, which
+            only a change of objective or camera alters, is measured on every n-th frame and
+            kept in between (frame to frame it varies by ~1 %); 1 measures every frame.
     """
 
     working_width: int = 160
@@ -249,8 +254,11 @@ class SegmenterOptions:
     max_cytoplasm: float = 0.5
     background_percentile: float = 97.0
     body_any_hue: bool = True
+    rbc_every: int = 4
 
     def __post_init__(self) -> None:
+        if self.rbc_every < 1:
+            raise ValueError(f"rbc_every must be >= 1, got {self.rbc_every}")
         if self.working_width < 32:
             raise ValueError(f"working_width must be >= 32 pixels, got {self.working_width}")
         if self.rbc_diameter <= 0:
@@ -265,21 +273,22 @@ class SegmenterOptions:
             )
 
 
-def _as_bgr(image: np.ndarray | Frame) -> np.ndarray:
-    """Validate the input and return the H x W x 3 uint8 BGR array."""
-    if isinstance(image, Frame):
-        return image.bgr
-    if not isinstance(image, np.ndarray):
-        raise InputError(
-            f"segmenter needs an H x W x 3 uint8 BGR numpy image, got {type(image).__name__}"
-        )
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise InputError(
-            "segmenter needs an H x W x 3 uint8 BGR image, got "
-            f"shape {image.shape} dtype {image.dtype}"
-        )
-    if image.shape[0] < 8 or image.shape[1] < 8:
-        raise InputError(f"image too small to segment: {image.shape[1]}x{image.shape[0]} px")
+def _as_frame(image: np.ndarray | Frame) -> Frame:
+    """Validate the input -> a Frame (an array is wrapped, so its half-size copy is made once
+    however many steps read it)."""
+    if not isinstance(image, Frame):
+        if not isinstance(image, np.ndarray):
+            raise InputError(
+                f"segmenter needs an H x W x 3 uint8 BGR numpy image, got {type(image).__name__}"
+            )
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise InputError(
+                "segmenter needs an H x W x 3 uint8 BGR image, got "
+                f"shape {image.shape} dtype {image.dtype}"
+            )
+        image = Frame(image)
+    if image.height < 8 or image.width < 8:
+        raise InputError(f"image too small to segment: {image.width}x{image.height} px")
     return image
 
 
@@ -291,9 +300,10 @@ def _no_cells() -> Detections:
     )
 
 
-def _shrink(bgr: np.ndarray, sw: int, sh: int) -> np.ndarray:
-    """Area-average down to (sw, sh); exact halvings first (OpenCV's fast 2x path, 3x cheaper)."""
-    small = bgr
+def _shrink(frame: Frame, sw: int, sh: int) -> np.ndarray:
+    """Area-average down to (sw, sh); exact halvings first (OpenCV's fast 2x path, 3x cheaper),
+    the first one the frame's shared half-size copy."""
+    small = frame.reduced(sw, sh)
     while small.shape[1] >= 2 * sw and small.shape[0] >= 2 * sh:
         small = cv2.resize(
             small, (small.shape[1] // 2, small.shape[0] // 2), interpolation=cv2.INTER_AREA
@@ -333,6 +343,16 @@ def _quadratic_bases(
     cy = (np.arange(_COARSE[1], dtype=np.float32) + 0.5) / _COARSE[1] - 0.5
     cx = (np.arange(_COARSE[0], dtype=np.float32) + 0.5) / _COARSE[0] - 0.5
     return design(by, bx).astype(np.float32), design(cy, cx).astype(np.float32)
+
+
+def _width_for(rbc_diameter: float, width: int, frame_width: int) -> int:
+    """Working width for a frame whose red cells are ``rbc_diameter`` full-res px across: the
+    usual ``width``, or at low magnification (red cells under ``_MIN_RBC_WORKING`` working px,
+    too few to tell a nucleus from a platelet) one giving them ~24 px."""
+    d_small = rbc_diameter * width / frame_width
+    if d_small >= _MIN_RBC_WORKING or width >= frame_width:
+        return width
+    return min(frame_width, int(round(width * 24.0 / d_small)))
 
 
 def _centre_index(xyxy: np.ndarray, w: int, h: int) -> int | None:
@@ -441,26 +461,47 @@ class Segmenter:
         self.last_background: tuple[float, float, float] = (0.0, 0.0, 0.0)
         #: Darkest / brightest point of the last frame's illumination field (1.0: even).
         self.last_illumination: float = 1.0
+        #: Video: frame size, red-cell diameter (full-res px), measured?, frames it was kept for.
+        self._scale: tuple[tuple[int, int], float, bool, int] | None = None
 
     # -- public -------------------------------------------------------------------------------
-    def find(self, image: np.ndarray | Frame) -> Detections:
-        """White cells in one BGR frame -> Detections (full-res xyxy, score, area, touches_edge)."""
-        bgr = _as_bgr(image)
+    def find(self, image: np.ndarray | Frame, *, in_sequence: bool = False) -> Detections:
+        """White cells in one BGR frame -> Detections (full-res xyxy, score, area, touches_edge).
+
+        ``in_sequence``: the frame follows the one the previous call read, in one video (the
+        analyzer sets it); the red-cell diameter is then re-measured only every ``rbc_every``
+        frames (and at low magnification the frame is read once, at the width it needs)."""
+        frame = _as_frame(image)
+        w = frame.width
         opt = self.options
-        width = min(opt.working_width, bgr.shape[1])
-        planes = self._planes(bgr, width)
+        width = min(opt.working_width, w)
+        known = self._kept_scale(frame, in_sequence)
+        if known is not None and self.last_rbc_measured:
+            width = _width_for(known, width, w)
+        planes = self._planes(frame, width, known)
         if planes is None:
             return _no_cells()
-        d_small = planes[3]
-        if self.last_rbc_measured and d_small < _MIN_RBC_WORKING and width < bgr.shape[1]:
-            # Low magnification: red cells too few pixels across at the usual working width to
-            # tell a nucleus from a platelet; look again at a width giving them ~24 pixels.
-            width = min(bgr.shape[1], int(round(width * 24.0 / d_small)))
-            planes = self._planes(bgr, width)
-            if planes is None:
-                return _no_cells()
+        if known is None and self.last_rbc_measured:
+            wider = _width_for(self.last_rbc_diameter, width, w)
+            if wider != width:
+                planes = self._planes(frame, wider, known)
+                if planes is None:
+                    return _no_cells()
+        if known is None:
+            self._scale = ((w, frame.height), self.last_rbc_diameter, self.last_rbc_measured, 0)
         f, off, small, d_small, sxy = planes
         return self._cells(f, off, small, d_small, sxy)
+
+    def _kept_scale(self, frame: Frame, in_sequence: bool) -> float | None:
+        """The red-cell diameter (full-res px) kept from an earlier frame of this video, or None
+        when this frame must measure it (sets ``last_rbc_*`` when it is kept)."""
+        kept = self._scale
+        if (not in_sequence or kept is None or kept[0] != (frame.width, frame.height)
+                or kept[3] + 1 >= self.options.rbc_every):
+            return None
+        self._scale = (kept[0], kept[1], kept[2], kept[3] + 1)
+        self.last_rbc_diameter, self.last_rbc_measured = kept[1], kept[2]
+        return kept[1]
 
     def find_single(self, image: np.ndarray | Frame) -> Detections:
         """The one cell of a single-cell image -> Detections of at most one row.
@@ -473,12 +514,12 @@ class Segmenter:
         boxed with a rim of cytoplasm. An image with no nucleus near its centre, or only a
         platelet-sized one, gives no cell.
         """
-        bgr = _as_bgr(image)
-        det = self.find(bgr)
-        k = _centre_index(det.xyxy, bgr.shape[1], bgr.shape[0])
+        frame = _as_frame(image)
+        det = self.find(frame)
+        k = _centre_index(det.xyxy, frame.width, frame.height)
         if k is not None:
             return det[[k]]
-        return self._centre_nucleus(bgr)
+        return self._centre_nucleus(frame)
 
     def find_still(self, image: np.ndarray | Frame) -> Detections:
         """White cells of a still photo, recognising single-cell images.
@@ -489,9 +530,9 @@ class Segmenter:
         gets :meth:`find`'s cells; when none of them is over the centre but a large nucleus is
         (a single-cell crop whose red-cell size misread), that cell is added to them.
         """
-        bgr = _as_bgr(image)
-        h, w = bgr.shape[:2]
-        det = self.find(bgr)
+        frame = _as_frame(image)
+        h, w = frame.height, frame.width
+        det = self.find(frame)
         k = _centre_index(det.xyxy, w, h)
         others = [i for i in range(len(det)) if i != k and not det.touches_edge[i]]
 
@@ -500,7 +541,7 @@ class Segmenter:
 
         if k is not None:
             return det[[k]] if big(det.xyxy[k]) and not others else det
-        one = self._centre_nucleus(bgr)
+        one = self._centre_nucleus(frame)
         if not len(one):
             return det
         if not others:
@@ -514,11 +555,10 @@ class Segmenter:
         apart = box_iou(det.xyxy, one.xyxy)[:, 0] == 0
         return Detections.concat([one, det[apart]])
 
-    def _centre_nucleus(self, bgr: np.ndarray) -> Detections:
+    def _centre_nucleus(self, frame: Frame) -> Detections:
         """The densest nuclear stain at the centre of a crop, boxed with its cytoplasm rim."""
         opt = self.options
-        h, w = bgr.shape[:2]
-        planes = self._planes(bgr, min(opt.working_width, w), ring=True)
+        planes = self._planes(frame, min(opt.working_width, frame.width), ring=True)
         if planes is None:
             return _no_cells()
         f, off, small, d, sxy = planes
@@ -564,15 +604,18 @@ class Segmenter:
         )
 
     def _planes(
-        self, bgr: np.ndarray, width: int, ring: bool = False
+        self, frame: Frame, width: int, rbc: float | None = None, ring: bool = False
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, tuple[float, float]] | None:
         """The frame read at ``width`` working pixels: nucleus-stain plane, cell-body plane, the
         working copy, red-cell diameter (working px) and the working-to-frame scale; None when
-        the frame is too dark to read. ``ring``: the red-cell stain is read from the outer band
-        of the frame only (a crop centred on a large cell: the red cells are around it)."""
+        the frame is too dark to read. ``rbc``: the red-cell diameter (full-res px) when known
+        already (kept in a video), else measured. ``ring``: the red-cell stain is read from the
+        outer band of the frame only (a crop centred on a large cell: the red cells are around
+        it)."""
+        bgr = frame.bgr
         h, w = bgr.shape[:2]
         scale = min(1.0, width / w)
-        small = _shrink(bgr, width, max(8, int(round(h * scale)))) if scale < 1 else bgr
+        small = _shrink(frame, width, max(8, int(round(h * scale)))) if scale < 1 else bgr
         sxy = (w / small.shape[1], h / small.shape[0])
         small = self._flatten_illumination(small)
         od = self._optical_density(small)
@@ -599,7 +642,7 @@ class Segmenter:
         gain = 1.0 if pink else min(max(_SIN_PINK / max(sin_u, 1e-3), 1.0), 2.0)
         f = cv2.addWeighted(a, gain * float(np.cos(theta)), b, gain * float(np.sin(theta)), 0.0)
         off = cv2.magnitude(a, b) if self.options.body_any_hue else f
-        d_small = self._rbc_diameter(od2, u, m, f, scale)
+        d_small = self._rbc_diameter(od2, u, m, f, scale) if rbc is None else rbc * scale
         return f, off, small, d_small, sxy
 
     # -- steps --------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ class Tracker:
         else:
             pred = np.empty((0, 2), np.float32)
             radius = np.array([10.0], np.float32)
-        shift = self.motion.update(bgr, pred, radius, centers)
+        shift = self.motion.update(frame, pred, radius, centers)
         step = np.array([shift[0], shift[1], shift[0], shift[1]], np.float32)
         for t in self.tracks:
             t.box = t.box + step

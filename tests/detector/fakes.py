@@ -80,8 +80,10 @@ class FakeSegmenter:
     def __init__(self, slide: Slide, path: list[tuple[int, int]], w: int = 320, h: int = 240):
         self.slide, self.path, self.w, self.h = slide, path, w, h
         self.last_ids: list[int] = []
+        self.in_sequence: list[bool] = []  # what the analyzer said of each frame
 
-    def find(self, image: np.ndarray | Frame) -> Detections:
+    def find(self, image: np.ndarray | Frame, *, in_sequence: bool = False) -> Detections:
+        self.in_sequence.append(in_sequence)
         x, y = self.path[image.index]
         boxes, edge, ids = truth_boxes(self.slide, x, y, self.w, self.h)
         self.last_ids = ids

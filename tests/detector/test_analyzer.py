@@ -85,7 +85,8 @@ def test_unsharp_only_cell_counted_unidentified():
 
 def test_reset_and_render():
     slide, path = slide_and_path()
-    an = Analyzer(FakeSegmenter(slide, path), FakeClassifier())
+    seg = FakeSegmenter(slide, path)
+    an = Analyzer(seg, FakeClassifier())
     results = run(an, slide, path[:60])
     img = an.render(results[-1], fps=30.0)
     assert img.shape == results[-1].frame.bgr.shape and img.dtype == np.uint8
@@ -95,6 +96,8 @@ def test_reset_and_render():
     r = an.process(Frame(view(slide, *path[0]), index=0))
     assert r.summary.total == 0
     assert sorted(r.detections.track_id.tolist()) == list(range(1, len(r.detections) + 1))
+    # the segmenter is told which frames follow the previous one (a new slide does not)
+    assert seg.in_sequence == [False] + [True] * 59 + [False]
 
 
 def test_set_target_and_min_score():

@@ -47,3 +47,20 @@ def test_same_scene_on_real_photos(bccd_dir):
     b = _photo(bccd_dir, "BloodImage_00020")
     assert same_scene(a[0:400, 0:560], a[12:412, 20:580])
     assert not same_scene(a, b)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (1280, 720), (500, 376)])
+def test_frames_half_size_copy_gives_the_same_readings(bccd_dir, size):
+    """The motion window and the focus gate read a Frame's shared half-size copy: the same
+    pixels as reducing the full frame when the window is half the frame (640x480), within
+    rounding when it is not; the full frame when the copy is too small."""
+    from detector.core import Frame
+    from detector.focus import frame_sharpness
+
+    img = cv2.resize(_photo(bccd_dir), size, interpolation=cv2.INTER_AREA)
+    m = StageMotion()
+    shared, own = m.small_grey_of(Frame(img)), m.small_grey_of(img)
+    diff = np.abs(shared.astype(int) - own)
+    assert (diff.max() == 0) if size == (640, 480) else (diff.mean() < 0.5)
+    assert frame_sharpness(Frame(img)) == pytest.approx(frame_sharpness(img),
+                                                       rel=0 if size == (640, 480) else 0.02)

@@ -183,6 +183,30 @@ def test_red_cell_diameter_is_estimated_from_the_frame() -> None:
     assert 85 < seg.last_rbc_diameter < 145
 
 
+def test_video_keeps_the_red_cell_size_for_a_few_frames_then_measures_again() -> None:
+    """In a video the red-cell size is measured every ``rbc_every`` frames and kept between:
+    the cells found are the same, a change of objective is seen within ``rbc_every`` frames,
+    and a photo not in sequence (or of another size) is always measured on its own."""
+    one, low = smear(cells=((320, 240),)), smear(cells=((150, 120), (450, 130)), scale=0.4)
+    seg = Segmenter(SegmenterOptions(rbc_every=4))
+    first = seg.find(one)
+    d1 = seg.last_rbc_diameter
+    for _ in range(2):  # the same field, kept size: the same cell
+        det = seg.find(Frame(one), in_sequence=True)
+        assert np.array_equal(det.xyxy, first.xyxy) and seg.last_rbc_diameter == d1
+    seg.find(low, in_sequence=True)  # a lower objective on the 3rd frame: not seen yet
+    assert seg.last_rbc_diameter == d1
+    seg.find(low, in_sequence=True)  # 4th frame after the measure: measured again
+    assert seg.last_rbc_diameter < 0.6 * d1
+    assert len(seg.find(low, in_sequence=True)) == 2  # kept at low magnification too
+    seg.find(one)  # not in sequence (a separate photo): measured
+    assert seg.last_rbc_diameter == d1
+    seg.find(cv2.resize(one, (480, 360)), in_sequence=True)  # another frame size: measured
+    assert seg.last_rbc_diameter < 0.9 * d1
+    with pytest.raises(ValueError, match="rbc_every"):
+        SegmenterOptions(rbc_every=0)
+
+
 def test_white_balance_and_exposure_shift_give_the_same_answer() -> None:
     img = smear(cells=((250, 200),))
     base = Segmenter().find(img)

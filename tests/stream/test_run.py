@@ -156,7 +156,7 @@ class SpySegmenter(FakeSegmenter):
         super().__init__(*a, **kw)
         self.events, self.ref, self.checked = events, analyzer_ref, 0
 
-    def find(self, image):
+    def find(self, image, *, in_sequence: bool = False):
         if self.ref and self.events.exists():
             on_disk = len(self.events.read_text().splitlines())
             assert on_disk == len(self.ref[0].tally.events)
@@ -230,7 +230,7 @@ def test_truncated_video_keeps_counts(tmp_path, slide):
 
 
 class InterruptingSegmenter(FakeSegmenter):
-    def find(self, image):
+    def find(self, image, *, in_sequence: bool = False):
         if image.index == 90:
             raise KeyboardInterrupt
         return super().find(image)

@@ -28,7 +28,7 @@ class TruthSegmenter:
     def __init__(self, truth: dict) -> None:
         self.truth = truth
 
-    def find(self, frame) -> Detections:
+    def find(self, frame, *, in_sequence: bool = False) -> Detections:
         cells = self.truth["frame_truth"][frame.index]["cells"]
         boxes = np.array([c["box"] for c in cells], np.float32).reshape(-1, 4)
         edge = np.array([c["visible_fraction"] < 0.999 for c in cells], bool)
