@@ -645,12 +645,27 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def reexport(run_dir: str | Path, out: str | Path | None = None) -> dict:
-    """Export a finished run's Keras model again with the current export, re-measure the
-    held-out figures and write the card (the run's data, split and recipe kept).
+def average_models(models: list[Any]) -> Any:
+    """One Keras model whose output is the mean of ``models``' probabilities (an ensemble: its
+    members' errors differ, so the mean names cells more steadily than any one of them, and one
+    file keeps the runtime's one-model contract)."""
+    import keras
 
-    The calibration and monitor crops are cut again from the run's images with its config; the
-    split comes from the run's card, so held-out images stay held out.
+    inputs = keras.Input(models[0].input_shape[1:], name="image")
+    outs = [keras.Model(m.inputs, m.outputs[0], name=f"member{i}")(inputs)
+            for i, m in enumerate(models)]
+    return keras.Model(inputs, keras.layers.Average(name="probs_mean")(outs))
+
+
+def reexport(run_dirs: str | Path | list[str | Path], out: str | Path | None = None) -> dict:
+    """Export finished runs' Keras models again with the current export, re-measure the
+    held-out figures and write the card (the first run's data, split and recipe kept).
+
+    One run: its model. Several runs of the same data, split, classes and crop rule (the same
+    recipe and ``--seed`` trained again): one model that averages their calibrated
+    probabilities (:func:`average_models`), each member with its own temperature. The
+    calibration and monitor crops are cut again from the first run's images with its config;
+    the split comes from the run's card, so held-out images stay held out.
     """
     import keras
 
@@ -658,9 +673,22 @@ def reexport(run_dir: str | Path, out: str | Path | None = None) -> dict:
     from training.evaluate import evaluate_split
     from training.export import export_models, float_card, input_dtype, write_card
 
-    run_dir = Path(run_dir)
+    dirs = [Path(d) for d in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
+    if not dirs:
+        raise InputError("no run folder to export")
+    run_dir = dirs[0]
     cfg = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
-    old = ModelCard.load(Path(cfg.out or run_dir / "hematovision.tflite").with_suffix(".json"))
+    cards = []
+    for d in dirs:
+        c = json.loads((d / "config.json").read_text())
+        cards.append(ModelCard.load(Path(c.get("out") or d / "hematovision.tflite")
+                                    .with_suffix(".json")))
+    old = cards[0]
+    for d, c in zip(dirs[1:], cards[1:], strict=True):
+        if (c.split != old.split or c.crop != old.crop or c.labels != old.labels
+                or c.input_size != old.input_size):
+            raise InputError(f"{d}: not the same split, classes, crop rule and input size as "
+                             f"{run_dir}: an ensemble's members must share them")
     out = Path(out) if out else Path(cfg.out or run_dir / "hematovision.tflite")
     rule = old.crop
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
@@ -671,9 +699,12 @@ def reexport(run_dir: str | Path, out: str | Path | None = None) -> dict:
     tr = ds.subset([g for g in set(ds.groups) if g not in not_train])
     va = ds.subset(old.split["val_images"])
     x_tr, _, src_tr = _crops(tr, cfg, rule, cache, train=True)
-    model = with_temperature(keras.models.load_model(run_dir / "final.keras"),
-                             float(old.recipe.get("temperature", 1.0)))
-    float_path = run_dir / f"{out.stem}.float.tflite"
+    temperatures = [float(c.recipe.get("temperature", 1.0)) for c in cards]
+    members = [with_temperature(keras.models.load_model(d / "final.keras"), t)
+               for d, t in zip(dirs, temperatures, strict=True)]
+    model = members[0] if len(members) == 1 else average_models(members)
+    float_path = out.parent / f"{out.stem}.float.tflite" if len(dirs) > 1 else \
+        run_dir / f"{out.stem}.float.tflite"
     exported = export_models(model, calibration_crops(x_tr, src_tr, cfg.calib_max, cfg.seed),
                              out, float_path,
                              monitor_crops(ds.subset(monitor), cfg, rule, cache),
@@ -684,21 +715,42 @@ def reexport(run_dir: str | Path, out: str | Path | None = None) -> dict:
     write_card(float_path, float_card(card))
     evaluation = evaluate_split(out, va, float_path)
     evaluation["calibration"] = old.evaluation.get("calibration", {})
+    source = " + ".join(f"{d.name}/final.keras" for d in dirs)
     recipe = {**old.recipe, "int8_export": {
-        **exported, "note": f"re-exported {_dt.date.today().isoformat()} from "
-                            f"{run_dir.name}/final.keras"}}
+        **exported, "note": f"re-exported {_dt.date.today().isoformat()} from {source}"}}
+    if len(dirs) > 1:
+        recipe["ensemble"] = {
+            "members": [d.name for d in dirs],
+            "temperatures": [round(t, 4) for t in temperatures],
+            "combine": "mean of the members' softmax(logits / temperature)",
+            "train_seconds_each": [c.recipe.get("train_seconds") for c in cards],
+        }
+        evaluation["calibration"] = {
+            "members": [c.evaluation.get("calibration", {}) for c in cards],
+            "note": "each member's temperature fitted on the monitor split; the mean of "
+                    "calibrated probabilities is not refitted (see the held-out ECE)"}
     card = dataclasses.replace(card, evaluation=evaluation, recipe=recipe)
     write_card(out, card)
     write_card(float_path, float_card(card))
     return card.to_dict()
 
 
-if __name__ == "__main__":  # python -m training.train RUN_DIR [OUT]: re-export a finished run
+if __name__ == "__main__":  # python -m training.train RUN_DIR [RUN_DIR ...] [--out OUT]
     import sys
 
-    logging.basicConfig(level=logging.INFO)
-    result = reexport(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
-    for _name, _rep in result["evaluation"]["sources"].items():
-        from training.evaluate import print_source
+    from training.evaluate import print_source
 
+    logging.basicConfig(level=logging.INFO)
+    _p = argparse.ArgumentParser(
+        prog="python -m training.train",
+        description="Export finished runs again: one run, or several runs of the same split "
+                    "as one model averaging their calibrated probabilities.")
+    _p.add_argument("run_dirs", nargs="+", help="run folders (config.json, final.keras, card)")
+    _p.add_argument("--out", help="output .tflite (default: the first run's)")
+    _a = _p.parse_args()
+    try:
+        result = reexport(_a.run_dirs, _a.out)
+    except InputError as exc:
+        sys.exit(f"error: {exc}")
+    for _name, _rep in result["evaluation"]["sources"].items():
         print_source(_name, _rep)

@@ -170,3 +170,39 @@ def test_calibration_uses_real_training_crops(tiny_run):
     # the exporter receives exactly the real training crops (exact + jittered boxes, no held-out
     # or monitor image, no noise); it adds photometric variants of these itself
     assert [c.tobytes() for c in calib] == [c.tobytes() for c in real]
+
+
+@pytest.mark.train
+def test_runs_of_one_split_export_as_one_averaging_model(tiny_run, tmp_path):
+    """Several runs of the same split become one file whose probabilities are the mean of the
+    members' (here one run twice: the mean is the run's own); runs of another split are
+    refused."""
+    import json
+    import shutil
+
+    from detector.classify import CellClassifier
+    from detector.errors import InputError
+    from training.train import reexport
+
+    t = tiny_run
+    out = tmp_path / "ens" / "ens.tflite"
+    out.parent.mkdir()
+    card = reexport([t["run_dir"], t["run_dir"]], out)
+    assert card["recipe"]["ensemble"]["members"] == ["run", "run"]
+    assert out.is_file() and (out.parent / "ens.float.tflite").is_file()
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    one = CellClassifier(t["model"], num_threads=1).classify_crops(crops)
+    ens = CellClassifier(out, num_threads=1).classify_crops(crops)
+    assert ens.shape == one.shape and np.abs(ens - one).max() < 0.1  # int8 of the same mean
+
+    other = tmp_path / "other"
+    shutil.copytree(t["run_dir"], other)
+    cfg = json.loads((other / "config.json").read_text())
+    model_card = json.loads(Path(cfg["out"]).with_suffix(".json").read_text())
+    model_card["split"]["val_images"] = model_card["split"]["val_images"][:1]
+    cfg["out"] = str(other / "hematovision.tflite")
+    (other / "config.json").write_text(json.dumps(cfg))
+    (other / "hematovision.json").write_text(json.dumps(model_card))
+    with pytest.raises(InputError, match="same split"):
+        reexport([t["run_dir"], other], tmp_path / "bad.tflite")
