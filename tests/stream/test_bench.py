@@ -33,6 +33,7 @@ def short_clip(tmp_path, monkeypatch):
                                 size=(320, 240), progress=False, **bench.CLIP_SETTINGS)
     path = folder / "video.mp4"
     monkeypatch.setattr(bench, "bench_clip", lambda: path)
+    monkeypatch.setattr(bench, "magnification_clip", lambda m: path)  # one render suffices
     return path
 
 
@@ -62,12 +63,16 @@ def test_bench_figures(short_clip, tiny_models, capsys, monkeypatch):
     rss = r["peak_rss_mb_run"]
     assert rss is not None and 30 < rss < 2000  # a real run: Python, OpenCV, the interpreter
     assert r["target_rss_reached"] == (rss <= 250)
+    seg_ms = r["segment_ms_at_magnification"]
+    assert list(seg_ms) == ["1", "0.35", "2"] and all(v > 0 for v in seg_ms.values())
+    assert r["target_segment_reached"] == (max(seg_ms.values()) <= 2.0)
 
     text = bench.format_report(r)
     assert (f"crops classified: {r['crops_classified']} "
             f"(naive: {r['crops_classified_naive']})") in text
     assert f"{r['fps_end_to_end']:.0f} frames/s per CPU second" in text
     assert f"peak memory of 'hematovision run': {rss:.0f} MB" in text
+    assert f"0.35x {seg_ms['0.35']:.2f}" in text
 
     # the command prints what run_bench measured, as JSON or as the text report
     calls = []
