@@ -51,9 +51,10 @@ zoomed in on one white cell), or the estimate is implausible (outside 0.3-3x), t
 ``rbc_diameter`` is used. So other magnifications and cameras work without retuning. At low
 magnification (red cells under 18 working pixels, ~0.7x BCCD's at 640x480) the frame is read
 again at a working width that gives red cells ~24 pixels, so nuclei and platelets stay apart
-(slower: ~1.5-3 ms for such frames). In a video the size is measured every ``rbc_every``
-frames and kept in between (it changes only with the objective), which saves the measurement
-and, at low magnification, the first reading of the frame.
+(slower: ~1.3-1.9 ms for such frames at 0.5x-0.35x on a development machine). In a video the
+size is measured every ``rbc_every`` frames and kept in between (it changes only with the
+objective), which saves the measurement and, at low magnification, the first reading of the
+frame.
 The opening radius is calibrated to BCCD's
 annotated red-cell boxes (x1.42: red cells with open pale centres read small as binary masks);
 on BCCD 90 % of frames fall within -16 % / +20 % of the annotated size. Crisp cells with filled
@@ -488,7 +489,7 @@ class Segmenter:
         if known is None and self.last_rbc_measured:
             wider = _width_for(self.last_rbc_diameter, width, w)
             if wider != width:
-                planes = self._planes(frame, wider, known)
+                planes = self._planes(frame, wider)
                 if planes is None:
                     return _no_cells()
         if known is None:
