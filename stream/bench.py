@@ -95,12 +95,15 @@ def bench_clip() -> Path:
 
 
 def magnification_clip(magnification: float) -> Path:
-    """A short simulator clip at another magnification, rendered on first use and cached."""
+    """A short simulator clip at another magnification (red cells ``magnification`` times as
+    wide as at BCCD's), rendered on first use and cached."""
     from stream import synth
+    from stream.synth.settings import RBC_PX_640
 
     return synth.cached_video(f"bench-{BENCH_VERSION}-mag{magnification:g}",
                               seconds=MAG_CLIP_SECONDS, fps=CLIP_FPS, seed=CLIP_SEED,
-                              size=CLIP_SIZE, magnification=magnification, **CLIP_SETTINGS)
+                              size=CLIP_SIZE, rbc_px=RBC_PX_640 * magnification,
+                              **CLIP_SETTINGS)
 
 
 def segment_ms(video: Path) -> float:

@@ -84,6 +84,18 @@ def test_bench_figures(short_clip, tiny_models, capsys, monkeypatch):
     assert calls == [{"threads": 1, "model": model}, {"threads": 2, "model": None}]
 
 
+def test_magnification_clip_is_rendered_at_that_magnification(tmp_path, monkeypatch):
+    from stream.synth import load_truth
+    from stream.synth.settings import RBC_PX_640
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(bench, "MAG_CLIP_SECONDS", 0.2)
+    clip = bench.magnification_clip(0.35)
+    assert clip.is_file() and clip.parent.parent == tmp_path / "hematovision"
+    truth = load_truth(clip.parent)
+    assert truth["settings"]["rbc_px"] == pytest.approx(0.35 * RBC_PX_640)
+
+
 def test_serve_bench_leaves_no_temporary_files(tmp_path, monkeypatch):
     """The live-page measurements write their session files to a folder removed at the end."""
     from stream import bench_serve, sources
