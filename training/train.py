@@ -725,6 +725,8 @@ def reexport(run_dirs: str | Path | list[str | Path], out: str | Path | None = N
             "combine": "mean of the members' softmax(logits / temperature)",
             "train_seconds_each": [c.recipe.get("train_seconds") for c in cards],
         }
+        for key in ("train_seconds", "total_seconds"):  # the members trained one after another
+            recipe[key] = round(sum(float(c.recipe.get(key) or 0.0) for c in cards), 1)
         evaluation["calibration"] = {
             "members": [c.evaluation.get("calibration", {}) for c in cards],
             "note": "each member's temperature fitted on the monitor split; the mean of "
