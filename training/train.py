@@ -727,6 +727,8 @@ def reexport(run_dirs: str | Path | list[str | Path], out: str | Path | None = N
         }
         for key in ("train_seconds", "total_seconds"):  # the members trained one after another
             recipe[key] = round(sum(float(c.recipe.get(key) or 0.0) for c in cards), 1)
+        recipe["temperature"] = recipe["ensemble"]["temperatures"]  # one per member
+        recipe["fine_tune_epochs_run"] = [c.recipe.get("fine_tune_epochs_run") for c in cards]
         evaluation["calibration"] = {
             "members": [c.evaluation.get("calibration", {}) for c in cards],
             "note": "each member's temperature fitted on the monitor split; the mean of "
