@@ -350,6 +350,17 @@ def _quadratic_bases(
     return design(by, bx).astype(np.float32), design(cy, cx).astype(np.float32)
 
 
+@dataclass
+class _KeptSize:
+    """A video's red-cell size as last measured: frame size it was read on, diameter (full-res
+    px), whether it was measured (not the configured fallback), frames it has been kept for."""
+
+    frame_size: tuple[int, int]
+    diameter: float
+    measured: bool
+    frames: int = 0
+
+
 def _width_for(rbc_diameter: float, width: int, frame_width: int) -> int:
     """Working width for a frame whose red cells are ``rbc_diameter`` full-res px across: the
     usual ``width``, or at low magnification (red cells under ``_MIN_RBC_WORKING`` working px,
@@ -466,8 +477,8 @@ class Segmenter:
         self.last_background: tuple[float, float, float] = (0.0, 0.0, 0.0)
         #: Darkest / brightest point of the last frame's illumination field (1.0: even).
         self.last_illumination: float = 1.0
-        #: Video: frame size, red-cell diameter (full-res px), measured?, frames it was kept for.
-        self._scale: tuple[tuple[int, int], float, bool, int] | None = None
+        #: Video: the red-cell size of the last measuring frame, and for how many frames kept.
+        self._scale: _KeptSize | None = None
 
     # -- public -------------------------------------------------------------------------------
     def find(self, image: np.ndarray | Frame, *, in_sequence: bool = False) -> Detections:
@@ -493,7 +504,8 @@ class Segmenter:
                 if planes is None:
                     return _no_cells()
         if known is None:
-            self._scale = ((w, frame.height), self.last_rbc_diameter, self.last_rbc_measured, 0)
+            self._scale = _KeptSize((w, frame.height), self.last_rbc_diameter,
+                                    self.last_rbc_measured)
         f, off, small, d_small, sxy = planes
         return self._cells(f, off, small, d_small, sxy)
 
@@ -501,12 +513,12 @@ class Segmenter:
         """The red-cell diameter (full-res px) kept from an earlier frame of this video, or None
         when this frame must measure it (sets ``last_rbc_*`` when it is kept)."""
         kept = self._scale
-        if (not in_sequence or kept is None or kept[0] != (frame.width, frame.height)
-                or kept[3] + 1 >= self.options.rbc_every):
+        if (not in_sequence or kept is None or kept.frame_size != (frame.width, frame.height)
+                or kept.frames + 1 >= self.options.rbc_every):
             return None
-        self._scale = (kept[0], kept[1], kept[2], kept[3] + 1)
-        self.last_rbc_diameter, self.last_rbc_measured = kept[1], kept[2]
-        return kept[1]
+        kept.frames += 1
+        self.last_rbc_diameter, self.last_rbc_measured = kept.diameter, kept.measured
+        return kept.diameter
 
     def find_single(self, image: np.ndarray | Frame) -> Detections:
         """The one cell of a single-cell image -> Detections of at most one row.

@@ -703,8 +703,8 @@ def reexport(run_dirs: str | Path | list[str | Path], out: str | Path | None = N
     members = [with_temperature(keras.models.load_model(d / "final.keras"), t)
                for d, t in zip(dirs, temperatures, strict=True)]
     model = members[0] if len(members) == 1 else average_models(members)
-    float_path = out.parent / f"{out.stem}.float.tflite" if len(dirs) > 1 else \
-        run_dir / f"{out.stem}.float.tflite"
+    # an ensemble's float reference beside its int8 file; one run's in its run folder
+    float_path = (out.parent if len(dirs) > 1 else run_dir) / f"{out.stem}.float.tflite"
     exported = export_models(model, calibration_crops(x_tr, src_tr, cfg.calib_max, cfg.seed),
                              out, float_path,
                              monitor_crops(ds.subset(monitor), cfg, rule, cache),
