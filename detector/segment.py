@@ -51,10 +51,11 @@ zoomed in on one white cell), or the estimate is implausible (outside 0.3-3x), t
 ``rbc_diameter`` is used. So other magnifications and cameras work without retuning. At low
 magnification (red cells under 18 working pixels, ~0.7x BCCD's at 640x480) the frame is read
 again at a working width that gives red cells ~24 pixels, so nuclei and platelets stay apart
-(slower: ~1.3-1.9 ms for such frames at 0.5x-0.35x on a development machine). In a video the
+(slower: ~0.9-1.8 ms for such frames at 0.5x-0.35x on a development machine). In a video the
 size is measured every ``rbc_every`` frames and kept in between (it changes only with the
 objective), which saves the measurement and, at low magnification, the first reading of the
-frame.
+frame; the stain directions (red-cell and nuclear, which change only with the slide) and the
+illumination field (which changes only with the lamp and optics) are kept with it.
 The opening radius is calibrated to BCCD's
 annotated red-cell boxes (x1.42: red cells with open pale centres read small as binary masks);
 on BCCD 90 % of frames fall within -16 % / +20 % of the annotated size. Crisp cells with filled
@@ -231,8 +232,10 @@ class SegmenterOptions:
             lilac neutrophil and orange eosinophil cytoplasm); False uses only the nucleus-stain
             channel (blue cytoplasm only, tighter boxes).
         rbc_every: in a video (``find(frame, in_sequence=True)``) the red-cell diameter, which
-            only a change of objective or camera alters, is measured on every n-th frame and
-            kept in between (frame to frame it varies by ~1 %); 1 measures every frame.
+            only a change of objective or camera alters, the stain directions, which only
+            another slide alters, and the illumination field (lamp and optics) are measured on
+            every n-th frame and kept in between (frame to frame they vary by ~1 %); 1 measures
+            every frame.
     """
 
     working_width: int = 160
@@ -255,7 +258,7 @@ class SegmenterOptions:
     max_cytoplasm: float = 0.5
     background_percentile: float = 97.0
     body_any_hue: bool = True
-    rbc_every: int = 4
+    rbc_every: int = 8
 
     def __post_init__(self) -> None:
         if self.rbc_every < 1:
@@ -350,14 +353,38 @@ def _quadratic_bases(
     return design(by, bx).astype(np.float32), design(cy, cx).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class _Stain:
+    """A frame's stain directions in optical density: the red cells' unit direction ``u`` and
+    median density ``m``, and the nuclear stain's angle ``theta`` in the plane orthogonal to
+    ``u`` (spanned by the two rows of ``basis``)."""
+
+    u: np.ndarray
+    m: float
+    theta: float
+    basis: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """What a frame's reading measured that a video keeps for a few frames: the illumination
+    field (on the ``_COARSE`` grid; None when the frame was too small to fit one) and the stain
+    directions."""
+
+    field: np.ndarray | None
+    stain: _Stain
+
+
 @dataclass
-class _KeptSize:
-    """A video's red-cell size as last measured: frame size it was read on, diameter (full-res
-    px), whether it was measured (not the configured fallback), frames it has been kept for."""
+class _Kept:
+    """A video's red-cell size and reading as last measured: frame size it was read on,
+    diameter (full-res px), whether it was measured (not the configured fallback), the
+    illumination field and stain, frames it has been kept for."""
 
     frame_size: tuple[int, int]
     diameter: float
     measured: bool
+    reading: _Reading | None
     frames: int = 0
 
 
@@ -477,8 +504,11 @@ class Segmenter:
         self.last_background: tuple[float, float, float] = (0.0, 0.0, 0.0)
         #: Darkest / brightest point of the last frame's illumination field (1.0: even).
         self.last_illumination: float = 1.0
-        #: Video: the red-cell size of the last measuring frame, and for how many frames kept.
-        self._scale: _KeptSize | None = None
+        #: Video: the red-cell size, illumination and stain of the last measuring frame, and for
+        #: how many frames kept.
+        self._kept: _Kept | None = None
+        #: The illumination field and stain directions the last reading of a frame used.
+        self._last_reading: _Reading | None = None
 
     # -- public -------------------------------------------------------------------------------
     def find(self, image: np.ndarray | Frame, *, in_sequence: bool = False) -> Detections:
@@ -494,7 +524,8 @@ class Segmenter:
         known = self._kept_scale(frame, in_sequence)
         if known is not None and self.last_rbc_measured:
             width = _width_for(known, width, w)
-        planes = self._planes(frame, width, known)
+        reading = self._kept.reading if known is not None and self._kept else None
+        planes = self._planes(frame, width, known, reading=reading)
         if planes is None:
             return _no_cells()
         if known is None and self.last_rbc_measured:
@@ -504,15 +535,15 @@ class Segmenter:
                 if planes is None:
                     return _no_cells()
         if known is None:
-            self._scale = _KeptSize((w, frame.height), self.last_rbc_diameter,
-                                    self.last_rbc_measured)
+            self._kept = _Kept((w, frame.height), self.last_rbc_diameter,
+                               self.last_rbc_measured, self._last_reading)
         f, off, small, d_small, sxy = planes
         return self._cells(f, off, small, d_small, sxy)
 
     def _kept_scale(self, frame: Frame, in_sequence: bool) -> float | None:
         """The red-cell diameter (full-res px) kept from an earlier frame of this video, or None
         when this frame must measure it (sets ``last_rbc_*`` when it is kept)."""
-        kept = self._scale
+        kept = self._kept
         if (not in_sequence or kept is None or kept.frame_size != (frame.width, frame.height)
                 or kept.frames + 1 >= self.options.rbc_every):
             return None
@@ -621,32 +652,34 @@ class Segmenter:
         )
 
     def _planes(
-        self, frame: Frame, width: int, rbc: float | None = None, ring: bool = False
+        self, frame: Frame, width: int, rbc: float | None = None, ring: bool = False,
+        reading: _Reading | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, tuple[float, float]] | None:
         """The frame read at ``width`` working pixels: nucleus-stain plane, cell-body plane, the
         working copy, red-cell diameter (working px) and the working-to-frame scale; None when
         the frame is too dark to read. ``rbc``: the red-cell diameter (full-res px) when known
         already (kept in a video), else measured. ``ring``: the red-cell stain is read from the
         outer band of the frame only (a crop centred on a large cell: the red cells are around
-        it)."""
+        it). ``reading``: the illumination field and stain directions when known already (kept
+        in a video), else measured (and left in ``_last_reading``)."""
         bgr = frame.bgr
         h, w = bgr.shape[:2]
         scale = min(1.0, width / w)
         small = _shrink(frame, width, max(8, int(round(h * scale)))) if scale < 1 else bgr
         sxy = (w / small.shape[1], h / small.shape[0])
-        small = self._flatten_illumination(small)
+        field = reading.field if reading is not None else self._illumination_field(small)
+        small = self._flatten_illumination(small, field)
         od = self._optical_density(small)
         if od is None:
             return None
-        od2 = np.ascontiguousarray(od[::2, ::2])  # every 4th pixel suffices for statistics
-        if ring:
-            hh, ww = od2.shape[:2]
-            band = np.ones((hh, ww), bool)
-            band[hh // 4 : hh - hh // 4, ww // 4 : ww - ww // 4] = False
-            u, m = self._rbc_direction(od2[band].reshape(-1, 1, 3))
-        else:
-            u, m = self._rbc_direction(od2)
-        theta, basis = self._nucleus_direction(od2, u, m)
+        od2 = None
+        if reading is None or rbc is None:
+            od2 = np.ascontiguousarray(od[::2, ::2])  # every 4th pixel suffices for statistics
+        if reading is None:
+            reading = _Reading(field, self._stain(od2, ring))
+        self._last_reading = reading
+        st = reading.stain
+        u, m, theta, basis = st.u, st.m, st.theta, st.basis
         # a, b: OD off the red-cell direction (two axes), in units of red-cell density; f is the
         # nucleus-stain channel, off the any-hue magnitude used for cell bodies.
         a = cv2.transform(od, (basis[0] / m).reshape(1, 3))
@@ -662,21 +695,34 @@ class Segmenter:
         d_small = self._rbc_diameter(od2, u, m, f, scale) if rbc is None else rbc * scale
         return f, off, small, d_small, sxy
 
+    def _stain(self, od2: np.ndarray, ring: bool) -> _Stain:
+        """The stain directions of a frame from its sampled optical density ``od2``; ``ring``:
+        the red cells' from the outer band only."""
+        if ring:
+            hh, ww = od2.shape[:2]
+            band = np.ones((hh, ww), bool)
+            band[hh // 4 : hh - hh // 4, ww // 4 : ww - ww // 4] = False
+            u, m = self._rbc_direction(od2[band].reshape(-1, 1, 3))
+        else:
+            u, m = self._rbc_direction(od2)
+        theta, basis = self._nucleus_direction(od2, u, m)
+        return _Stain(u, m, theta, basis)
+
     # -- steps --------------------------------------------------------------------------------
-    def _flatten_illumination(self, small: np.ndarray) -> np.ndarray:
-        """The frame with its illumination field (vignetting, a lamp off centre) divided out.
+    @staticmethod
+    def _illumination_field(small: np.ndarray) -> np.ndarray | None:
+        """The frame's illumination field (vignetting, a lamp off centre) on the ``_COARSE``
+        grid; None when the frame is too small to fit one.
 
         The field is the upper envelope of the glass brightness: the brightest pixel of each
         block (the plasma between cells, where the lamp shows) fitted by a smooth quadratic
         surface, refitted on the blocks at or above it so that blocks covered by cells (no glass
         in them) do not pull it down. A white cell filling a crop cannot dent a quadratic.
-        Frames lit evenly within ``_FLAT_ENOUGH`` are left as they are.
         """
         hs, ws = small.shape[:2]
         k = max(4, min(hs, ws) // 10)
         if hs < 3 * k or ws < 3 * k:
-            self.last_illumination = 1.0
-            return small
+            return None
         # block maxima of a 4x area-averaged grey copy (the averaging also drops noise and the
         # tiny bright refractile spots)
         q = 4 if min(hs, ws) >= 16 * 4 else 1
@@ -699,7 +745,15 @@ class Segmenter:
             coef = sol.ravel()
             fit = basis @ coef
             use = z >= fit - 0.03 * float(fit.max())  # the upper envelope: glass-bearing blocks
-        field = (coarse @ coef).reshape(_COARSE[1], _COARSE[0])  # on a coarse grid
+        return (coarse @ coef).reshape(_COARSE[1], _COARSE[0])
+
+    def _flatten_illumination(self, small: np.ndarray, field: np.ndarray | None) -> np.ndarray:
+        """The frame with its illumination ``field`` (:meth:`_illumination_field`) divided out;
+        frames lit evenly within ``_FLAT_ENOUGH`` are left as they are."""
+        if field is None:
+            self.last_illumination = 1.0
+            return small
+        hs, ws = small.shape[:2]
         lo, hi = float(field.min()), float(field.max())
         self.last_illumination = lo / hi if hi > 0 else 1.0
         if hi <= 0 or lo >= _FLAT_ENOUGH * hi:

@@ -270,18 +270,44 @@ def test_yellowish_or_bluish_light_gives_the_same_cell(gains) -> None:
     assert len(det) == 1 and box_iou(det.xyxy, cell_box(300, 220))[0, 0] > 0.7
 
 
-def test_cell_in_a_dark_vignetted_corner_is_whole_not_cut() -> None:
-    # Corners at 40% of the centre's light; the cell sits 20 px clear of the corner's borders.
-    img = smear(cells=((112, 112),)).astype(np.float32)
+def _vignetted(img: np.ndarray, depth: float = 0.6) -> np.ndarray:
+    """``img`` lit by a lamp whose corners get ``1 - depth`` of the centre's light."""
     h, w = img.shape[:2]
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     r2 = ((xx - w / 2) ** 2 + (yy - h / 2) ** 2) / ((w / 2) ** 2 + (h / 2) ** 2)
-    img = (img * (1.0 - 0.6 * r2)[..., None]).astype(np.uint8)
+    return (img.astype(np.float32) * (1.0 - depth * r2)[..., None]).astype(np.uint8)
+
+
+def test_cell_in_a_dark_vignetted_corner_is_whole_not_cut() -> None:
+    # Corners at 40% of the centre's light; the cell sits 20 px clear of the corner's borders.
+    img = _vignetted(smear(cells=((112, 112),)))
     seg = Segmenter()
     det = seg.find(img)
     assert seg.last_illumination < 0.6
     assert len(det) == 1 and not det.touches_edge[0]
     assert box_iou(det.xyxy, cell_box(112, 112))[0, 0] > 0.6
+
+
+def test_video_keeps_the_lamp_field_and_stain_with_the_size() -> None:
+    """The lamp's field and the stain directions are measured with the red-cell size and kept
+    with it: a kept frame gives the cells its own reading gives, and another lamp or slide is
+    read at the next measuring frame."""
+    dark = _vignetted(smear(cells=((112, 112),)))
+    teal = smear(cells=((200, 240), (470, 260)), rbc=TEAL)
+    alone = Segmenter().find(dark)
+    seg = Segmenter(SegmenterOptions(rbc_every=3))
+    seg.find(dark)
+    lamp = seg.last_illumination
+    assert lamp < 0.6
+    det = seg.find(Frame(dark), in_sequence=True)  # kept: the same whole corner cell
+    assert np.array_equal(det.xyxy, alone.xyxy) and not det.touches_edge.any()
+    seg.find(teal, in_sequence=True)  # kept: still divided by the vignetted lamp's field
+    assert seg.last_illumination == lamp
+    det = seg.find(teal, in_sequence=True)  # measured again: even light, teal red cells
+    assert seg.last_illumination > 0.9
+    assert len(det) == 2
+    for cx, cy in ((200, 240), (470, 260)):
+        assert box_iou(det.xyxy, cell_box(cx, cy))[:, 0].max() > 0.6
 
 
 @pytest.mark.parametrize("scale, size", [(0.4, (640, 480)), (2.0, (1280, 960))])
