@@ -71,6 +71,28 @@ def test_card_matches_tensors(shipped_model):
     assert "CC BY 4.0" in licences and "Acevedo" in licences  # PBC's licence asks for credit
 
 
+def test_card_records_every_figure_the_model_is_judged_by(shipped_model):
+    """The card keeps, per source and never pooled, the held-out figures the model is judged by
+    (accuracy, macro-F1, calibration error, int8 agreement; BCCD end to end; the same cells
+    under another microscope's colours), the cross-microscope figures, the latency and the
+    training time: a re-export must carry them, not drop them."""
+    card = _card(shipped_model)
+    ev = card["evaluation"]
+    assert set(ev["sources"]) == {"bccd-trainval", "pbc"}
+    for name, src in ev["sources"].items():
+        for key in ("accuracy", "macro_f1", "ece"):
+            assert 0.0 <= src["crops"][key] <= 1.0, (name, key)
+        assert src["float_vs_int8"]["top1_agreement"] > 0.5, name
+        rob = src["robustness"]
+        assert len(rob) >= 20 and all(0.0 <= v["accuracy"] <= 1.0 for v in rob.values()), name
+    assert ev["sources"]["bccd-trainval"]["end_to_end"]["n"] >= 40
+    cross = ev["cross_microscope"]
+    assert 0.0 < cross["pbc_only_on_bccd"]["end_to_end_accuracy"] < 1.0
+    assert 0.0 < cross["bccd_only_on_pbc"]["accuracy_4_white_cell_classes"] < 1.0
+    assert 0.0 < ev["latency_ms_per_crop"]["batch1"] <= 3.0
+    assert card["recipe"]["train_seconds"] > 0 and card["date"]
+
+
 def test_cell_classifier_loads_shipped_model(shipped_model):
     clf = CellClassifier(shipped_model)
     card = _card(shipped_model)
