@@ -2,9 +2,10 @@
 
 A model is ``NAME.tflite`` plus its card ``NAME.json`` beside it. The card states the labels in
 output order, the input size, dtype and colour order, the preprocessing, the crop rule and the
-``min_score`` below which a cell is called ``unidentified``. Loading checks the card against the
-model's tensors, so a card that does not fit its model is a clear :class:`ModelError` naming the
-file, never a silently wrong answer.
+``min_score`` below which a cell is called ``unidentified`` (a label that rejects the cell,
+platelet or artefact, needs at least ``detector.core.VETO_MIN_SCORE``). Loading checks the card
+against the model's tensors, so a card that does not fit its model is a clear
+:class:`ModelError` naming the file, never a silently wrong answer.
 
 The interpreter comes from ``ai_edge_litert`` (LiteRT), else ``tflite_runtime``, else (last
 resort, imported lazily) ``tensorflow.lite``. Inputs and outputs may be float32, int8 or uint8;
@@ -30,7 +31,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from detector.core import UNIDENTIFIED
+from detector.core import UNIDENTIFIED, naming_bars
 from detector.crop import CropRule, crop_cells
 from detector.errors import ModelError
 
@@ -448,11 +449,12 @@ class CellClassifier:
         return self.classify_crops(crop_cells(frame_bgr, boxes, self.crop_rule))
 
     def label_of(self, scores_row: np.ndarray) -> tuple[str, float]:
-        """Top label and its score for one row of scores; ``unidentified`` below ``min_score``."""
+        """Top label and its score for one row of scores; ``unidentified`` below ``min_score``,
+        and below ``VETO_MIN_SCORE`` when the top label would reject the cell."""
         row = np.asarray(scores_row, dtype=np.float32).reshape(-1)
         i = int(np.argmax(row))
         score = float(row[i])
-        return (self.labels[i] if score >= self.min_score else UNIDENTIFIED), score
+        return (self.labels[i] if score >= self._bar[i] else UNIDENTIFIED), score
 
     def decide(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Vectorised :meth:`label_of`: (N, C) scores -> (class_id int32 with -1 for
@@ -460,8 +462,13 @@ class CellClassifier:
         scores = np.asarray(scores, dtype=np.float32).reshape(-1, len(self.labels))
         idx = scores.argmax(axis=1).astype(np.int32)
         top = scores[np.arange(len(scores)), idx].astype(np.float32)
-        idx[top < self.min_score] = -1
+        idx[top < self._bar[idx]] = -1
         return idx, top
+
+    @property
+    def _bar(self) -> np.ndarray:
+        """Per label, the least top score that names a cell so (``min_score`` as set now)."""
+        return naming_bars(self.labels, self.min_score)
 
     def __repr__(self) -> str:
         return (f"CellClassifier({str(self.model_path)!r}, labels={list(self.labels)}, "

@@ -23,6 +23,10 @@ WHITE_CELLS: tuple[str, ...] = ("neutrophil", "eosinophil", "basophil", "lymphoc
 ERYTHROBLAST = "erythroblast"
 #: Not a white cell: a candidate named so is rejected and never counted.
 VETO_LABELS: tuple[str, ...] = ("platelet", "artefact")
+#: A candidate is rejected by a veto label only when the model gives it at least this (calibrated)
+#: probability; below, it is counted ``unidentified``, shown for review: a rejected cell is lost
+#: from the count without a trace, an unidentified one stays in view.
+VETO_MIN_SCORE = 0.9
 #: Every label a model may output, in display order. A model card decides which of these a given
 #: model knows; ``UNIDENTIFIED`` is added by the runtime for low-confidence cells.
 KNOWN_LABELS: tuple[str, ...] = (*WHITE_CELLS, ERYTHROBLAST, *VETO_LABELS)
@@ -30,6 +34,13 @@ KNOWN_LABELS: tuple[str, ...] = (*WHITE_CELLS, ERYTHROBLAST, *VETO_LABELS)
 #: this order: changing it changes every simulated video).
 CELL_TYPES: tuple[str, ...] = ("neutrophil", "eosinophil", "lymphocyte", "monocyte", "basophil")
 UNIDENTIFIED = "unidentified"
+
+
+def naming_bars(labels: Sequence[str], min_score: float) -> np.ndarray:
+    """Per label (in ``labels`` order), the least top score that names a cell so; below it the
+    cell is ``unidentified``: ``min_score``, and at least ``VETO_MIN_SCORE`` for a veto label."""
+    return np.array([max(min_score, VETO_MIN_SCORE) if x in VETO_LABELS else min_score
+                     for x in labels], dtype=np.float32)
 
 
 def counted_labels(labels: Sequence[str]) -> tuple[str, ...]:

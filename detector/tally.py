@@ -12,7 +12,8 @@ Conventions:
   the shares sum to 100.
 - ``erythroblast`` (a nucleated red cell) is not a white cell: counted apart and reported as NRBC
   per 100 white cells, as analysers do. ``platelet`` and ``artefact`` veto the candidate: never
-  counted (``vetoed`` says how many were rejected).
+  counted (``vetoed`` says how many were rejected). The classifier gives them only when sure
+  (``VETO_MIN_SCORE``); an unsure one comes as ``unidentified`` and is counted.
 - The 95 % interval of each share is the Wilson score interval (z = 1.96): unlike the normal
   (Wald) interval it stays inside [0, 100] and is sensible for small counts and shares near 0.
 - ``target_reached`` when ``total >= target`` (a "100-cell differential").

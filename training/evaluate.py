@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from detector.classify import CellClassifier
-from detector.core import UNIDENTIFIED
+from detector.core import UNIDENTIFIED, VETO_MIN_SCORE, naming_bars
 from detector.errors import InputError, ModelError
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,11 @@ def classification_figures(
     ``macro_f1`` averages the F1 of every class with support; ``macro_f1_main`` that of the
     ``main_classes`` with support. A row of zeros is a cell never classified (e.g. missed by the
     segmenter): it counts as unidentified and wrong. Top-1 figures use the arg-max label.
-    Cells whose top score is below ``min_score`` are
-    ``unidentified`` (as at run time): counted, and accuracy is given both over the identified
-    cells and over all cells (unidentified counted as wrong). The confusion matrix has rows =
-    true class, columns = predicted class plus a last ``unidentified`` column.
+    Cells whose top score is below ``min_score`` (below ``VETO_MIN_SCORE`` when the top label
+    rejects the cell) are ``unidentified`` (as at run time, ``detector.core.naming_bars``):
+    counted, and accuracy is given both over the identified cells and over all cells
+    (unidentified counted as wrong). The confusion matrix has rows = true class, columns =
+    predicted class plus a last ``unidentified`` column.
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float32).reshape(len(y_true), len(classes))
@@ -66,7 +67,8 @@ def classification_figures(
     pred = probs.argmax(1) if len(y_true) else np.zeros(0, np.int64)
     top = probs.max(1) if len(y_true) else np.zeros(0, np.float32)
     pred = np.where(top > 0, pred, -1)
-    unid = (top < min_score) | (top <= 0)
+    bars = naming_bars(classes, min_score)
+    unid = (top < bars[np.maximum(pred, 0)]) | (top <= 0)
     n = len(y_true)
     correct = pred == y_true
     per_class: dict[str, dict[str, float]] = {}
@@ -408,7 +410,8 @@ def _print_fig(title: str, fig: dict[str, Any]) -> None:
     if "bootstrap" in fig:
         b = fig["bootstrap"]
         print(f"    95% bootstrap interval: accuracy {b['accuracy_95ci']}")
-    print(f"    unidentified (top score < {fig['min_score']}): {fig['unidentified']}  accuracy "
+    print(f"    unidentified (top score < {fig['min_score']}, a rejection < {VETO_MIN_SCORE}): "
+          f"{fig['unidentified']}  accuracy "
           f"of identified: {fig['accuracy_identified']:.3f}  all (unidentified = wrong): "
           f"{fig['accuracy_unidentified_as_wrong']:.3f}")
     print("    per class:           precision  recall      F1  support")

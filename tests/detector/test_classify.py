@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from detector.classify import CellClassifier, ModelCard, card_path_for
-from detector.core import UNIDENTIFIED
+from detector.core import UNIDENTIFIED, VETO_MIN_SCORE
 from detector.crop import CropRule
 from detector.errors import ModelError
 from tests.tiny_models import (
@@ -98,6 +98,31 @@ def test_min_score_override_and_decide(tiny_models: Path) -> None:  # noqa: F811
     assert ids.tolist() == [0, -1, 1]
     assert ids.dtype == np.int32 and top.dtype == np.float32
     assert [strict.label_of(r)[1] for r in scores] == pytest.approx(top.tolist())
+
+
+def test_a_cell_is_rejected_only_when_the_model_is_sure_it_is_no_white_cell(shipped_model) -> None:
+    """Below ``VETO_MIN_SCORE`` a candidate named platelet or artefact is ``unidentified`` (kept
+    and shown for review), not rejected; white-cell labels keep ``min_score``."""
+    clf = CellClassifier(shipped_model)
+    labels = list(clf.labels)
+
+    def row(**p: float) -> np.ndarray:
+        r = np.zeros(len(labels), np.float32)
+        for k, v in p.items():
+            r[labels.index(k)] = v
+        r[labels.index("lymphocyte")] += 1.0 - r.sum()
+        return r
+
+    rows = np.stack([row(platelet=0.95), row(platelet=0.85), row(artefact=0.7),
+                     row(neutrophil=0.6)])
+    assert [clf.label_of(r)[0] for r in rows] == ["platelet", UNIDENTIFIED, UNIDENTIFIED,
+                                                  "neutrophil"]
+    ids, top = clf.decide(rows)
+    assert ids.tolist() == [labels.index("platelet"), -1, -1, labels.index("neutrophil")]
+    assert top.tolist() == pytest.approx([0.95, 0.85, 0.7, 0.6])
+    assert VETO_MIN_SCORE == 0.9
+    clf.min_score = 0.97  # a stricter user setting applies to rejections too
+    assert clf.label_of(rows[0])[0] == UNIDENTIFIED
 
 
 def test_classify_boxes_cuts_with_the_card_rule(tiny_models: Path) -> None:  # noqa: F811
