@@ -143,7 +143,8 @@ def test_summarize_flags_double_counts():
     o = count_eval.summarize([v])
     assert o["nrbc"] == o["vetoed"] == 0 and o["crops_named_wrong"] == {}
     assert o["double_pct"] == 6.0 and not o["targets"]["double_counts_le_1pct"]
-    assert not o["targets"]["total_within_1pct"]
+    assert not o["targets"]["total_within_1pct"] and not o["targets"]["total_within_2pct"]
+    assert count_eval.summarize([{**v, "counted": 51}])["targets"]["total_within_2pct"]
     assert not o["targets"]["per_class_within_2_or_3pct"]  # 3 neutrophils too many (> 2, > 3 %)
 
 
