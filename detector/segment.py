@@ -51,7 +51,7 @@ zoomed in on one white cell), or the estimate is implausible (outside 0.3-3x), t
 ``rbc_diameter`` is used. So other magnifications and cameras work without retuning. At low
 magnification (red cells under 18 working pixels, ~0.7x BCCD's at 640x480) the frame is read
 again at a working width that gives red cells ~24 pixels, so nuclei and platelets stay apart
-(slower: ~0.9-1.8 ms for such frames at 0.5x-0.35x on a development machine). In a video the
+(slower: ~0.8-2.1 ms for such frames at 0.5x-0.35x on a development machine). In a video the
 size is measured every ``rbc_every`` frames and kept in between (it changes only with the
 objective), which saves the measurement and, at low magnification, the first reading of the
 frame; the stain directions (red-cell and nuclear, which change only with the slide) and the
@@ -111,6 +111,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -384,8 +385,21 @@ class _Kept:
     frame_size: tuple[int, int]
     diameter: float
     measured: bool
-    reading: _Reading | None
+    reading: _Reading
     frames: int = 0
+
+
+class _Planes(NamedTuple):
+    """A frame read at a working width (:meth:`Segmenter._planes`): nucleus-stain plane ``f``,
+    cell-body plane ``off``, the working copy, the red-cell diameter in working px, the
+    working-to-frame scale and the illumination field and stain it was read with."""
+
+    f: np.ndarray
+    off: np.ndarray
+    small: np.ndarray
+    d_small: float
+    sxy: tuple[float, float]
+    reading: _Reading
 
 
 def _width_for(rbc_diameter: float, width: int, frame_width: int) -> int:
@@ -507,8 +521,6 @@ class Segmenter:
         #: Video: the red-cell size, illumination and stain of the last measuring frame, and for
         #: how many frames kept.
         self._kept: _Kept | None = None
-        #: The illumination field and stain directions the last reading of a frame used.
-        self._last_reading: _Reading | None = None
 
     # -- public -------------------------------------------------------------------------------
     def find(self, image: np.ndarray | Frame, *, in_sequence: bool = False) -> Detections:
@@ -521,35 +533,34 @@ class Segmenter:
         w = frame.width
         opt = self.options
         width = min(opt.working_width, w)
-        known = self._kept_scale(frame, in_sequence)
-        if known is not None and self.last_rbc_measured:
-            width = _width_for(known, width, w)
-        reading = self._kept.reading if known is not None and self._kept else None
-        planes = self._planes(frame, width, known, reading=reading)
+        kept = self._kept_for(frame, in_sequence)
+        if kept is not None:
+            if kept.measured:
+                width = _width_for(kept.diameter, width, w)
+            planes = self._planes(frame, width, kept.diameter, reading=kept.reading)
+        else:
+            planes = self._planes(frame, width)
+            if planes is not None and self.last_rbc_measured:
+                wider = _width_for(self.last_rbc_diameter, width, w)
+                if wider != width:
+                    planes = self._planes(frame, wider)
+            if planes is not None:
+                self._kept = _Kept((w, frame.height), self.last_rbc_diameter,
+                                   self.last_rbc_measured, planes.reading)
         if planes is None:
             return _no_cells()
-        if known is None and self.last_rbc_measured:
-            wider = _width_for(self.last_rbc_diameter, width, w)
-            if wider != width:
-                planes = self._planes(frame, wider)
-                if planes is None:
-                    return _no_cells()
-        if known is None:
-            self._kept = _Kept((w, frame.height), self.last_rbc_diameter,
-                               self.last_rbc_measured, self._last_reading)
-        f, off, small, d_small, sxy = planes
-        return self._cells(f, off, small, d_small, sxy)
+        return self._cells(planes.f, planes.off, planes.small, planes.d_small, planes.sxy)
 
-    def _kept_scale(self, frame: Frame, in_sequence: bool) -> float | None:
-        """The red-cell diameter (full-res px) kept from an earlier frame of this video, or None
-        when this frame must measure it (sets ``last_rbc_*`` when it is kept)."""
+    def _kept_for(self, frame: Frame, in_sequence: bool) -> _Kept | None:
+        """The red-cell size and reading kept from an earlier frame of this video, or None when
+        this frame must measure them (sets ``last_rbc_*`` when they are kept)."""
         kept = self._kept
         if (not in_sequence or kept is None or kept.frame_size != (frame.width, frame.height)
                 or kept.frames + 1 >= self.options.rbc_every):
             return None
         kept.frames += 1
         self.last_rbc_diameter, self.last_rbc_measured = kept.diameter, kept.measured
-        return kept.diameter
+        return kept
 
     def find_single(self, image: np.ndarray | Frame) -> Detections:
         """The one cell of a single-cell image -> Detections of at most one row.
@@ -609,7 +620,7 @@ class Segmenter:
         planes = self._planes(frame, min(opt.working_width, frame.width), ring=True)
         if planes is None:
             return _no_cells()
-        f, off, small, d, sxy = planes
+        f, d, sxy = planes.f, planes.d_small, planes.sxy
         hs, ws = f.shape
         cy, cx = hs // 2, ws // 2
         win = f[hs // 3 : hs - hs // 3, ws // 3 : ws - ws // 3]
@@ -654,14 +665,13 @@ class Segmenter:
     def _planes(
         self, frame: Frame, width: int, rbc: float | None = None, ring: bool = False,
         reading: _Reading | None = None,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, tuple[float, float]] | None:
-        """The frame read at ``width`` working pixels: nucleus-stain plane, cell-body plane, the
-        working copy, red-cell diameter (working px) and the working-to-frame scale; None when
-        the frame is too dark to read. ``rbc``: the red-cell diameter (full-res px) when known
+    ) -> _Planes | None:
+        """The frame read at ``width`` working pixels (:class:`_Planes`); None when the frame
+        is too dark to read. ``rbc``: the red-cell diameter (full-res px) when known
         already (kept in a video), else measured. ``ring``: the red-cell stain is read from the
         outer band of the frame only (a crop centred on a large cell: the red cells are around
         it). ``reading``: the illumination field and stain directions when known already (kept
-        in a video), else measured (and left in ``_last_reading``)."""
+        in a video), else measured."""
         bgr = frame.bgr
         h, w = bgr.shape[:2]
         scale = min(1.0, width / w)
@@ -677,7 +687,6 @@ class Segmenter:
             od2 = np.ascontiguousarray(od[::2, ::2])  # every 4th pixel suffices for statistics
         if reading is None:
             reading = _Reading(field, self._stain(od2, ring))
-        self._last_reading = reading
         st = reading.stain
         u, m, theta, basis = st.u, st.m, st.theta, st.basis
         # a, b: OD off the red-cell direction (two axes), in units of red-cell density; f is the
@@ -693,7 +702,7 @@ class Segmenter:
         f = cv2.addWeighted(a, gain * float(np.cos(theta)), b, gain * float(np.sin(theta)), 0.0)
         off = cv2.magnitude(a, b) if self.options.body_any_hue else f
         d_small = self._rbc_diameter(od2, u, m, f, scale) if rbc is None else rbc * scale
-        return f, off, small, d_small, sxy
+        return _Planes(f, off, small, d_small, sxy, reading)
 
     def _stain(self, od2: np.ndarray, ring: bool) -> _Stain:
         """The stain directions of a frame from its sampled optical density ``od2``; ``ring``:
