@@ -657,6 +657,12 @@ def average_models(models: list[Any]) -> Any:
     return keras.Model(inputs, keras.layers.Average(name="probs_mean")(outs))
 
 
+def _run_model(run_dir: Path) -> Path:
+    """The .tflite a finished run wrote: its config's ``out``, else the run folder's default."""
+    out = json.loads((run_dir / "config.json").read_text()).get("out")
+    return Path(out or run_dir / "hematovision.tflite")
+
+
 def reexport(run_dirs: str | Path | list[str | Path], out: str | Path | None = None) -> dict:
     """Export finished runs' Keras models again with the current export, re-measure the
     held-out figures and write the card (the first run's data, split and recipe kept).
@@ -678,18 +684,14 @@ def reexport(run_dirs: str | Path | list[str | Path], out: str | Path | None = N
         raise InputError("no run folder to export")
     run_dir = dirs[0]
     cfg = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
-    cards = []
-    for d in dirs:
-        c = json.loads((d / "config.json").read_text())
-        cards.append(ModelCard.load(Path(c.get("out") or d / "hematovision.tflite")
-                                    .with_suffix(".json")))
+    cards = [ModelCard.load(_run_model(d).with_suffix(".json")) for d in dirs]
     old = cards[0]
     for d, c in zip(dirs[1:], cards[1:], strict=True):
         if (c.split != old.split or c.crop != old.crop or c.labels != old.labels
                 or c.input_size != old.input_size):
             raise InputError(f"{d}: not the same split, classes, crop rule and input size as "
                              f"{run_dir}: an ensemble's members must share them")
-    out = Path(out) if out else Path(cfg.out or run_dir / "hematovision.tflite")
+    out = Path(out) if out else _run_model(run_dir)
     rule = old.crop
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
     ds = load_datasets(cfg.data, rule, finder="default" if cfg.use_segmenter else None,
