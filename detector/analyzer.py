@@ -40,17 +40,12 @@ class SegmenterLike(Protocol):
 
     def find_still(self, image: np.ndarray | Frame) -> Detections: ...
 
-    @property
-    def red_cell_size(self) -> float | None: ...
-
 
 class ClassifierLike(Protocol):
     labels: tuple[str, ...]
     min_score: float
 
-    def classify_boxes(
-        self, frame_bgr: np.ndarray, xyxy: np.ndarray, rbc_diameter: float | None = None
-    ) -> np.ndarray: ...
+    def classify_boxes(self, frame_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray: ...
 
     def label_of(self, scores_row: np.ndarray) -> tuple[str, float]: ...
 
@@ -184,8 +179,7 @@ class Analyzer:
         if self.naive:
             if len(dets) == 0:
                 return [], 0
-            probs = self.classifier.classify_boxes(frame.bgr, dets.xyxy,
-                                                   self.segmenter.red_cell_size)
+            probs = self.classifier.classify_boxes(frame.bgr, dets.xyxy)
             due = voter.due(dets, whole)
             return voter.vote([int(dets.track_id[i]) for i in due], probs[due]), len(dets)
         frame_ok = self.frame_gate.check(frame_sharpness(frame))
@@ -203,8 +197,7 @@ class Analyzer:
                     voter.set_thumb(tid, cell_thumbnail(frame.bgr, box))
         if not sharp:
             return [], 0
-        probs = self.classifier.classify_boxes(frame.bgr, dets.xyxy[sharp],
-                                               self.segmenter.red_cell_size)
+        probs = self.classifier.classify_boxes(frame.bgr, dets.xyxy[sharp])
         return voter.vote([int(dets.track_id[i]) for i in sharp], probs), len(sharp)
 
     def render(self, result: FrameResult, fps: float | None = None) -> np.ndarray:

@@ -441,16 +441,12 @@ class CellClassifier:
             out[start:start + len(chunk)] = self._postprocess(self._invoke(self._preprocess(chunk)))
         return out
 
-    def classify_boxes(
-        self, frame_bgr: np.ndarray, xyxy: np.ndarray, rbc_diameter: float | None = None
-    ) -> np.ndarray:
-        """Cut each xyxy box from a BGR uint8 frame with ``crop_rule`` and score it -> (N, C).
-        ``rbc_diameter``: the frame's measured red-cell diameter (``Segmenter.red_cell_size``),
-        for a crop rule in red-cell units."""
+    def classify_boxes(self, frame_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
+        """Cut each xyxy box from a BGR uint8 frame with ``crop_rule`` and score it -> (N, C)."""
         boxes = np.asarray(xyxy, dtype=np.float32).reshape(-1, 4)
         if len(boxes) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        return self.classify_crops(crop_cells(frame_bgr, boxes, self.crop_rule, rbc_diameter))
+        return self.classify_crops(crop_cells(frame_bgr, boxes, self.crop_rule))
 
     def label_of(self, scores_row: np.ndarray) -> tuple[str, float]:
         """Top label and its score for one row of scores; ``unidentified`` below ``min_score``,

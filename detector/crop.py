@@ -4,11 +4,6 @@ A cell crop is the detection box grown by ``margin`` (a fraction of the box's lo
 side), made square around the box centre, cut from the frame with the part outside the frame
 filled by edge replication, and resized to the model's input size. Training cuts its crops with
 this same function, so the model sees at run time exactly what it saw in training.
-
-Resizing every box to fill the input throws the cell's size away: a platelet and a basophil, a
-lymphocyte and a monocyte, differ in size first. With ``min_side_rbc`` the crop is at least that
-many red-cell diameters wide (the frame's measured red-cell size: red cells are ~7.5 um on every
-microscope, so this is a physical field of view), and a small cell stays small in it.
 """
 
 from __future__ import annotations
@@ -27,30 +22,20 @@ class CropRule:
         margin: context added on every side, as a fraction of the box's longer side.
         square: make the crop square around the box centre (keeps cell shape undistorted).
         size: side of the output crop in pixels (the model's input size).
-        min_side_rbc: least side of the crop in red-cell diameters, where the frame's red-cell
-            size was measured (0: the box alone sets the side).
     """
 
     margin: float = 0.15
     square: bool = True
     size: int = 128
-    min_side_rbc: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.margin <= 2.0:
             raise ValueError(f"crop margin must be in [0, 2], got {self.margin}")
         if self.size < 8:
             raise ValueError(f"crop size must be >= 8 pixels, got {self.size}")
-        if not 0.0 <= self.min_side_rbc <= 10.0:
-            raise ValueError(f"crop min_side_rbc must be in [0, 10] red-cell diameters, got "
-                             f"{self.min_side_rbc}")
 
     def to_dict(self) -> dict[str, float | bool | int]:
-        d: dict[str, float | bool | int] = {"margin": self.margin, "square": self.square,
-                                            "size": self.size}
-        if self.min_side_rbc:
-            d["min_side_rbc"] = self.min_side_rbc
-        return d
+        return {"margin": self.margin, "square": self.square, "size": self.size}
 
     @classmethod
     def from_dict(cls, d: dict) -> CropRule:
@@ -58,15 +43,11 @@ class CropRule:
             margin=float(d.get("margin", 0.15)),
             square=bool(d.get("square", True)),
             size=int(d.get("size", 128)),
-            min_side_rbc=float(d.get("min_side_rbc", 0.0)),
         )
 
 
-def crop_window(
-    box: np.ndarray, rule: CropRule, rbc_diameter: float | None = None
-) -> tuple[int, int, int, int]:
-    """Integer window (x1, y1, x2, y2) the rule cuts for one xyxy box; may extend past the frame.
-    ``rbc_diameter``: the frame's measured red-cell diameter (px), None when not measured."""
+def crop_window(box: np.ndarray, rule: CropRule) -> tuple[int, int, int, int]:
+    """Integer window (x1, y1, x2, y2) the rule cuts for one xyxy box; may extend past the frame."""
     x1, y1, x2, y2 = (float(v) for v in box)
     w, h = max(x2 - x1, 1.0), max(y2 - y1, 1.0)
     pad = rule.margin * max(w, h)
@@ -75,22 +56,16 @@ def crop_window(
         w = h = side
     else:
         w, h = w + 2 * pad, h + 2 * pad
-    if rule.min_side_rbc and rbc_diameter:
-        least = rule.min_side_rbc * float(rbc_diameter)
-        w, h = max(w, least), max(h, least)
     cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0
     wx1 = int(round(cx - w / 2.0))
     wy1 = int(round(cy - h / 2.0))
     return wx1, wy1, wx1 + max(int(round(w)), 1), wy1 + max(int(round(h)), 1)
 
 
-def crop_cell(
-    image: np.ndarray, box: np.ndarray, rule: CropRule, rbc_diameter: float | None = None
-) -> np.ndarray:
-    """Cut one cell from ``image`` (any channel order, kept) -> (size, size, C) uint8.
-    ``rbc_diameter``: the image's measured red-cell diameter (px), None when not measured."""
+def crop_cell(image: np.ndarray, box: np.ndarray, rule: CropRule) -> np.ndarray:
+    """Cut one cell from ``image`` (any channel order, kept) -> (size, size, C) uint8."""
     fh, fw = image.shape[:2]
-    x1, y1, x2, y2 = crop_window(box, rule, rbc_diameter)
+    x1, y1, x2, y2 = crop_window(box, rule)
     cx1, cy1, cx2, cy2 = max(x1, 0), max(y1, 0), min(x2, fw), min(y2, fh)
     if cx2 <= cx1 or cy2 <= cy1:
         raise ValueError(f"box {list(map(float, box))} lies outside the {fw}x{fh} image")
@@ -102,13 +77,11 @@ def crop_cell(
     return cv2.resize(patch, (rule.size, rule.size), interpolation=interp)
 
 
-def crop_cells(
-    image: np.ndarray, boxes: np.ndarray, rule: CropRule, rbc_diameter: float | None = None
-) -> np.ndarray:
+def crop_cells(image: np.ndarray, boxes: np.ndarray, rule: CropRule) -> np.ndarray:
     """Cut every box -> (N, size, size, C) uint8, ready to batch into one invoke."""
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     channels = image.shape[2] if image.ndim == 3 else 1
     out = np.empty((len(boxes), rule.size, rule.size, channels), dtype=np.uint8)
     for i, box in enumerate(boxes):
-        out[i] = crop_cell(image, box, rule, rbc_diameter).reshape(rule.size, rule.size, channels)
+        out[i] = crop_cell(image, box, rule).reshape(rule.size, rule.size, channels)
     return out

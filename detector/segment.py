@@ -523,12 +523,6 @@ class Segmenter:
         self._kept: _Kept | None = None
 
     # -- public -------------------------------------------------------------------------------
-    @property
-    def red_cell_size(self) -> float | None:
-        """The red-cell diameter (full-res px) the last frame measured or kept, None when it
-        fell back on the configured one: the size a crop rule in red-cell units is cut to."""
-        return self.last_rbc_diameter if self.last_rbc_measured else None
-
     def find(self, image: np.ndarray | Frame, *, in_sequence: bool = False) -> Detections:
         """White cells in one BGR frame -> Detections (full-res xyxy, score, area, touches_edge).
 

@@ -27,16 +27,11 @@ EDGE_MARGIN = 1.0
 class StillSegmenter(Protocol):
     def find_still(self, image: np.ndarray | Frame) -> Detections: ...
 
-    @property
-    def red_cell_size(self) -> float | None: ...
-
 
 class StillClassifier(Protocol):
     labels: tuple[str, ...]
 
-    def classify_boxes(
-        self, frame_bgr: np.ndarray, xyxy: np.ndarray, rbc_diameter: float | None = None
-    ) -> np.ndarray: ...
+    def classify_boxes(self, frame_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray: ...
 
     def label_of(self, scores_row: np.ndarray) -> tuple[str, float]: ...
 
@@ -95,9 +90,7 @@ def analyse_still(image: np.ndarray | Frame, segmenter: StillSegmenter,
     if len(dets):
         dets = dets[np.lexsort((dets.xyxy[:, 0], dets.xyxy[:, 1]))]
     labels = tuple(classifier.labels)
-    # a single cell is cut at its own frame; a field's cells in the field's red-cell units
-    rbc = None if single_cell else segmenter.red_cell_size
-    scores = np.asarray(classifier.classify_boxes(bgr, dets.xyxy, rbc), dtype=np.float32)
+    scores = np.asarray(classifier.classify_boxes(bgr, dets.xyxy), dtype=np.float32)
     scores = scores.reshape(len(dets), len(labels))
     names = np.full(len(dets), "", dtype=object)
     for i, row in enumerate(scores):

@@ -67,7 +67,6 @@ def _number(cast: Callable[[str], float], lowest: float, *, above: bool = False,
 _positive_int = _number(int, 1, what="a whole number")
 _non_negative_int = _number(int, 0, what="a whole number")
 _positive_float = _number(float, 0, above=True)
-_red_cells = _number(float, 0, highest=10, what="a number of red-cell diameters")
 _port = _number(int, 1, highest=65535, what="a port")
 
 
@@ -150,9 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "RUN_DIR/hematovision.tflite; the shipped model only when named here)")
     t.add_argument("--input-size", type=int, default=128, choices=[96, 112, 128, 160, 192, 224],
                    help="model input side in pixels (default 128)")
-    t.add_argument("--crop-rbc", type=_red_cells, default=None,
-                   help="crop every cell at least this many red-cell diameters wide, so its "
-                   "size shows (default 0: the cell's box fills the crop)")
     t.add_argument("--weights", type=str, default="imagenet",
                    help="imagenet (download via Keras), none, or a local .weights.h5 file")
     t.add_argument("--epochs", type=_non_negative_int, default=None,

@@ -140,7 +140,7 @@ def evaluate_video(folder: Path, analyzer: Analyzer,
                     kept = best_crops[cid]
                     if len(kept) < CROPS_PER_CELL or blur < kept[-1][0]:
                         kept.append((blur, n, crop_cell(img, np.array(c["box"], np.float32),
-                                                        rule, analyzer.segmenter.red_cell_size)))
+                                                        rule)))
                         kept.sort(key=lambda x: (x[0], x[1]))
                         del kept[CROPS_PER_CELL:]
             n += 1

@@ -466,25 +466,16 @@ def cut_crops(
     The first copy of every sample is the exact box; further copies jitter the box (simulating the
     segmenter's box noise). All copies of a sample share its group.
     """
-    from detector.segment import Segmenter
-
     cache = cache or ImageCache()
     rng = np.random.default_rng(seed)
     out = np.empty((len(samples) * copies, rule.size, rule.size, 3), dtype=np.uint8)
     index = np.empty(len(samples) * copies, dtype=np.int64)
-    # a crop rule in red-cell units: each photo's red cells measured as the run time measures
-    # a still photo's (the image as the crop sees it, e.g. perturbed)
-    seg = Segmenter() if rule.min_side_rbc else None
-    sizes: dict[str, float | None] = {}
     k = 0
     for i, s in enumerate(samples):
         img = cache(s.image)
-        if seg is not None and s.image not in sizes:
-            seg.find_still(img)
-            sizes[s.image] = seg.red_cell_size
         for c in range(copies):
             box = np.asarray(s.box, np.float32) if c == 0 else jitter_box(s.box, rng, jitter)
-            out[k] = crop_cell(img, box, rule, sizes.get(s.image))
+            out[k] = crop_cell(img, box, rule)
             index[k] = i
             k += 1
     return out, index

@@ -212,6 +212,7 @@ def _end_to_end(clf: CellClassifier, samples: list, label_index: dict[str, int])
 
     A cell the segmenter misses counts as wrong (a row of zeros in the figures).
     """
+    from detector.crop import crop_cells
     from detector.segment import Segmenter
     from stream.images import read_image
     from training.data import main_wbc_box, match_box
@@ -225,7 +226,7 @@ def _end_to_end(clf: CellClassifier, samples: list, label_index: dict[str, int])
         if m is None:
             missed += 1
             continue
-        probs[i] = clf.classify_boxes(img, m[None], seg.red_cell_size)[0]
+        probs[i] = clf.classify_crops(crop_cells(img, m[None], clf.crop_rule))[0]
     y = np.array([label_index[s.label] for s in samples], dtype=np.int64)
     fig = classification_figures(y, probs, clf.labels, clf.min_score)
     fig.update({"images": len(samples), "wbc_found": len(samples) - missed,

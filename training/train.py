@@ -84,9 +84,6 @@ class TrainConfig:
     input_size: int = 128
     weights: str = "imagenet"
     margin: float = 0.15
-    #: crop at least this many red-cell diameters wide where the photo's red cells were measured
-    #: (``CropRule.min_side_rbc``; 0: the box alone sets the crop)
-    crop_rbc: float = 0.0
     seed: int = 0
     #: fraction of images held out for the card's validation figures (per data folder and class)
     val_fraction: float = 0.2
@@ -442,8 +439,7 @@ def train(cfg: TrainConfig) -> dict:
     run_dir, out = cfg.resolve_paths()
     cfg.run_dir, cfg.out = str(run_dir), str(out)  # fixed once (the default name has the time)
     _set_seeds(cfg.seed)
-    rule = CropRule(margin=cfg.margin, square=True, size=cfg.input_size,
-                    min_side_rbc=cfg.crop_rbc)
+    rule = CropRule(margin=cfg.margin, square=True, size=cfg.input_size)
     weights = resolve_weights(cfg.weights)
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None

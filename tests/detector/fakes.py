@@ -77,8 +77,6 @@ def truth_boxes(slide: Slide, x: int, y: int, w: int = 320, h: int = 240
 class FakeSegmenter:
     """Returns the true boxes for the frame's index along a trajectory."""
 
-    red_cell_size = None  # red cells not measured: crops are cut by the box alone
-
     def __init__(self, slide: Slide, path: list[tuple[int, int]], w: int = 320, h: int = 240):
         self.slide, self.path, self.w, self.h = slide, path, w, h
         self.last_ids: list[int] = []
@@ -105,8 +103,7 @@ class FakeClassifier:
         self.invokes = 0
         self.crops = 0
 
-    def classify_boxes(self, frame_bgr: np.ndarray, xyxy: np.ndarray,
-                       rbc_diameter: float | None = None) -> np.ndarray:
+    def classify_boxes(self, frame_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
         self.invokes += 1
         self.crops += len(xyxy)
         out = np.full((len(xyxy), len(LABELS)), 0.05, np.float32)

@@ -143,22 +143,3 @@ def test_erythroblasts_reported_apart_and_platelets_never_counted():
     assert not s.target_reached
     shown = {str(x) for r in results for x in r.detections.data["label"]}
     assert {"platelet", "erythroblast", "neutrophil"} <= shown  # named on screen all the same
-
-
-def test_cells_are_classified_in_the_frames_measured_red_cell_units():
-    """The classifier gets the red-cell size the segmenter measured on the frame it crops."""
-    slide, path = slide_and_path()
-    seg = FakeSegmenter(slide, path)
-    seen: list[tuple[float | None, float]] = []
-
-    class Spy(FakeClassifier):
-        def classify_boxes(self, frame_bgr, xyxy, rbc_diameter=None):
-            seen.append((rbc_diameter, seg.red_cell_size))
-            return super().classify_boxes(frame_bgr, xyxy)
-
-    an = Analyzer(seg, Spy(), target=5)
-    for i, (x, y) in enumerate(path):
-        seg.red_cell_size = 30.0 + i  # measured anew on every frame here
-        an.process(Frame(view(slide, x, y), index=i))
-    assert len(seen) >= 5
-    assert all(got == measured for got, measured in seen)  # the frame's own size, each time

@@ -444,8 +444,7 @@ def test_still_analysis_recognises_single_cell_images_and_whole_image_option() -
     class OneClass:
         labels = ("neutrophil",)
 
-        def classify_boxes(self, frame_bgr: np.ndarray, xyxy: np.ndarray,
-                           rbc_diameter: float | None = None) -> np.ndarray:
+        def classify_boxes(self, frame_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
             return np.ones((len(xyxy), 1), np.float32)
 
         def label_of(self, row: np.ndarray) -> tuple[str, float]:

@@ -14,8 +14,6 @@ LABELS = ("neutrophil", "lymphocyte")
 class BoxSegmenter:
     """Returns fixed boxes (the last one flagged touching the edge by the 'segmenter')."""
 
-    red_cell_size = None  # red cells not measured: crops are cut by the box alone
-
     def __init__(self, boxes: list[list[float]], edge: list[bool]) -> None:
         self.boxes, self.edge = boxes, edge
 
@@ -36,8 +34,7 @@ class ByWidthClassifier:
     def __init__(self) -> None:
         self.calls = 0
 
-    def classify_boxes(self, frame_bgr: np.ndarray, xyxy: np.ndarray,
-                       rbc_diameter: float | None = None) -> np.ndarray:
+    def classify_boxes(self, frame_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
         self.calls += 1
         rows = {"wide": [0.9, 0.1], "narrow": [0.1, 0.9], "tiny": [0.45, 0.4]}
         w = xyxy[:, 2] - xyxy[:, 0]
@@ -81,19 +78,3 @@ def test_cut_cells_drawn_dashed_whole_ones_solid() -> None:
     assert (np.abs(whole_side - colour).sum(axis=1) < 30).all()
     on = np.abs(cut_side - colour).sum(axis=1) < 30
     assert 0.2 < on.mean() < 0.8
-
-
-def test_a_fields_cells_are_cut_in_its_red_cell_units_a_single_cell_by_its_own_frame() -> None:
-    img = np.full((60, 100, 3), 200, np.uint8)
-    seg = BoxSegmenter([[5, 5, 45, 25]], [False])
-    seg.red_cell_size = 31.0  # what the segmenter measured on this photo
-    seen: list[float | None] = []
-
-    class Spy(ByWidthClassifier):
-        def classify_boxes(self, frame_bgr, xyxy, rbc_diameter=None):
-            seen.append(rbc_diameter)
-            return super().classify_boxes(frame_bgr, xyxy)
-
-    analyse_still(img, seg, Spy())
-    analyse_still(img, seg, Spy(), single_cell=True)
-    assert seen == [31.0, None]

@@ -155,7 +155,7 @@ def test_blurred_frames_skipped_in_vote():
 class FlipClassifier(FakeClassifier):
     """Says neutrophil for the first three crops, eosinophil afterwards."""
 
-    def classify_boxes(self, frame_bgr, xyxy, rbc_diameter=None):
+    def classify_boxes(self, frame_bgr, xyxy):
         out = np.full((len(xyxy), 3), 0.05, np.float32)
         for i in range(len(xyxy)):
             out[i, 0 if self.crops + i < 3 else 1] = 0.9

@@ -29,8 +29,6 @@ PINK = (200, 185, 225)  # a cell-free stained background (BGR): colour, but no b
 class SquareSegmenter:
     """Stands in for detector.segment.Segmenter: every non-background blob is a cell."""
 
-    red_cell_size = None  # red cells not measured: crops are cut by the box alone
-
     def __init__(self, options: object = None) -> None:
         pass
 

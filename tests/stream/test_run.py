@@ -262,7 +262,7 @@ def test_real_segmenter_on_synth_clip(tmp_path):
     from detector.segment import Segmenter
 
     class Constant(FakeClassifier):
-        def classify_boxes(self, frame_bgr, xyxy, rbc_diameter=None):
+        def classify_boxes(self, frame_bgr, xyxy):
             out = np.tile(np.array([[0.8, 0.1, 0.1]], np.float32), (len(xyxy), 1))
             self.crops += len(xyxy)
             return out

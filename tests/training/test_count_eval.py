@@ -25,8 +25,6 @@ synth = pytest.importorskip("stream.synth")
 class TruthSegmenter:
     """The simulator's boxes for the frame (cut cells flagged ``touches_edge``)."""
 
-    red_cell_size = None  # red cells not measured: crops are cut by the box alone
-
     def __init__(self, truth: dict) -> None:
         self.truth = truth
 
@@ -49,7 +47,7 @@ class NeutrophilClassifier:
         out[:, 0] = 0.9
         return out
 
-    def classify_boxes(self, frame_bgr, xyxy, rbc_diameter=None):
+    def classify_boxes(self, frame_bgr, xyxy):
         return self.classify_crops(np.zeros((len(xyxy), 32, 32, 3), np.uint8))
 
     def label_of(self, row):

@@ -214,25 +214,3 @@ def test_dataset_and_crop_caches_give_the_same_answer(tmp_path, monkeypatch):
     np.testing.assert_array_equal(x1, x2)
     np.testing.assert_array_equal(i1, i2)
     assert len(list(cache.glob("crops-*.npz"))) == 1
-
-
-def test_crops_in_red_cell_units_use_each_photos_measured_red_cells(bccd_dir):
-    """Training cuts a small box of a real photo as wide as the run time would: 2.5 of the red
-    cells the segmenter measures on that photo (BCCD's are ~100 px at 640x480)."""
-    import cv2
-
-    from detector.segment import Segmenter
-    from training.data import Sample
-
-    image = str(bccd_dir / "JPEGImages" / "BloodImage_00001.jpg")
-    box = (300.0, 200.0, 330.0, 230.0)  # a platelet-sized box
-    rule = CropRule(margin=0.15, size=64, min_side_rbc=2.5)
-    sample = Sample(image=image, box=box, label="platelet", group="g", source="gt_box")
-    crops, _ = cut_crops([sample], rule)
-    img = cv2.imread(image)
-    seg = Segmenter()
-    seg.find_still(img)
-    d = seg.red_cell_size
-    assert d is not None and 70 < d < 130
-    np.testing.assert_array_equal(crops[0], crop_cell(img, np.array(box), rule, d))
-    assert not np.array_equal(crops[0], crop_cell(img, np.array(box), rule))

@@ -47,8 +47,6 @@ def test_empty_inputs() -> None:
 class StubSegmenter:
     """Returns fixed boxes, whatever the image."""
 
-    red_cell_size = None  # red cells not measured: crops are cut by the box alone
-
     def __init__(self, boxes: list[list[float]]) -> None:
         self.boxes = boxes
 
@@ -228,8 +226,7 @@ def test_single_cell_figures_with_a_classifier_veto(tmp_path: Path) -> None:
 
         labels = ("lymphocyte", "erythroblast", "platelet", "artefact")
 
-        def classify_boxes(self, frame_bgr: np.ndarray, xyxy: np.ndarray,
-                           rbc_diameter: float | None = None) -> np.ndarray:
+        def classify_boxes(self, frame_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
             k = {0: 0, 10: 2, 20: 1, 30: 3}[int(frame_bgr[20, 20, 0])]
             return np.eye(4, dtype=np.float32)[[k] * len(xyxy)]
 
