@@ -3,7 +3,8 @@
 Two kinds of data set are read:
 
 * **Folder per class** (PBC, the Kaggle "blood cell images" layout, e.g. ``eosinophil/*.jpg``):
-  the class is the folder name, lower-cased and made singular (``EOSINOPHILS`` -> ``eosinophil``).
+  the class is the folder name, lower-cased and made singular (``EOSINOPHILS`` -> ``eosinophil``),
+  or what a published data set's own name means (``ig``, ``NGS``, ``lymp``: :data:`FOLDER_LABELS`).
   These images are already centred on the cell. When a segmenter is available and finds a cell
   whose centre is near the image centre (within 20 % of the shorter side), that cell's box is cut
   with the crop rule, as at run time. Otherwise a centred box is used whose side is the median
@@ -146,12 +147,44 @@ def match_box(found: np.ndarray, gt: np.ndarray) -> np.ndarray | None:
 # ----------------------------------------------------------------------------------- readers
 
 
-def singular_label(name: str) -> str:
-    """Folder name -> cell label: lower-case, singular (``EOSINOPHILS`` -> ``eosinophil``)."""
-    label = name.strip().lower().replace(" ", "_")
-    if label.endswith("s") and label[:-1] in LABEL_ORDER:
+#: Class-folder names of published single-cell data sets that are not the label itself (keys
+#: lower-case, words joined by ``_``, singular): PBC as published (``ig``), LISC's shortened
+#: names, the Munich AML cytomorphology set's codes (Matek et al. 2019), and the names of a cell's
+#: sub-kinds (band and segmented neutrophils, the three immature granulocytes). Names that do not
+#: say one of the model's kinds (blasts, atypical lymphocytes, smudge cells, LISC's ``mixt``) are
+#: left as they are: the evaluation reports them as classes the model does not have.
+FOLDER_LABELS: dict[str, str] = {
+    # PBC (Acevedo et al. 2020) as published
+    "ig": "immature_granulocyte",
+    # LISC (Rezatofighi et al. 2011)
+    "baso": "basophil", "eosi": "eosinophil", "lymp": "lymphocyte", "mono": "monocyte",
+    "neut": "neutrophil",
+    # Munich AML cytomorphology (Matek et al. 2019): the kinds of normal blood among its codes
+    "bas": "basophil", "eos": "eosinophil", "lyt": "lymphocyte", "mon": "monocyte",
+    "ngs": "neutrophil", "ngb": "neutrophil", "pmo": "immature_granulocyte",
+    "pmb": "immature_granulocyte", "myb": "immature_granulocyte", "mmz": "immature_granulocyte",
+    "ebo": "erythroblast",
+    # a cell's sub-kinds and other common spellings
+    "segmented_neutrophil": "neutrophil", "band_neutrophil": "neutrophil",
+    "neutrophil_segmented": "neutrophil", "neutrophil_band": "neutrophil", "band": "neutrophil",
+    "segmented": "neutrophil", "promyelocyte": "immature_granulocyte",
+    "myelocyte": "immature_granulocyte", "metamyelocyte": "immature_granulocyte",
+    "immature_granulocyte": "immature_granulocyte", "nrbc": "erythroblast",
+    "normoblast": "erythroblast", "nucleated_red_cell": "erythroblast",
+    "nucleated_red_blood_cell": "erythroblast", "thrombocyte": "platelet", "plt": "platelet",
+    "artifact": "artefact",
+}
+
+
+def folder_label(name: str) -> str:
+    """Class-folder name -> cell label: lower-case, words joined by ``_``, singular
+    (``EOSINOPHILS`` -> ``eosinophil``, ``Band neutrophils`` -> ``neutrophil``), then the
+    published data sets' own names (:data:`FOLDER_LABELS`: ``ig``, ``NGS``, ``lymp`` ...). An
+    unknown name is kept (lower-case, singular)."""
+    label = re.sub(r"[\s\-.]+", "_", name.strip().lower()).strip("_")
+    if label not in LABEL_ORDER and label not in FOLDER_LABELS and label.endswith("s"):
         label = label[:-1]
-    return label
+    return FOLDER_LABELS.get(label, label)
 
 
 def is_voc(folder: Path) -> bool:
@@ -196,8 +229,9 @@ def read_class_folders(
     """Read a folder-per-class tree (class = folder name, singular, lower-case)."""
     root = Path(root)
     rows: list[tuple[Path, str, str, int, int, tuple[float, ...] | None]] = []
+    folders: dict[str, str] = {}  # folder name -> the label it was read as
     for d, files in class_folder_images(root):
-        label = singular_label(d.name)
+        label = folders[d.name] = folder_label(d.name)
         for p in files:
             data = p.read_bytes()
             group = content_group(root, label, p, data)
@@ -238,7 +272,8 @@ def read_class_folders(
         samples.append(Sample(str(p), box, label, group, source, dataset=root.name))
     classes = tuple(sorted({s.label for s in samples}, key=_class_order))
     info = {"kind": "class_folders", "sources": dict(sources),
-            "median_box_side": {k: round(v, 1) for k, v in median_side.items()}}
+            "median_box_side": {k: round(v, 1) for k, v in median_side.items()},
+            "folders": folders}
     return DataSet(samples, classes, info)
 
 
@@ -333,7 +368,8 @@ def load_datasets(
     """Read and merge data folders; drop classes with fewer than ``min_images`` images (groups).
 
     With ``cache_dir`` and the default (run-time) segmenter, each folder's samples are kept in
-    ``cache_dir`` keyed by its files, the crop margin, the extras and the segmenter's source.
+    ``cache_dir`` keyed by its files, the crop margin, the extras, the segmenter's source and
+    (class folders) the folder names' meanings.
     """
     seg_key = None
     if finder == "default":
@@ -348,7 +384,7 @@ def load_datasets(
         cache = None
         if cache_dir is not None and seg_key is not None:
             key = _key([_folder_fingerprint(p), rule.margin, voc_extras and is_voc(p), seg_key,
-                        "find" if is_voc(p) else "find_single"])
+                        "find" if is_voc(p) else ["find_single", sorted(FOLDER_LABELS.items())]])
             cache = Path(cache_dir) / f"dataset-{p.name}-{key}.json"
         if cache is not None and cache.is_file():
             d = json.loads(cache.read_text())

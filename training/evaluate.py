@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -255,9 +256,11 @@ def source_report(clf: CellClassifier, ds: Any, kind: str,
     main = [s for s in ds.samples if not s.extra]
     keep = [s for s in main if s.label in label_index]
     skipped = sorted({s.label for s in main if s.label not in label_index})
+    left_out = Counter(s.label for s in main if s.label not in label_index)
     if not keep:
-        raise InputError(f"no images of the model's classes {list(clf.labels)} "
-                         f"(found {skipped})")
+        raise InputError(f"no images of the model's classes {list(clf.labels)}: the class "
+                         f"folders read as {skipped} (a folder per class is expected, e.g. "
+                         f"TRAIN/ of a TRAIN/ and TEST/ layout, not the folder above it)")
     cache = ImageCache()
     x = np.concatenate([cut_crops([s], clf.crop_rule, cache=cache)[0]
                         for s in _progress(keep, len(keep), "cropping")])
@@ -266,7 +269,13 @@ def source_report(clf: CellClassifier, ds: Any, kind: str,
     fig = classification_figures(y, probs, clf.labels, clf.min_score)
     fig["bootstrap"] = bootstrap_ci(y, probs, clf.labels)
     report: dict[str, Any] = {"kind": kind, "images": len(keep), "classes_not_in_model": skipped,
+                              "images_not_in_model": dict(sorted(left_out.items())),
                               "crops": fig}
+    folders = ds.info.get("folders")
+    if folders is None:  # a merged data set: its one folder's
+        folders = next(iter(ds.info.get("per_dataset", {}).values()), {}).get("folders")
+    if folders:
+        report["folders"] = folders
     if float_clf is not None:
         pf = float_clf.classify_crops(x)
         report["float_vs_int8"] = {
@@ -426,6 +435,12 @@ def print_source(name: str, rep: dict[str, Any]) -> None:
     """One source's figures, readable."""
     print(f"source {name} ({rep['kind']}): {rep.get('subset', 'held-out split')}, "
           f"{rep['images']} images")
+    named = {f: c for f, c in rep.get("folders", {}).items() if f.lower().rstrip("s") != c}
+    if named:
+        print("  folders read as: " + ", ".join(f"{f} -> {c}" for f, c in named.items()))
+    if rep.get("images_not_in_model"):
+        print("  left out, not classes of the model: " + ", ".join(
+            f"{c} ({n} images)" for c, n in rep["images_not_in_model"].items()))
     _print_fig("single-cell crops (training boxes)", rep["crops"])
     fv = rep.get("float_vs_int8")
     if fv:

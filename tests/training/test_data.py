@@ -11,21 +11,33 @@ from tests.training.tiny_data import write_class_folders, write_voc
 from training.data import (
     central_square_box,
     cut_crops,
+    folder_label,
     load_datasets,
     match_box,
     read_class_folders,
     read_voc,
-    singular_label,
     split_by_group,
 )
 
 RULE = CropRule(margin=0.15, size=32)
 
 
-def test_singular_label():
-    assert singular_label("EOSINOPHIL") == "eosinophil"
-    assert singular_label("NEUTROPHILS") == "neutrophil"
-    assert singular_label("Monocyte") == "monocyte"
+def test_folder_names_of_published_data_sets_give_the_models_labels():
+    assert folder_label("EOSINOPHIL") == "eosinophil"  # Kaggle's blood-cell images
+    assert folder_label("NEUTROPHILS") == "neutrophil"
+    assert folder_label("Monocyte") == "monocyte"  # Raabin-WBC
+    assert folder_label("ig") == "immature_granulocyte"  # PBC as published
+    assert [folder_label(n) for n in ("Baso", "eosi", "lymp", "mono", "neut")] == [  # LISC
+        "basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+    assert [folder_label(n) for n in ("NGS", "NGB", "MYB", "MMZ", "PMO", "EBO")] == [  # Munich
+        "neutrophil", "neutrophil", "immature_granulocyte", "immature_granulocyte",
+        "immature_granulocyte", "erythroblast"]
+    assert folder_label("Band neutrophils") == "neutrophil"
+    assert folder_label("immature granulocytes") == "immature_granulocyte"
+    assert folder_label("Platelets") == "platelet"
+    # names of no kind the model knows stay as they are (and are reported, not guessed)
+    assert [folder_label(n) for n in ("MYO", "mixt", "LYA", "TRAIN")] == [
+        "myo", "mixt", "lya", "train"]
 
 
 def test_class_folders_labels_groups_and_central_square(tmp_path):

@@ -76,6 +76,42 @@ def test_bad_folder_and_synth_dispatch(tmp_path, monkeypatch):
     assert called["data"] == str(tmp_path / "synth")
 
 
+def test_published_folder_names_are_read_as_the_models_classes(tmp_path, capsys, tiny_models):
+    """A data set laid out as published (here the Munich AML set's codes) is evaluated under the
+    model's class names; a folder that names no class of the model is left out and said so."""
+    import cv2
+
+    from tests.tiny_models import BLUE_BGR, RED_BGR
+
+    tree = tmp_path / "AML-Cytomorphology"
+    for folder, colour, n in (("EOS", RED_BGR, 4), ("LYT", BLUE_BGR, 3), ("MYO", BLUE_BGR, 2)):
+        (tree / folder).mkdir(parents=True)
+        for i in range(n):
+            img = np.full((64, 64, 3), colour, np.uint8)
+            img[i, i] = (i * 7) % 255  # no two files alike (copies would share a group)
+            cv2.imwrite(str(tree / folder / f"{folder}_{i}.tiff"), img)
+    assert main(_args(tree, tiny_models / "uint8.tflite", tmp_path / "rep")) == 0
+    out = capsys.readouterr().out
+    assert "folders read as: EOS -> eosinophil, LYT -> lymphocyte" in out
+    assert "left out, not classes of the model: myo (2 images)" in out
+    rep = json.loads((tmp_path / "rep" / tree.name / "report.json").read_text())
+    per_class = rep["crops"]["per_class"]
+    assert per_class["eosinophil"]["support"] == 4 and per_class["lymphocyte"]["support"] == 3
+    assert rep["crops"]["accuracy"] == 1.0
+    assert rep["images_not_in_model"] == {"myo": 2}
+
+
+def test_a_split_folder_above_the_class_folders_is_refused_with_a_hint(tmp_path, tiny_models):
+    import cv2
+
+    for split in ("TRAIN", "TEST"):
+        (tmp_path / "images" / split / "EOSINOPHIL").mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / "images" / split / "EOSINOPHIL" / "a.png"),
+                    np.full((32, 32, 3), 90 if split == "TEST" else 30, np.uint8))
+    with pytest.raises(InputError, match=r"read as \['test', 'train'\].*a folder per class"):
+        main(_args(tmp_path / "images", tiny_models / "uint8.tflite"))
+
+
 @pytest.mark.train
 def test_evaluate_class_folders_prints_and_writes_report(tmp_path, capsys, tiny_run):
     t = tiny_run
