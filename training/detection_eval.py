@@ -26,7 +26,7 @@ import numpy as np
 
 from detector.errors import HematoVisionError, InputError
 from stream.images import read_image
-from training.data import class_folder_images, content_group
+from training.data import class_folder_images, content_group, folder_label
 from training.voc import VocRecord, read_voc
 
 log = logging.getLogger(__name__)
@@ -503,7 +503,7 @@ def evaluate_single_cell_robustness(
     tuning, left out). The not-white folders (``NOT_WHITE``) are left out too."""
     sample = []
     for d, files in class_folder_images(Path(folder)):
-        if d.name in NOT_WHITE:
+        if folder_label(d.name) in NOT_WHITE:
             continue
         for f in [files[i] for i in range(5, len(files), every) if not tuned(i)]:
             try:
@@ -558,8 +558,9 @@ def evaluate_single_cells(
     as PBC): per class, the share of images where the still-image analysis
     (``segmenter.find_still``) reports a cell over the centre (``found``), reports exactly one
     cell (``one_cell``), and where the field analysis (``segmenter.find``) has a cell over the
-    centre (``found_field``). For ``platelet`` and ``erythroblast`` folders ``found`` is the
-    share taken for a white-cell candidate. ``tuned(i)`` marks images (by their index in the
+    centre (``found_field``). For folders of platelets and erythroblasts (named so or by a
+    published set's name, :func:`training.data.folder_label`) ``found`` is the share taken for a
+    white-cell candidate. ``tuned(i)`` marks images (by their index in the
     class folder's sorted list) used while tuning: figures are also given for the rest.
     Hidden files (``.DS_*``, macOS folder metadata in the published PBC archive) and
     unreadable files are skipped with a warning.
@@ -647,7 +648,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--single-cells", type=Path, default=None, metavar="FOLDER",
         help="also score single-cell images: a folder per class, the cell at each image's centre "
-        "(e.g. PBC); platelet/ and erythroblast/ count as not white cells",
+        "(e.g. PBC); folders of platelets and erythroblasts (platelet/, erythroblast/ or a "
+        "published set's name for them, e.g. EBO/) count as not white cells",
     )
     p.add_argument(
         "--model", type=Path, default=None, metavar="M",
@@ -702,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for fail in res["failures"]:
         print(f"  {Path(fail['image']).name}: missed {fail['missed']} false {fail['false']}")
     for name, r in res.get("single_cells", {}).items():
-        what = "taken for a white cell" if name in NOT_WHITE else "found"
+        what = "taken for a white cell" if folder_label(name) in NOT_WHITE else "found"
         print(
             f"{name:22s} {r['images']:5d} images  {what} {r['found']:.4f} "
             f"(held out {r['held_out_found']:.4f} of {r['held_out_images']})  one cell "

@@ -188,7 +188,8 @@ def test_single_cell_robustness_per_kind_and_class(tmp_path: Path) -> None:
     quarter-size copies."""
     from training.detection_eval import SINGLE_CELL_PERTURBATIONS, evaluate_single_cell_robustness
 
-    for name in ("lymphocyte", "monocyte", "platelet"):
+    # (EBO: the Munich AML set's erythroblasts, not white cells whatever the folder's name)
+    for name in ("lymphocyte", "monocyte", "platelet", "EBO"):
         (tmp_path / name).mkdir()
         for i in range(8):
             cv2.imwrite(str(tmp_path / name / f"{i}.png"), np.full((40, 40, 3), 200, np.uint8))
