@@ -692,6 +692,7 @@ def reexport(run_dirs: str | Path | list[str | Path], out: str | Path | None = N
             raise InputError(f"{d}: not the same split, classes, crop rule and input size as "
                              f"{run_dir}: an ensemble's members must share them")
     out = Path(out) if out else _run_model(run_dir)
+    kept = _recipe_figures(out, old)
     rule = old.crop
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
     ds = load_datasets(cfg.data, rule, finder="default" if cfg.use_segmenter else None,
@@ -735,10 +736,43 @@ def reexport(run_dirs: str | Path | list[str | Path], out: str | Path | None = N
             "members": [c.evaluation.get("calibration", {}) for c in cards],
             "note": "each member's temperature fitted on the monitor split; the mean of "
                     "calibrated probabilities is not refitted (see the held-out ECE)"}
+    for part, figures in (("evaluation", evaluation), ("recipe", recipe)):
+        figures.update(kept.get(part, {}))
     card = dataclasses.replace(card, evaluation=evaluation, recipe=recipe)
     write_card(out, card)
     write_card(float_path, float_card(card))
     return card.to_dict()
+
+
+#: Figures of a card that belong to its recipe, not to its file, measured by commands of their
+#: own (the recipe trained on one source alone, other input sizes): (card part, key).
+RECIPE_FIGURES = (("evaluation", "cross_microscope"), ("recipe", "input_size_comparison"))
+
+
+def _recipe_figures(out: Path, card: Any) -> dict[str, dict]:
+    """The recipe's figures (:data:`RECIPE_FIGURES`) of the card a re-export replaces at ``out``,
+    to be kept: when it is a model of the same split, classes and crop rule as ``card`` (the
+    first run's), they still describe the new file; a re-export re-measures everything else."""
+    from detector.classify import ModelCard
+    from detector.errors import ModelError
+
+    path = out.with_suffix(".json")
+    if not path.is_file():
+        return {}
+    try:
+        prev = ModelCard.load(path)
+    except ModelError as exc:  # an unreadable card is replaced anyway: nothing to keep
+        log.warning("%s: not kept (%s)", path, exc)
+        return {}
+    if (prev.split.get("val_images") != card.split.get("val_images")
+            or prev.labels != card.labels or prev.crop != card.crop):
+        return {}
+    kept: dict[str, dict] = {}
+    for part, key in RECIPE_FIGURES:
+        value = getattr(prev, part).get(key)
+        if value is not None:
+            kept.setdefault(part, {})[key] = value
+    return kept
 
 
 if __name__ == "__main__":  # python -m training.train RUN_DIR [RUN_DIR ...] [--out OUT]

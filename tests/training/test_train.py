@@ -148,6 +148,11 @@ def test_tiny_training_writes_model_card_and_splits_by_image(tiny_run):
     src = card["evaluation"]["sources"]["cells"]
     assert src["kind"] == "class_folders" and src["crops"]["n"] == 4
     assert src["float_vs_int8"]["max_abs_prob_diff"] < 0.1
+    # the same held-out cells under another microscope's colours, in every card
+    from training.evaluate import NAMING_PERTURBATIONS
+
+    assert list(src["robustness"]) == list(NAMING_PERTURBATIONS)
+    assert "another microscope" in card["evaluation"]["robustness_note"]
     assert (t["run_dir"] / "tiny.float.tflite").is_file()
     assert (t["run_dir"] / "history.json").is_file()
 
@@ -187,7 +192,16 @@ def test_runs_of_one_split_export_as_one_averaging_model(tiny_run, tmp_path):
     t = tiny_run
     out = tmp_path / "ens" / "ens.tflite"
     out.parent.mkdir()
+    # the card of the file being replaced (a model of the same split) holds figures of the
+    # recipe measured by their own commands: kept; figures of the file: measured again
+    before = {**t["card"], "evaluation": {**t["card"]["evaluation"],
+                                          "cross_microscope": {"a_on_b": 0.5}},
+              "recipe": {**t["card"]["recipe"], "input_size_comparison": {"160": 0.9}}}
+    out.with_suffix(".json").write_text(json.dumps(before))
     card = reexport([t["run_dir"], t["run_dir"]], out)
+    assert card["evaluation"]["cross_microscope"] == {"a_on_b": 0.5}
+    assert card["recipe"]["input_size_comparison"] == {"160": 0.9}
+    assert "robustness" in card["evaluation"]["sources"]["cells"]
     assert card["recipe"]["ensemble"]["members"] == ["run", "run"]
     assert out.is_file() and (out.parent / "ens.float.tflite").is_file()
     rng = np.random.default_rng(0)
@@ -206,3 +220,9 @@ def test_runs_of_one_split_export_as_one_averaging_model(tiny_run, tmp_path):
     (other / "hematovision.json").write_text(json.dumps(model_card))
     with pytest.raises(InputError, match="same split"):
         reexport([t["run_dir"], other], tmp_path / "bad.tflite")
+    # over a card of another split nothing is kept: its figures are another model's
+    other_out = tmp_path / "over" / "ens.tflite"
+    other_out.parent.mkdir()
+    other_out.with_suffix(".json").write_text(json.dumps(
+        {**before, "split": {**before["split"], "val_images": before["split"]["val_images"][:1]}}))
+    assert "cross_microscope" not in reexport([t["run_dir"]], other_out)["evaluation"]
