@@ -255,8 +255,8 @@ def source_report(clf: CellClassifier, ds: Any, kind: str,
     label_index = {c: i for i, c in enumerate(clf.labels)}
     main = [s for s in ds.samples if not s.extra]
     keep = [s for s in main if s.label in label_index]
-    skipped = sorted({s.label for s in main if s.label not in label_index})
     left_out = Counter(s.label for s in main if s.label not in label_index)
+    skipped = sorted(left_out)
     if not keep:
         raise InputError(f"no images of the model's classes {list(clf.labels)}: the class "
                          f"folders read as {skipped} (a folder per class is expected, e.g. "
@@ -271,9 +271,10 @@ def source_report(clf: CellClassifier, ds: Any, kind: str,
     report: dict[str, Any] = {"kind": kind, "images": len(keep), "classes_not_in_model": skipped,
                               "images_not_in_model": dict(sorted(left_out.items())),
                               "crops": fig}
-    folders = ds.info.get("folders")
-    if folders is None:  # a merged data set: its one folder's
-        folders = next(iter(ds.info.get("per_dataset", {}).values()), {}).get("folders")
+    # how the class folders were read (a merged data set keeps each folder's under its name)
+    names = {s.dataset for s in main}
+    own = ds.info.get("per_dataset", {}).get(names.pop()) if len(names) == 1 else None
+    folders = (own or ds.info).get("folders")
     if folders:
         report["folders"] = folders
     if float_clf is not None:
