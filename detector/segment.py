@@ -48,7 +48,8 @@ which touching and overlapping cells do not fool; pale centres are filled first,
 enclosed by a ring of packed cells, which would merge them into one blob); when a frame has too few
 red cells, no disc-shaped ones (only rims of pale cells cut open by the border, as in a crop
 zoomed in on one white cell), or the estimate is implausible (outside 0.3-3x), the configured
-``rbc_diameter`` is used. So other magnifications and cameras work without retuning. At low
+``rbc_diameter`` is used (scaled up for frames wider than 640 px: a camera with more pixels over
+the same field, not a crop). So other magnifications and cameras work without retuning. At low
 magnification (red cells under 18 working pixels, ~0.7x BCCD's at 640x480) the frame is read
 again at a working width that gives red cells ~24 pixels, so nuclei and platelets stay apart
 (slower: ~0.8-2.1 ms for such frames at 0.5x-0.35x on a development machine). In a video the
@@ -186,8 +187,12 @@ class SegmenterOptions:
         working_width: width in pixels of the reduced copy the analysis runs on (frames narrower
             than this are used as they are). 160 suits 640x480 at a 100x objective (a red cell is
             then ~25 working pixels); raise it for wide frames at low magnification.
-        rbc_diameter: expected red-cell diameter in full-resolution pixels, used when a frame has
-            too few red cells to measure it (about 100 px for 640x480 frames at 100x).
+        rbc_diameter: expected red-cell diameter in full-resolution pixels of a frame up to
+            ``reference_width`` wide, used when a frame has too few red cells to measure it
+            (about 100 px for 640x480 frames at 100x).
+        reference_width: a frame wider than this is taken as a camera with more pixels over the
+            same field (not a crop of a frame, which cannot be wider than it): its expected red
+            cells, and the largest it accepts as measured, are as many times larger.
         estimate_rbc: measure the red-cell diameter in every frame (so other magnifications work
             unchanged); False always uses ``rbc_diameter``.
         min_red_cell_fraction: the red-cell mask must cover at least this fraction of the frame
@@ -241,6 +246,7 @@ class SegmenterOptions:
 
     working_width: int = 160
     rbc_diameter: float = 100.0
+    reference_width: int = 640
     estimate_rbc: bool = True
     min_red_cell_fraction: float = 0.05
     nucleus_level: float = 0.55
@@ -268,6 +274,8 @@ class SegmenterOptions:
             raise ValueError(f"working_width must be >= 32 pixels, got {self.working_width}")
         if self.rbc_diameter <= 0:
             raise ValueError(f"rbc_diameter must be > 0 pixels, got {self.rbc_diameter}")
+        if self.reference_width < 32:
+            raise ValueError(f"reference_width must be >= 32 pixels, got {self.reference_width}")
         if not 0.0 < self.cell_level <= self.nucleus_level:
             raise ValueError(
                 f"need 0 < cell_level <= nucleus_level, got {self.cell_level}, {self.nucleus_level}"
@@ -523,6 +531,14 @@ class Segmenter:
         self._kept: _Kept | None = None
 
     # -- public -------------------------------------------------------------------------------
+    def expected_diameter(self, frame_width: int) -> float:
+        """The configured red-cell diameter (full-res px) for a frame ``frame_width`` px wide:
+        ``rbc_diameter``, times ``frame_width / reference_width`` for a wider frame (a camera
+        with more pixels over the same field: a 1920-px frame at BCCD's magnification has red
+        cells ~300 px across, not 100)."""
+        opt = self.options
+        return opt.rbc_diameter * max(1.0, frame_width / opt.reference_width)
+
     def find(self, image: np.ndarray | Frame, *, in_sequence: bool = False) -> Detections:
         """White cells in one BGR frame -> Detections (full-res xyxy, score, area, touches_edge).
 
@@ -859,10 +875,12 @@ class Segmenter:
     def _rbc_diameter(
         self, od2: np.ndarray, u: np.ndarray, m: float, f: np.ndarray, scale: float
     ) -> float:
-        """Red-cell diameter in working pixels, measured when possible, else the configured one."""
+        """Red-cell diameter in working pixels, measured when possible, else the configured one
+        (:meth:`expected_diameter`)."""
         opt = self.options
-        fallback = opt.rbc_diameter * scale
-        self.last_rbc_diameter, self.last_rbc_measured = opt.rbc_diameter, False
+        expected = self.expected_diameter(int(round(f.shape[1] / scale)))
+        fallback = expected * scale
+        self.last_rbc_diameter, self.last_rbc_measured = expected, False
         if not opt.estimate_rbc:
             return fallback
         if sorted(self.last_background)[1] >= 254:
@@ -898,7 +916,7 @@ class Segmenter:
             if r_round is not None and r_round < _MERGED * r:
                 r = r_round
         d = 4.0 * r * _GRANULOMETRY_CAL
-        if not 0.3 * fallback <= d <= 3.0 * fallback:
+        if not 0.3 * opt.rbc_diameter * scale <= d <= 3.0 * fallback:
             log.debug("implausible red-cell diameter %.1f px, using %.1f", d / scale, fallback)
             return fallback
         self.last_rbc_diameter, self.last_rbc_measured = d / scale, True

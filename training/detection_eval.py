@@ -159,8 +159,8 @@ def evaluate_detection(
 #: strength and hue, red cells stained grey or blue-grey/teal, yellowish and bluish backgrounds,
 #: dim and vignetted illumination, magnification 0.35x-2x (zooming out also with the photo's
 #: mirror image around it, a harsher case), another microscope's field (a cast, red cells stained
-#: otherwise and a lower magnification at once), a camera with half the pixels, focus, sensor noise
-#: and compression.
+#: otherwise and a lower magnification at once), a camera with half, twice or three times the
+#: pixels (1920x1440), focus, sensor noise and compression.
 PERTURBATIONS: tuple[str, ...] = (
     "wb_warm",
     "wb_cool",
@@ -196,6 +196,8 @@ PERTURBATIONS: tuple[str, ...] = (
     "rbc_teal+wb_cool+scale_0.5",
     "rbc_grey+bg_yellow+scale_0.6",
     "resize_0.5",
+    "resize_2",
+    "resize_3",
     "blur_1.5",
     "blur_3",
     "noise_8",
@@ -418,10 +420,11 @@ def perturb(
             boxes, ignore = _visible((boxes - np.array([ox, oy, ox, oy], np.float32)) * s, w, h)
         else:
             raise ValueError(f"mirror_S widens the field: S must be < 1, got {kind!r}")
-    elif name == "resize":  # the same view, fewer pixels: a lower-resolution camera, a thumbnail
+    elif name == "resize":  # the same view in fewer pixels (a lower-resolution camera, a
+        # thumbnail) or more (a camera with a finer sensor: 3x gives 1920x1440)
         s = float(arg)
         size = (max(8, int(round(w * s))), max(8, int(round(h * s))))
-        img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+        img = cv2.resize(img, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
         boxes = boxes * np.array([size[0] / w, size[1] / h] * 2, np.float32)
     elif name == "blur":
         img = cv2.GaussianBlur(img, (0, 0), float(arg))

@@ -244,6 +244,8 @@ def test_bad_options_are_rejected() -> None:
         SegmenterOptions(working_width=4)
     with pytest.raises(ValueError, match="cell_level"):
         SegmenterOptions(cell_level=0.9, nucleus_level=0.5)
+    with pytest.raises(ValueError, match="reference_width"):
+        SegmenterOptions(reference_width=0)
 
 
 # -- other microscopes: stains, illumination, magnification, single-cell images ---------------
@@ -373,6 +375,33 @@ def test_real_image_box_overlaps_its_white_cell(bccd_dir) -> None:
     assert len(det) == 1
     assert box_iou(det.xyxy, gt)[0, 0] > 0.6
     assert 60 < Segmenter().last_rbc_diameter <= 140
+
+
+def test_real_photo_from_a_camera_with_three_times_the_pixels(bccd_dir) -> None:
+    """The same field at 1920x1440 (a finer sensor behind the same optics: red cells ~300 px):
+    the same cells, and the red cells measured 3x as large. Before the configured size scaled
+    with a frame wider than 640 px, 300 px red cells were out of its 3x range, the size fell back
+    to 100 px and BCCD's recall at 1920x1440 was 0.72."""
+    from training.detection_eval import match_centres
+    from training.voc import read_voc
+
+    records = read_voc(bccd_dir)[::20]
+    seg = Segmenter()
+    found = missed = extra = 0
+    for rec in records:
+        img = cv2.imread(str(rec.image))
+        seg.find(img)
+        d = seg.last_rbc_diameter
+        big = cv2.resize(img, None, fx=3, fy=3, interpolation=cv2.INTER_CUBIC)
+        det = seg.find(big)
+        # (the size is read in steps of ~5-15 %: 3.0x in 10 of these 15 photos, 3.2-4.1x in 5)
+        assert seg.last_rbc_measured and 2.5 * d < seg.last_rbc_diameter < 4.5 * d, rec.image
+        pairs, up, ug = match_centres(det.xyxy, np.asarray(rec.wbc, np.float32) * 3)
+        found, extra, missed = found + len(pairs), extra + len(up), missed + len(ug)
+    assert found >= 14 and missed <= 1 and extra <= 1
+    # a frame no wider than 640 px (a crop, a thumbnail) keeps the configured size
+    assert seg.expected_diameter(360) == seg.expected_diameter(640) == 100.0
+    assert seg.expected_diameter(1920) == 300.0
 
 
 def test_real_single_cell_crop_and_perturbed_copies(bccd_dir) -> None:
