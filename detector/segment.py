@@ -157,6 +157,9 @@ _FIRM_FRACTION = 0.5
 #: A frame whose illumination field's darkest point has at least this share of its brightest
 #: is taken as evenly lit (no correction).
 _FLAT_ENOUGH = 0.8
+#: Outside the field of view: no channel above this share of the glass's brightness (the black
+#: surround of a circular field stop; the densest nuclei keep ~0.4 in their brightest channel).
+_OUTSIDE_FIELD = 0.15
 #: Grid (columns, rows) the illumination field is evaluated on before it is resized.
 _COARSE = (32, 24)
 #: Enclosed background pieces up to this many times their inscribed disc's area are red cells'
@@ -330,6 +333,47 @@ def _shrink(frame: Frame, sw: int, sh: int) -> np.ndarray:
     return small
 
 
+def _field_stop(small: np.ndarray) -> np.ndarray | None:
+    """The part of a frame outside the microscope's field of view (uint8 mask, a little wider
+    than the black itself, to take in the dim rim), or None when the frame has none.
+
+    An eyepiece camera, or a sensor larger than the optics' image circle, sees a round field
+    in a black surround. Black reads as the densest stain of all (a giant nucleus), so the
+    surround, the near-black pixels joined to the frame's border, is set apart. A frame whose
+    border holds no near-black pixel (every frame of a camera that sees the field to its edges)
+    costs only that look at its border."""
+    border = np.concatenate([small[0], small[-1], small[:, 0], small[:, -1]]).max(axis=1)
+    if border.min() >= _OUTSIDE_FIELD * 255:
+        return None  # no pixel of the border is near black, however bright the glass
+    peak = small.max(axis=2)
+    glass = float(np.percentile(peak[::4, ::4], 97))
+    level = _OUTSIDE_FIELD * glass
+    if glass <= 0 or not (border < level).any():
+        return None
+    dark = (peak < level).astype(np.uint8)
+    n, lab = cv2.connectedComponents(dark, connectivity=8)
+    edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    edge = edge[edge > 0]
+    if not len(edge):
+        return None
+    outside = np.isin(lab, edge).astype(np.uint8)
+    # the rim where the field fades to black (a few working pixels) goes with it
+    rim = max(1, int(round(0.01 * max(small.shape[:2]))))
+    return cv2.dilate(outside, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * rim + 1,) * 2))
+
+
+def _glass_filled(small: np.ndarray, outside: np.ndarray) -> np.ndarray:
+    """A copy of the frame with the part ``outside`` the field set to the glass's colour (each
+    channel's 97th percentile inside the field), so it reads as empty glass."""
+    inside = small[outside == 0]
+    if not len(inside):
+        return small
+    glass = np.percentile(inside[:: max(1, len(inside) // 4000)], 97, axis=0)
+    out = small.copy()
+    out[outside > 0] = np.asarray(glass, dtype=np.uint8)
+    return out
+
+
 def _quantile(a: np.ndarray, q: float) -> float:
     """q-quantile (0..1) of a 1-D array by partial sort (no interpolation; cheaper)."""
     k = int(q * (a.size - 1))
@@ -400,7 +444,8 @@ class _Kept:
 class _Planes(NamedTuple):
     """A frame read at a working width (:meth:`Segmenter._planes`): nucleus-stain plane ``f``,
     cell-body plane ``off``, the working copy, the red-cell diameter in working px, the
-    working-to-frame scale and the illumination field and stain it was read with."""
+    working-to-frame scale, the illumination field and stain it was read with, and the part
+    outside the field of view (None: the frame sees the field to its edges)."""
 
     f: np.ndarray
     off: np.ndarray
@@ -408,6 +453,7 @@ class _Planes(NamedTuple):
     d_small: float
     sxy: tuple[float, float]
     reading: _Reading
+    outside: np.ndarray | None = None
 
 
 def _width_for(rbc_diameter: float, width: int, frame_width: int) -> int:
@@ -565,7 +611,8 @@ class Segmenter:
                                    self.last_rbc_measured, planes.reading)
         if planes is None:
             return _no_cells()
-        return self._cells(planes.f, planes.off, planes.small, planes.d_small, planes.sxy)
+        return self._cells(planes.f, planes.off, planes.small, planes.d_small, planes.sxy,
+                           planes.outside)
 
     def _kept_for(self, frame: Frame, in_sequence: bool) -> _Kept | None:
         """The red-cell size and reading kept from an earlier frame of this video, or None when
@@ -693,6 +740,9 @@ class Segmenter:
         scale = min(1.0, width / w)
         small = _shrink(frame, width, max(8, int(round(h * scale)))) if scale < 1 else bgr
         sxy = (w / small.shape[1], h / small.shape[0])
+        outside = _field_stop(small)
+        if outside is not None:
+            small = _glass_filled(small, outside)
         field = reading.field if reading is not None else self._illumination_field(small)
         small = self._flatten_illumination(small, field)
         od = self._optical_density(small)
@@ -701,8 +751,9 @@ class Segmenter:
         od2 = None
         if reading is None or rbc is None:
             od2 = np.ascontiguousarray(od[::2, ::2])  # every 4th pixel suffices for statistics
+        inside2 = None if outside is None else outside[::2, ::2] == 0
         if reading is None:
-            reading = _Reading(field, self._stain(od2, ring))
+            reading = _Reading(field, self._stain(od2, ring, inside2))
         st = reading.stain
         u, m, theta, basis = st.u, st.m, st.theta, st.basis
         # a, b: OD off the red-cell direction (two axes), in units of red-cell density; f is the
@@ -717,17 +768,23 @@ class Segmenter:
         gain = 1.0 if pink else min(max(_SIN_PINK / max(sin_u, 1e-3), 1.0), 2.0)
         f = cv2.addWeighted(a, gain * float(np.cos(theta)), b, gain * float(np.sin(theta)), 0.0)
         off = cv2.magnitude(a, b) if self.options.body_any_hue else f
-        d_small = self._rbc_diameter(od2, u, m, f, scale) if rbc is None else rbc * scale
-        return _Planes(f, off, small, d_small, sxy, reading)
+        d_small = (self._rbc_diameter(od2, u, m, f, scale, inside2) if rbc is None
+                   else rbc * scale)
+        return _Planes(f, off, small, d_small, sxy, reading, outside)
 
-    def _stain(self, od2: np.ndarray, ring: bool) -> _Stain:
+    def _stain(self, od2: np.ndarray, ring: bool, inside: np.ndarray | None = None) -> _Stain:
         """The stain directions of a frame from its sampled optical density ``od2``; ``ring``:
-        the red cells' from the outer band only."""
+        the red cells' from the outer band only; ``inside``: from the field of view only (a
+        frame half black around a round field would otherwise set the red cells' density by
+        the empty glass it was filled with)."""
+        sel = inside
         if ring:
             hh, ww = od2.shape[:2]
             band = np.ones((hh, ww), bool)
             band[hh // 4 : hh - hh // 4, ww // 4 : ww - ww // 4] = False
-            u, m = self._rbc_direction(od2[band].reshape(-1, 1, 3))
+            sel = band if sel is None else band & sel
+        if sel is not None:
+            u, m = self._rbc_direction(od2[sel].reshape(-1, 1, 3))
         else:
             u, m = self._rbc_direction(od2)
         theta, basis = self._nucleus_direction(od2, u, m)
@@ -873,10 +930,12 @@ class Segmenter:
         return theta, basis
 
     def _rbc_diameter(
-        self, od2: np.ndarray, u: np.ndarray, m: float, f: np.ndarray, scale: float
+        self, od2: np.ndarray, u: np.ndarray, m: float, f: np.ndarray, scale: float,
+        inside: np.ndarray | None = None,
     ) -> float:
         """Red-cell diameter in working pixels, measured when possible, else the configured one
-        (:meth:`expected_diameter`)."""
+        (:meth:`expected_diameter`). ``inside``: the field of view at ``od2``'s resolution, where
+        the red cells must cover their share (None: the whole frame)."""
         opt = self.options
         expected = self.expected_diameter(int(round(f.shape[1] / scale)))
         fallback = expected * scale
@@ -893,7 +952,8 @@ class Segmenter:
         proj = cv2.transform(od2, u.reshape(1, 3))
         rbc = ((proj > 0.6 * m) & (f[::2, ::2] < opt.cell_level)).astype(np.uint8)
         hs, ws = rbc.shape
-        if np.count_nonzero(rbc) < max(50, opt.min_red_cell_fraction * rbc.size):
+        area = rbc.size if inside is None else np.count_nonzero(inside)
+        if np.count_nonzero(rbc) < max(50, opt.min_red_cell_fraction * area):
             return fallback
         # Fill the pale centres (central pallor): background pieces not reaching the border
         # (4-connected: what a flood of the background from around the frame leaves).
@@ -929,8 +989,10 @@ class Segmenter:
         small: np.ndarray,
         d: float,
         sxy: tuple[float, float],
+        outside: np.ndarray | None = None,
     ) -> Detections:
-        """Group nucleus cores into cells, take their cell bodies and box them."""
+        """Group nucleus cores into cells, take their cell bodies and box them. A cell reaching
+        the frame's border, or the part ``outside`` the field of view, is cut."""
         opt = self.options
         hs, ws = f.shape
         core = (f > opt.nucleus_level).astype(np.uint8)
@@ -1030,6 +1092,10 @@ class Segmenter:
             touches = bool(depth)
             if touches and min(depth) < opt.min_edge_depth * d:
                 continue  # a sliver of a cell at the border: not nameable, not reported
+            if outside is not None and not touches:
+                # at the field stop: the cell's body against the black surround's rim
+                ring = cv2.dilate(outside[y1:y2, x1:x2], _OPEN3)
+                touches = bool(np.count_nonzero(ring[region]))
             boxes.append([bx1 * sxy[0], by1 * sxy[1], bx2 * sxy[0], by2 * sxy[1]])
             areas.append(float(region.sum()) * sxy[0] * sxy[1])
             edges.append(touches)

@@ -157,10 +157,11 @@ def evaluate_detection(
 
 #: Named image perturbations for robustness figures: white balance, exposure, gamma, stain
 #: strength and hue, red cells stained grey or blue-grey/teal, yellowish and bluish backgrounds,
-#: dim and vignetted illumination, magnification 0.35x-2x (zooming out also with the photo's
-#: mirror image around it, a harsher case), another microscope's field (a cast, red cells stained
-#: otherwise and a lower magnification at once), a camera with half, twice or three times the
-#: pixels (1920x1440), focus, sensor noise and compression.
+#: dim and vignetted illumination, a round field in a black surround (an eyepiece camera),
+#: magnification 0.35x-2x (zooming out also with the photo's mirror image around it, a harsher
+#: case), another microscope's field (a cast, red cells stained otherwise and a lower
+#: magnification at once), a camera with half, twice or three times the pixels (1920x1440),
+#: focus, sensor noise and compression.
 PERTURBATIONS: tuple[str, ...] = (
     "wb_warm",
     "wb_cool",
@@ -182,6 +183,7 @@ PERTURBATIONS: tuple[str, ...] = (
     "bg_blue",
     "dim",
     "vignette",
+    "field_stop",
     "scale_0.35",
     "scale_0.5",
     "scale_0.6",
@@ -420,6 +422,17 @@ def perturb(
             boxes, ignore = _visible((boxes - np.array([ox, oy, ox, oy], np.float32)) * s, w, h)
         else:
             raise ValueError(f"mirror_S widens the field: S must be < 1, got {kind!r}")
+    elif kind == "field_stop":  # an eyepiece camera: a round field as wide as the frame is
+        # high, a soft rim, black around it; a cell less than half inside it is not to be found
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        dist = np.hypot(xx - (w - 1) / 2, yy - (h - 1) / 2)
+        a = np.clip((0.5 * h - dist) / 6.0 + 0.5, 0.0, 1.0)[..., None]
+        img = img * a + 10.0 * (1.0 - a)
+        inside = np.array([float(np.mean(a[int(y1):max(int(y2), int(y1) + 1),
+                                           int(x1):max(int(x2), int(x1) + 1)] > 0.5))
+                           for x1, y1, x2, y2 in np.clip(boxes, 0, [w, h, w, h])])
+        ignore = boxes[(inside > 0) & (inside < 0.5)]
+        boxes = boxes[inside >= 0.5] if len(boxes) else boxes
     elif name == "resize":  # the same view in fewer pixels (a lower-resolution camera, a
         # thumbnail) or more (a camera with a finer sensor: 3x gives 1920x1440)
         s = float(arg)

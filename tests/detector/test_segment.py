@@ -312,6 +312,42 @@ def test_video_keeps_the_lamp_field_and_stain_with_the_size() -> None:
         assert box_iou(det.xyxy, cell_box(cx, cy))[:, 0].max() > 0.6
 
 
+
+def _eyepiece(img: np.ndarray, radius: float, black: int = 10) -> np.ndarray:
+    """The frame as an eyepiece camera sees it: a round field of ``radius`` px around the
+    centre, a soft rim, near-black around it."""
+    h, w = img.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    a = np.clip((radius - np.hypot(xx - w / 2, yy - h / 2)) / 6 + 0.5, 0, 1)[..., None]
+    return np.clip(img * a + black * (1 - a), 0, 255).astype(np.uint8)
+
+
+def test_a_round_field_in_a_black_surround_gives_its_cells_and_nothing_in_the_black() -> None:
+    """Black reads as the densest stain: without setting the surround apart, the frame gave one
+    giant 'cell' or none. A cell the field's rim cuts is flagged cut, as at the frame's edge."""
+    img = smear(cells=((320, 240), (505, 240)))
+    seg = Segmenter()
+    det = seg.find(_eyepiece(img, 240))  # the field as wide as the frame is high
+    assert len(det) == 2
+    order = np.argsort(det.xyxy[:, 0])
+    assert box_iou(det.xyxy[order[:1]], cell_box(320, 240))[0, 0] > 0.7
+    assert not det.touches_edge[order[0]]  # whole, in the middle of the field
+    assert det.touches_edge[order[1]]  # the field's rim runs through it (x = 560)
+    assert seg.last_rbc_measured and 80 < seg.last_rbc_diameter < 145  # the red cells inside
+    # the whole frame black but for a round field with no white cell: nothing
+    assert len(Segmenter().find(_eyepiece(smear(cells=()), 240))) == 0
+
+
+def test_real_photos_through_an_eyepiece_camera(bccd_dir) -> None:
+    """Every 10th BCCD photo in a round field as wide as the frame is high (the robustness
+    suite's ``field_stop``): its cells found as on the plain photos (before the surround was set
+    apart: recall 0, no cell found in any photo)."""
+    from training.detection_eval import evaluate_robustness
+    from training.voc import read_voc
+
+    res = evaluate_robustness(read_voc(bccd_dir)[::10], Segmenter(), kinds=("field_stop",))
+    assert res["field_stop"]["recall"] >= 0.95 and res["field_stop"]["precision"] >= 0.95
+
 @pytest.mark.parametrize("scale, size", [(0.4, (640, 480)), (2.0, (1280, 960))])
 def test_low_and_high_magnification(scale: float, size: tuple[int, int]) -> None:
     """Red cells of 40 px (0.4x BCCD's magnification) or 200 px (2x): the size is measured
