@@ -131,6 +131,46 @@ class Summary:
         }
 
 
+#: Outside the field of view: no channel above this share of the glass's brightness (the black
+#: surround of a round field stop; the densest nuclei keep ~0.4 in their brightest channel).
+OUTSIDE_FIELD = 0.15
+
+
+def outside_field(image: np.ndarray) -> np.ndarray | None:
+    """The part of a frame outside the microscope's field of view (uint8 mask of ``image``'s
+    height and width, a little wider than the black itself, to take in the dim rim), or None
+    when the frame has none. ``image``: BGR or one channel, uint8, any (reduced) size.
+
+    An eyepiece camera, or a sensor larger than the optics' image circle, sees a round field
+    in a black surround. Black reads as the densest stain of all (a giant nucleus) and its rim
+    as a sharp edge that never moves (a stage shift of zero), so the segmenter and the
+    stage-motion estimate set the surround apart: the near-black pixels joined to the frame's
+    border. A frame whose border holds no near-black pixel (every frame of a camera that sees
+    the field to its edges) costs only that look at its border.
+    """
+    edges = [image[0], image[-1], image[:, 0], image[:, -1]]
+    border = np.concatenate(edges)
+    if border.ndim == 2:
+        border = border.max(axis=1)
+    if border.min() >= OUTSIDE_FIELD * 255:
+        return None  # no pixel of the border is near black, however bright the glass
+    peak = image.max(axis=2) if image.ndim == 3 else image
+    glass = float(np.percentile(peak[::4, ::4], 97))
+    level = OUTSIDE_FIELD * glass
+    if glass <= 0 or not (border < level).any():
+        return None
+    dark = (peak < level).astype(np.uint8)
+    _, lab = cv2.connectedComponents(dark, connectivity=8)
+    edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    edge = edge[edge > 0]
+    if not len(edge):
+        return None
+    outside = np.isin(lab, edge).astype(np.uint8)
+    # the rim where the field fades to black (a few pixels) goes with it
+    rim = max(1, int(round(0.01 * max(image.shape[:2]))))
+    return cv2.dilate(outside, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * rim + 1,) * 2))
+
+
 @dataclass(frozen=True)
 class Frame:
     """One image from a source.

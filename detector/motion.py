@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from detector.core import Frame
+from detector.core import Frame, outside_field
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,22 @@ class StageMotion:
         aliasing made the dead reckoning drift 3x more on the simulator). Read from the frame's
         shared half-size copy when that is large enough (for 640x480 the same pixels: averaging
         commutes with taking a channel; other sizes differ by rounding, under half a grey level
-        on average)."""
+        on average). Outside a round field of view (an eyepiece camera) it is set to the glass's
+        level: the black surround's rim stays put while the stage moves, and would pull the
+        correlation towards no shift at all."""
         w, h = self.options.shift_size
         src = image.reduced(2 * w, 2 * h) if isinstance(image, Frame) else image
         green = cv2.extractChannel(src, 1) if src.ndim == 3 else src
-        if green.shape[1] == 2 * w and green.shape[0] == 2 * h:
-            return green
-        return cv2.resize(green, (2 * w, 2 * h), interpolation=cv2.INTER_AREA)
+        if green.shape[1] != 2 * w or green.shape[0] != 2 * h:
+            green = cv2.resize(green, (2 * w, 2 * h), interpolation=cv2.INTER_AREA)
+        outside = outside_field(src)  # (by every channel: a nucleus's green is near black)
+        if outside is not None:
+            if outside.shape != green.shape:
+                outside = cv2.resize(outside, (2 * w, 2 * h), interpolation=cv2.INTER_NEAREST)
+            green = green.copy()  # (never the frame's shared copy)
+            green[outside > 0] = np.uint8(np.percentile(green[outside == 0], 97)
+                                          if (outside == 0).any() else 0)
+        return green
 
     def update(self, image: Frame | np.ndarray | None, predicted: np.ndarray,
                radius: np.ndarray, centers: np.ndarray) -> np.ndarray:

@@ -117,7 +117,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from detector.core import Detections, Frame, box_iou
+from detector.core import Detections, Frame, box_iou, outside_field
 from detector.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -157,9 +157,6 @@ _FIRM_FRACTION = 0.5
 #: A frame whose illumination field's darkest point has at least this share of its brightest
 #: is taken as evenly lit (no correction).
 _FLAT_ENOUGH = 0.8
-#: Outside the field of view: no channel above this share of the glass's brightness (the black
-#: surround of a circular field stop; the densest nuclei keep ~0.4 in their brightest channel).
-_OUTSIDE_FIELD = 0.15
 #: Grid (columns, rows) the illumination field is evaluated on before it is resized.
 _COARSE = (32, 24)
 #: Enclosed background pieces up to this many times their inscribed disc's area are red cells'
@@ -331,35 +328,6 @@ def _shrink(frame: Frame, sw: int, sh: int) -> np.ndarray:
         small = cv2.resize(cv2.GaussianBlur(small, (3, 3), 0), (sw, sh),
                            interpolation=cv2.INTER_LINEAR)
     return small
-
-
-def _field_stop(small: np.ndarray) -> np.ndarray | None:
-    """The part of a frame outside the microscope's field of view (uint8 mask, a little wider
-    than the black itself, to take in the dim rim), or None when the frame has none.
-
-    An eyepiece camera, or a sensor larger than the optics' image circle, sees a round field
-    in a black surround. Black reads as the densest stain of all (a giant nucleus), so the
-    surround, the near-black pixels joined to the frame's border, is set apart. A frame whose
-    border holds no near-black pixel (every frame of a camera that sees the field to its edges)
-    costs only that look at its border."""
-    border = np.concatenate([small[0], small[-1], small[:, 0], small[:, -1]]).max(axis=1)
-    if border.min() >= _OUTSIDE_FIELD * 255:
-        return None  # no pixel of the border is near black, however bright the glass
-    peak = small.max(axis=2)
-    glass = float(np.percentile(peak[::4, ::4], 97))
-    level = _OUTSIDE_FIELD * glass
-    if glass <= 0 or not (border < level).any():
-        return None
-    dark = (peak < level).astype(np.uint8)
-    n, lab = cv2.connectedComponents(dark, connectivity=8)
-    edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
-    edge = edge[edge > 0]
-    if not len(edge):
-        return None
-    outside = np.isin(lab, edge).astype(np.uint8)
-    # the rim where the field fades to black (a few working pixels) goes with it
-    rim = max(1, int(round(0.01 * max(small.shape[:2]))))
-    return cv2.dilate(outside, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * rim + 1,) * 2))
 
 
 def _glass_filled(small: np.ndarray, outside: np.ndarray) -> np.ndarray:
@@ -740,7 +708,7 @@ class Segmenter:
         scale = min(1.0, width / w)
         small = _shrink(frame, width, max(8, int(round(h * scale)))) if scale < 1 else bgr
         sxy = (w / small.shape[1], h / small.shape[0])
-        outside = _field_stop(small)
+        outside = outside_field(small)
         if outside is not None:
             small = _glass_filled(small, outside)
         field = reading.field if reading is not None else self._illumination_field(small)
