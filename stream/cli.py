@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="white-cell density: mean cells per frame area (default 1.5, range 0-5)")
     y.add_argument("--stain", type=str, default=None,
                    help="another lab's stain and camera: grey_rbc, teal_rbc, yellow_bg, blue_bg, "
-                   "dim_vignetted (default: BCCD's)")
+                   "dim_vignetted, eyepiece (a round field in a black surround) (default: BCCD's)")
     y.add_argument("--magnification", type=_positive_float, default=None,
                    help="relative to BCCD's 100x objective (0.35-2: red cells ~37-210 px at "
                    "640x480; default 1)")

@@ -35,6 +35,7 @@ STAIN_PRESETS: dict[str, dict[str, Any]] = {
     "yellow_bg": {"rbc": (150, 160, 192), "white_balance": (0.78, 0.95, 1.04)},
     "blue_bg": {"rbc": (166, 160, 170), "white_balance": (1.06, 0.97, 0.82)},
     "dim_vignetted": {"exposure": 0.45, "vignette": 0.5},
+    "eyepiece": {"field_stop": 1.0},
 }
 
 
@@ -75,6 +76,9 @@ class SynthSettings:
     """Overall brightness gain."""
     vignette: float | None = None
     """Brightness lost in the frame corners (fraction)."""
+    field_stop: float | None = None
+    """Diameter of a round field of view in frame heights, black around it (an eyepiece camera,
+    a sensor wider than the optics' image circle); 0: the camera sees to the frame's edges."""
     illum_gradient: float | None = None
     """Linear brightness slope across the frame (fraction, uneven illumination)."""
     noise_sigma: float | None = None
@@ -116,7 +120,8 @@ class SynthSettings:
         out = self._resolved(seed, size)
         preset = STAIN_PRESETS.get(out.stain or "", {})
         for name, value in preset.items():  # a preset's camera, unless set explicitly
-            if name in ("white_balance", "exposure", "vignette") and getattr(self, name) is None:
+            if (name in ("white_balance", "exposure", "vignette", "field_stop")
+                    and getattr(self, name) is None):
                 setattr(out, name, value)
         out.validate()
         return out
@@ -133,6 +138,7 @@ class SynthSettings:
             "white_balance": tuple(float(v) for v in rng.uniform(0.97, 1.03, 3)),
             "exposure": float(rng.uniform(1.0, 1.08)),
             "vignette": float(rng.uniform(0.05, 0.25)),
+            "field_stop": 0.0,  # (not drawn: a camera's, set by a preset)
             "illum_gradient": float(rng.uniform(-0.06, 0.06)),
             "noise_sigma": float(rng.uniform(1.2, 3.0)),
             "focus_base": float(rng.uniform(0.7, 1.5)),
@@ -179,6 +185,8 @@ class SynthSettings:
             need(len(self.white_balance) == 3 and all(0.5 <= g <= 1.5 for g in self.white_balance),
                  "white_balance must be three gains in [0.5, 1.5]")
         need(self.vignette is None or 0 <= self.vignette < 0.8, "vignette must be in [0, 0.8)")
+        need(self.field_stop is None or self.field_stop == 0 or 0.5 <= self.field_stop <= 2,
+             f"field_stop must be 0 or in [0.5, 2] frame heights, got {self.field_stop}")
         need(self.noise_sigma is None or 0 <= self.noise_sigma <= 50,
              "noise_sigma must be in [0, 50]")
         for name in ("focus_base", "focus_drift"):

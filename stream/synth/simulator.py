@@ -15,6 +15,9 @@ from stream.synth.camera import CameraPlan, Focus
 from stream.synth.settings import RBC_PX_640, TRUTH_VERSION, check_seed, check_size
 from stream.synth.slide import Slide, SlideCell, make_slide
 
+#: Grey level of the black around a round field of view (sensor noise comes on top).
+_FIELD_BLACK = 8.0
+
 
 class SlideSimulator:
     """A slide under a moving camera: ``frame(i)`` renders frame i and its truth.
@@ -52,6 +55,12 @@ class SlideSimulator:
         grad = ((xx - fw / 2) * math.cos(ga) + (yy - fh / 2) * math.sin(ga)) / max(fw, fh)
         self.gain = (1.0 - s.vignette * np.clip(rr, 0, 1.6) ** 1.2 + s.illum_gradient * grad)
         self.gain = self.gain.astype(np.float32)[..., None]
+        # a round field of view (an eyepiece camera): 1 inside, 0 in the black around it, a
+        # 3-px soft rim; fixed in frame coordinates
+        self.field: np.ndarray | None = None
+        if s.field_stop:
+            rim = 0.5 * s.field_stop * fh - np.hypot(xx - (fw - 1) / 2, yy - (fh - 1) / 2)
+            self.field = np.clip(rim / 3.0 + 0.5, 0, 1).astype(np.float32)[..., None]
         # dust on the sensor: small rings that stay put while the slide moves
         for _ in range(int(orng.integers(2, 7))):
             x, y = orng.uniform(0, fw), orng.uniform(0, fh)
@@ -117,6 +126,10 @@ class SlideSimulator:
             if u2 <= u1 or v2 <= v1:
                 continue
             sub = c.mask[v1:v2, u1:u2]
+            if self.field is not None:  # what the round field of view shows of it
+                ys = np.clip(np.arange(sub.shape[0]) + int(round(by1 + v1 - y0)), 0, fh - 1)
+                xs = np.clip(np.arange(sub.shape[1]) + int(round(bx1 + u1 - x0)), 0, fw - 1)
+                sub = np.logical_and(sub, self.field[ys[:, None], xs[None, :], 0] > 0.5)
             n_vis = int(sub.sum())
             if n_vis == 0:
                 continue
@@ -168,6 +181,9 @@ class SlideSimulator:
         g = 1.0 + 0.012 * self.flicker[0] * math.sin(2 * math.pi * 0.4 * t + self.flicker[1])
         out = img.astype(np.float32)
         out *= self.gain * g
+        if self.field is not None:
+            out *= self.field
+            out += _FIELD_BLACK * (1.0 - self.field)
         if self._noise:
             rng = np.random.default_rng([self.seed, 7, index])
             k = int(rng.integers(len(self._noise)))

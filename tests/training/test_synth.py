@@ -402,6 +402,36 @@ def test_stain_presets_change_colours_not_cells() -> None:
         make_slide(seed=4, size=SMALL, stain="purple")
 
 
+def test_eyepiece_camera_sees_a_round_field_and_its_truth_says_so() -> None:
+    """The ``eyepiece`` camera: a round field as wide as the frame is high, black around it; a
+    white cell's visible fraction is what the field shows of it, so a cell the field's rim cuts
+    is not fully in view (and is not one the count must include until it is)."""
+    from training.count_eval import fully_visible
+
+    sim = SlideSimulator(seed=11, size=SMALL, fps=10, stain="eyepiece")
+    plain = SlideSimulator(seed=11, size=SMALL, fps=10)
+    assert sim.settings.field_stop == 1.0 and plain.settings.field_stop == 0.0
+    img, _ = sim.frame(0)
+    assert img[:12, :12].max() < 40 and img[-12:, -12:].max() < 40  # the black corners
+    assert abs(float(img[110:130, 150:170].mean()) - float(plain.frame(0)[0][110:130, 150:170]
+                                                           .mean())) < 3  # the field itself
+    w, h = SMALL
+    cut = whole = 0
+    for i in range(0, 400, 4):
+        truth, ref = sim.truth(i), {c["id"]: c for c in plain.truth(i)["cells"]}
+        for c in truth["cells"]:
+            x1, y1, x2, y2 = c["box"]
+            far = np.hypot((x1 + x2) / 2 - (w - 1) / 2, (y1 + y2) / 2 - (h - 1) / 2)
+            if far + max(x2 - x1, y2 - y1) / 2 < 0.5 * h - 3:  # well inside the field
+                assert c["visible_fraction"] == ref[c["id"]]["visible_fraction"]
+                whole += fully_visible(c, w, h)
+            elif far - max(x2 - x1, y2 - y1) / 2 < 0.5 * h < far:  # the rim runs through it
+                assert c["visible_fraction"] < ref[c["id"]]["visible_fraction"]
+                assert not fully_visible(c, w, h)
+                cut += 1
+    assert cut and whole
+
+
 def test_cli_stain_and_magnification(tmp_path: Path) -> None:
     from stream.cli import main as cli_main
 
