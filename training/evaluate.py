@@ -454,7 +454,8 @@ def print_source(name: str, rep: dict[str, Any]) -> None:
         print("  folders read as: " + ", ".join(f"{f} -> {c}" for f, c in named.items()))
     if rep.get("images_not_in_model"):
         print("  left out, not classes of the model: " + ", ".join(
-            f"{c} ({n} images)" for c, n in rep["images_not_in_model"].items()))
+            f"{c} ({n} image{'s' if n != 1 else ''})"
+            for c, n in rep["images_not_in_model"].items()))
     _print_fig("single-cell crops (training boxes)", rep["crops"])
     fv = rep.get("float_vs_int8")
     if fv:
