@@ -154,18 +154,21 @@ def outside_field(image: np.ndarray) -> np.ndarray | None:
         border = border.max(axis=1)
     if border.min() >= OUTSIDE_FIELD * 255:
         return None  # no pixel of the border is near black, however bright the glass
-    peak = image.max(axis=2) if image.ndim == 3 else image
-    glass = float(np.percentile(peak[::4, ::4], 97))
+    sample = image[::4, ::4]
+    glass = float(np.percentile(sample.max(axis=2) if image.ndim == 3 else sample, 97))
     level = OUTSIDE_FIELD * glass
     if glass <= 0 or not (border < level).any():
         return None
-    dark = (peak < level).astype(np.uint8)
-    _, lab = cv2.connectedComponents(dark, connectivity=8)
-    edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
-    edge = edge[edge > 0]
-    if not len(edge):
+    top = int(np.ceil(level)) - 1  # every channel below the level
+    dark = cv2.inRange(image, (0,) * image.shape[2] if image.ndim == 3 else 0,
+                       (top,) * image.shape[2] if image.ndim == 3 else top)
+    n, lab = cv2.connectedComponents(dark, connectivity=8)
+    joined = np.zeros(n, np.uint8)
+    joined[np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])] = 1
+    joined[0] = 0
+    if not joined.any():
         return None
-    outside = np.isin(lab, edge).astype(np.uint8)
+    outside = joined[lab]
     # the rim where the field fades to black (a few pixels) goes with it
     rim = max(1, int(round(0.01 * max(image.shape[:2]))))
     return cv2.dilate(outside, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * rim + 1,) * 2))

@@ -21,6 +21,8 @@ from detector.core import Frame, outside_field
 
 log = logging.getLogger(__name__)
 
+#: A round field of view is the camera's: looked for again every this many frames.
+_OUTSIDE_EVERY = 8
 #: Largest residual (half-size pixels) the fine phase-correlation step is trusted with.
 _FINE_REACH = 6.0
 
@@ -49,6 +51,10 @@ class StageMotion:
         self._prev_half: np.ndarray | None = None
         self._window: np.ndarray | None = None
         self._window_fine: np.ndarray | None = None
+        #: the part of the frame outside a round field of view, as last looked for
+        self._outside: np.ndarray | None = None
+        self._outside_shape: tuple[int, ...] = ()
+        self._outside_age = -1
 
     def reset(self) -> None:
         """Forget the previous frame (a new field, or a new slide)."""
@@ -70,13 +76,18 @@ class StageMotion:
         green = cv2.extractChannel(src, 1) if src.ndim == 3 else src
         if green.shape[1] != 2 * w or green.shape[0] != 2 * h:
             green = cv2.resize(green, (2 * w, 2 * h), interpolation=cv2.INTER_AREA)
-        outside = outside_field(src)  # (by every channel: a nucleus's green is near black)
+        # (found by every channel: a nucleus's green is near black; the camera's, so looked for
+        # again only every few frames)
+        self._outside_age = (self._outside_age + 1) % _OUTSIDE_EVERY
+        if self._outside_age == 0 or self._outside_shape != src.shape[:2]:
+            self._outside, self._outside_shape = outside_field(src), src.shape[:2]
+        outside = self._outside
         if outside is not None:
             if outside.shape != green.shape:
                 outside = cv2.resize(outside, (2 * w, 2 * h), interpolation=cv2.INTER_NEAREST)
+            inside = green[::4, ::4][outside[::4, ::4] == 0]
             green = green.copy()  # (never the frame's shared copy)
-            green[outside > 0] = np.uint8(np.percentile(green[outside == 0], 97)
-                                          if (outside == 0).any() else 0)
+            green[outside > 0] = np.uint8(np.percentile(inside, 97) if len(inside) else 0)
         return green
 
     def update(self, image: Frame | np.ndarray | None, predicted: np.ndarray,

@@ -333,13 +333,13 @@ def _shrink(frame: Frame, sw: int, sh: int) -> np.ndarray:
 def _glass_filled(small: np.ndarray, outside: np.ndarray) -> np.ndarray:
     """A copy of the frame with the part ``outside`` the field set to the glass's colour (each
     channel's 97th percentile inside the field), so it reads as empty glass."""
-    inside = small[outside == 0]
+    inside = small[::2, ::2][outside[::2, ::2] == 0]
     if not len(inside):
         return small
-    glass = np.percentile(inside[:: max(1, len(inside) // 4000)], 97, axis=0)
-    out = small.copy()
-    out[outside > 0] = np.asarray(glass, dtype=np.uint8)
-    return out
+    glass = np.percentile(inside, 97, axis=0).astype(np.uint8)
+    filled = np.empty_like(small)
+    filled[:] = glass
+    return cv2.copyTo(filled, outside, small.copy())
 
 
 def _quantile(a: np.ndarray, q: float) -> float:
@@ -389,11 +389,13 @@ class _Stain:
 @dataclass(frozen=True)
 class _Reading:
     """What a frame's reading measured that a video keeps for a few frames: the illumination
-    field (on the ``_COARSE`` grid; None when the frame was too small to fit one) and the stain
-    directions."""
+    field (on the ``_COARSE`` grid; None when the frame was too small to fit one), the stain
+    directions and the part outside the field of view (at the working width it was read at;
+    None: none)."""
 
     field: np.ndarray | None
     stain: _Stain
+    outside: np.ndarray | None = None
 
 
 @dataclass
@@ -708,7 +710,11 @@ class Segmenter:
         scale = min(1.0, width / w)
         small = _shrink(frame, width, max(8, int(round(h * scale)))) if scale < 1 else bgr
         sxy = (w / small.shape[1], h / small.shape[0])
-        outside = outside_field(small)
+        if reading is not None and (reading.outside is None
+                                    or reading.outside.shape == small.shape[:2]):
+            outside = reading.outside  # the camera's, kept with the reading in a video
+        else:
+            outside = outside_field(small)
         if outside is not None:
             small = _glass_filled(small, outside)
         field = reading.field if reading is not None else self._illumination_field(small)
@@ -721,7 +727,7 @@ class Segmenter:
             od2 = np.ascontiguousarray(od[::2, ::2])  # every 4th pixel suffices for statistics
         inside2 = None if outside is None else outside[::2, ::2] == 0
         if reading is None:
-            reading = _Reading(field, self._stain(od2, ring, inside2))
+            reading = _Reading(field, self._stain(od2, ring, inside2), outside)
         st = reading.stain
         u, m, theta, basis = st.u, st.m, st.theta, st.basis
         # a, b: OD off the red-cell direction (two axes), in units of red-cell density; f is the

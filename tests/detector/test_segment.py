@@ -334,6 +334,12 @@ def test_a_round_field_in_a_black_surround_gives_its_cells_and_nothing_in_the_bl
     assert not det.touches_edge[order[0]]  # whole, in the middle of the field
     assert det.touches_edge[order[1]]  # the field's rim runs through it (x = 560)
     assert seg.last_rbc_measured and 80 < seg.last_rbc_diameter < 145  # the red cells inside
+    # in a video the surround is the camera's: kept with the reading, the same cells come out
+    video = Segmenter()
+    for i in range(3):
+        kept = video.find(_eyepiece(img, 240), in_sequence=i > 0)
+        np.testing.assert_array_equal(kept.xyxy, det.xyxy)
+        np.testing.assert_array_equal(kept.touches_edge, det.touches_edge)
     # the whole frame black but for a round field with no white cell: nothing
     assert len(Segmenter().find(_eyepiece(smear(cells=()), 240))) == 0
 
