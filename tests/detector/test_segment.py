@@ -344,6 +344,19 @@ def test_a_round_field_in_a_black_surround_gives_its_cells_and_nothing_in_the_bl
     assert len(Segmenter().find(_eyepiece(smear(cells=()), 240))) == 0
 
 
+def test_outside_the_field_is_the_black_joined_to_the_border_not_a_cut_nucleus() -> None:
+    from detector.core import outside_field
+
+    img = smear(cells=((320, 240), (20, 240)))  # a cell cut by the left edge, nucleus and all
+    assert outside_field(img) is None  # a dark nucleus at the border is stain, not black
+    round_ = _eyepiece(img, 240)
+    mask = outside_field(round_)
+    assert mask is not None and mask.shape == img.shape[:2]
+    assert mask[0, 0] and mask[-1, -1] and not mask[240, 320]  # corners out, centre in
+    grey = outside_field(cv2.cvtColor(round_, cv2.COLOR_BGR2GRAY))  # one channel reads alike
+    assert grey is not None and np.mean(grey != mask) < 0.01
+
+
 def test_real_photos_through_an_eyepiece_camera(bccd_dir) -> None:
     """Every 10th BCCD photo in a round field as wide as the frame is high (the robustness
     suite's ``field_stop``): its cells found as on the plain photos (before the surround was set
