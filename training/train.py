@@ -747,12 +747,17 @@ def reexport(run_dirs: str | Path | list[str | Path], out: str | Path | None = N
 #: Figures of a card that belong to its recipe, not to its file, measured by commands of their
 #: own (the recipe trained on one source alone, other input sizes): (card part, key).
 RECIPE_FIGURES = (("evaluation", "cross_microscope"), ("recipe", "input_size_comparison"))
+#: What makes a recipe the same recipe (keys of a card's ``recipe``).
+RECIPE_KEYS = ("backbone", "weights", "input_size", "frozen_epochs", "fine_tune_epochs_max",
+               "lr_head", "lr_fine", "batch_size", "optimizer", "box_jitter",
+               "crops_per_train_image", "augmentation")
 
 
 def _recipe_figures(out: Path, card: Any) -> dict[str, dict]:
     """The recipe's figures (:data:`RECIPE_FIGURES`) of the card a re-export replaces at ``out``,
-    to be kept: when it is a model of the same split, classes and crop rule as ``card`` (the
-    first run's), they still describe the new file; a re-export re-measures everything else."""
+    to be kept: when it is a model of the same split, classes, crop rule and recipe
+    (:data:`RECIPE_KEYS`) as ``card`` (the first run's), they still describe the new file; a
+    re-export re-measures everything else."""
     from detector.classify import ModelCard
     from detector.errors import ModelError
 
@@ -765,7 +770,8 @@ def _recipe_figures(out: Path, card: Any) -> dict[str, dict]:
         log.warning("%s: not kept (%s)", path, exc)
         return {}
     if (prev.split.get("val_images") != card.split.get("val_images")
-            or prev.labels != card.labels or prev.crop != card.crop):
+            or prev.labels != card.labels or prev.crop != card.crop
+            or any(prev.recipe.get(k) != card.recipe.get(k) for k in RECIPE_KEYS)):
         return {}
     kept: dict[str, dict] = {}
     for part, key in RECIPE_FIGURES:

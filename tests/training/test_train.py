@@ -220,9 +220,13 @@ def test_runs_of_one_split_export_as_one_averaging_model(tiny_run, tmp_path):
     (other / "hematovision.json").write_text(json.dumps(model_card))
     with pytest.raises(InputError, match="same split"):
         reexport([t["run_dir"], other], tmp_path / "bad.tflite")
-    # over a card of another split nothing is kept: its figures are another model's
+    # over a card of another split, or of another recipe, nothing is kept: its figures are
+    # another model's
     other_out = tmp_path / "over" / "ens.tflite"
     other_out.parent.mkdir()
     other_out.with_suffix(".json").write_text(json.dumps(
         {**before, "split": {**before["split"], "val_images": before["split"]["val_images"][:1]}}))
+    assert "cross_microscope" not in reexport([t["run_dir"]], other_out)["evaluation"]
+    other_out.with_suffix(".json").write_text(json.dumps(
+        {**before, "recipe": {**before["recipe"], "augmentation": {"flips": "none"}}}))
     assert "cross_microscope" not in reexport([t["run_dir"]], other_out)["evaluation"]
