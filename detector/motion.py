@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from detector.core import Frame, outside_field
+from detector.core import Frame, glass_filled, outside_field
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,7 @@ class StageMotion:
         if outside is not None:
             if outside.shape != green.shape:
                 outside = cv2.resize(outside, (2 * w, 2 * h), interpolation=cv2.INTER_NEAREST)
-            inside = green[::4, ::4][outside[::4, ::4] == 0]
-            green = green.copy()  # (never the frame's shared copy)
-            green[outside > 0] = np.uint8(np.percentile(inside, 97) if len(inside) else 0)
+            green = glass_filled(green, outside)  # (a copy: never the frame's shared one)
         return green
 
     def update(self, image: Frame | np.ndarray | None, predicted: np.ndarray,

@@ -109,6 +109,7 @@ are the nucleus size and stain figures the filters used. Diagnostics of the last
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from detector.core import Detections, Frame, box_iou, outside_field
+from detector.core import Detections, Frame, box_iou, glass_filled, outside_field
 from detector.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -330,18 +331,6 @@ def _shrink(frame: Frame, sw: int, sh: int) -> np.ndarray:
     return small
 
 
-def _glass_filled(small: np.ndarray, outside: np.ndarray) -> np.ndarray:
-    """A copy of the frame with the part ``outside`` the field set to the glass's colour (each
-    channel's 97th percentile inside the field), so it reads as empty glass."""
-    inside = small[::2, ::2][outside[::2, ::2] == 0]
-    if not len(inside):
-        return small
-    glass = np.percentile(inside, 97, axis=0).astype(np.uint8)
-    filled = np.empty_like(small)
-    filled[:] = glass
-    return cv2.copyTo(filled, outside, small.copy())
-
-
 def _quantile(a: np.ndarray, q: float) -> float:
     """q-quantile (0..1) of a 1-D array by partial sort (no interpolation; cheaper)."""
     k = int(q * (a.size - 1))
@@ -414,8 +403,8 @@ class _Kept:
 class _Planes(NamedTuple):
     """A frame read at a working width (:meth:`Segmenter._planes`): nucleus-stain plane ``f``,
     cell-body plane ``off``, the working copy, the red-cell diameter in working px, the
-    working-to-frame scale, the illumination field and stain it was read with, and the part
-    outside the field of view (None: the frame sees the field to its edges)."""
+    working-to-frame scale, and the reading (illumination field, stain, field of view) it was
+    read with."""
 
     f: np.ndarray
     off: np.ndarray
@@ -423,7 +412,6 @@ class _Planes(NamedTuple):
     d_small: float
     sxy: tuple[float, float]
     reading: _Reading
-    outside: np.ndarray | None = None
 
 
 def _width_for(rbc_diameter: float, width: int, frame_width: int) -> int:
@@ -582,7 +570,7 @@ class Segmenter:
         if planes is None:
             return _no_cells()
         return self._cells(planes.f, planes.off, planes.small, planes.d_small, planes.sxy,
-                           planes.outside)
+                           planes.reading.outside)
 
     def _kept_for(self, frame: Frame, in_sequence: bool) -> _Kept | None:
         """The red-cell size and reading kept from an earlier frame of this video, or None when
@@ -710,13 +698,13 @@ class Segmenter:
         scale = min(1.0, width / w)
         small = _shrink(frame, width, max(8, int(round(h * scale)))) if scale < 1 else bgr
         sxy = (w / small.shape[1], h / small.shape[0])
-        if reading is not None and (reading.outside is None
-                                    or reading.outside.shape == small.shape[:2]):
-            outside = reading.outside  # the camera's, kept with the reading in a video
-        else:
-            outside = outside_field(small)
+        if (reading is not None and reading.outside is not None
+                and reading.outside.shape != small.shape[:2]):
+            reading = dataclasses.replace(reading, outside=outside_field(small))
+        # the field of view is the camera's: kept with the reading in a video
+        outside = reading.outside if reading is not None else outside_field(small)
         if outside is not None:
-            small = _glass_filled(small, outside)
+            small = glass_filled(small, outside)
         field = reading.field if reading is not None else self._illumination_field(small)
         small = self._flatten_illumination(small, field)
         od = self._optical_density(small)
@@ -744,7 +732,7 @@ class Segmenter:
         off = cv2.magnitude(a, b) if self.options.body_any_hue else f
         d_small = (self._rbc_diameter(od2, u, m, f, scale, inside2) if rbc is None
                    else rbc * scale)
-        return _Planes(f, off, small, d_small, sxy, reading, outside)
+        return _Planes(f, off, small, d_small, sxy, reading)
 
     def _stain(self, od2: np.ndarray, ring: bool, inside: np.ndarray | None = None) -> _Stain:
         """The stain directions of a frame from its sampled optical density ``od2``; ``ring``:
