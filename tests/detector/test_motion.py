@@ -29,12 +29,11 @@ def test_phase_shift_of_a_translated_real_photo(bccd_dir, dx, dy):
 
 
 def _round_field(img: np.ndarray) -> np.ndarray:
-    """As an eyepiece camera sees it: a round field as wide as the frame is high, black around
-    it (the circle stays put in the frame while the stage moves)."""
-    h, w = img.shape[:2]
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    a = np.clip((0.5 * h - np.hypot(xx - w / 2, yy - h / 2)) / 6 + 0.5, 0, 1)[..., None]
-    return (img * a + 10 * (1 - a)).astype(np.uint8)
+    """As an eyepiece camera sees it (the robustness suite's ``field_stop``): a round field as
+    wide as the frame is high, black around it (the circle stays put while the stage moves)."""
+    from training.detection_eval import perturb
+
+    return perturb(img, np.empty((0, 4), np.float32), "field_stop")[0]
 
 
 @pytest.mark.parametrize(("dx", "dy"), [(9, -4), (-30, 14), (45, 0)])

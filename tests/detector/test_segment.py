@@ -313,13 +313,12 @@ def test_video_keeps_the_lamp_field_and_stain_with_the_size() -> None:
 
 
 
-def _eyepiece(img: np.ndarray, radius: float, black: int = 10) -> np.ndarray:
-    """The frame as an eyepiece camera sees it: a round field of ``radius`` px around the
-    centre, a soft rim, near-black around it."""
-    h, w = img.shape[:2]
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    a = np.clip((radius - np.hypot(xx - w / 2, yy - h / 2)) / 6 + 0.5, 0, 1)[..., None]
-    return np.clip(img * a + black * (1 - a), 0, 255).astype(np.uint8)
+def _eyepiece(img: np.ndarray) -> np.ndarray:
+    """The frame as an eyepiece camera sees it: the robustness suite's ``field_stop`` (a round
+    field as wide as the frame is high, a soft rim, near-black around it)."""
+    from training.detection_eval import perturb
+
+    return perturb(img, np.empty((0, 4), np.float32), "field_stop")[0]
 
 
 def test_a_round_field_in_a_black_surround_gives_its_cells_and_nothing_in_the_black() -> None:
@@ -327,7 +326,7 @@ def test_a_round_field_in_a_black_surround_gives_its_cells_and_nothing_in_the_bl
     giant 'cell' or none. A cell the field's rim cuts is flagged cut, as at the frame's edge."""
     img = smear(cells=((320, 240), (505, 240)))
     seg = Segmenter()
-    det = seg.find(_eyepiece(img, 240))  # the field as wide as the frame is high
+    det = seg.find(_eyepiece(img))  # the field as wide as the frame is high
     assert len(det) == 2
     order = np.argsort(det.xyxy[:, 0])
     assert box_iou(det.xyxy[order[:1]], cell_box(320, 240))[0, 0] > 0.7
@@ -337,11 +336,11 @@ def test_a_round_field_in_a_black_surround_gives_its_cells_and_nothing_in_the_bl
     # in a video the surround is the camera's: kept with the reading, the same cells come out
     video = Segmenter()
     for i in range(3):
-        kept = video.find(_eyepiece(img, 240), in_sequence=i > 0)
+        kept = video.find(_eyepiece(img), in_sequence=i > 0)
         np.testing.assert_array_equal(kept.xyxy, det.xyxy)
         np.testing.assert_array_equal(kept.touches_edge, det.touches_edge)
     # the whole frame black but for a round field with no white cell: nothing
-    assert len(Segmenter().find(_eyepiece(smear(cells=()), 240))) == 0
+    assert len(Segmenter().find(_eyepiece(smear(cells=())))) == 0
 
 
 def test_outside_the_field_is_the_black_joined_to_the_border_not_a_cut_nucleus() -> None:
@@ -349,7 +348,7 @@ def test_outside_the_field_is_the_black_joined_to_the_border_not_a_cut_nucleus()
 
     img = smear(cells=((320, 240), (20, 240)))  # a cell cut by the left edge, nucleus and all
     assert outside_field(img) is None  # a dark nucleus at the border is stain, not black
-    round_ = _eyepiece(img, 240)
+    round_ = _eyepiece(img)
     mask = outside_field(round_)
     assert mask is not None and mask.shape == img.shape[:2]
     assert mask[0, 0] and mask[-1, -1] and not mask[240, 320]  # corners out, centre in
