@@ -449,7 +449,8 @@ def print_source(name: str, rep: dict[str, Any]) -> None:
     """One source's figures, readable."""
     print(f"source {name} ({rep['kind']}): {rep.get('subset', 'held-out split')}, "
           f"{rep['images']} images")
-    named = {f: c for f, c in rep.get("folders", {}).items() if f.lower().rstrip("s") != c}
+    # (a folder named as its class, in any case, singular or plural, goes without saying)
+    named = {f: c for f, c in rep.get("folders", {}).items() if f.lower() not in (c, c + "s")}
     if named:
         print("  folders read as: " + ", ".join(f"{f} -> {c}" for f, c in named.items()))
     if rep.get("images_not_in_model"):
