@@ -8,7 +8,7 @@ import pytest
 
 from detector.core import Frame, box_iou
 from detector.errors import InputError
-from detector.segment import Segmenter, SegmenterOptions
+from detector.segment import Segmenter, SegmenterOptions, _boxed_components
 
 BG = (214, 212, 210)  # BGR glass
 RBC = (155, 150, 182)  # pink red cell
@@ -237,6 +237,24 @@ def test_bad_input_raises_clear_error(bad, words: str) -> None:
     with pytest.raises(InputError, match="BGR|too small") as exc:
         Segmenter().find(bad)
     assert words in str(exc.value)
+
+
+def test_component_boxes_match_opencvs_statistics_with_nested_and_diagonal_pieces() -> None:
+    # the cheap boxes (labels + outer contours) must be OpenCV's own, label for label, also for a
+    # piece inside another's hole, pieces touching only diagonally and pieces at the border
+    ring = np.zeros((20, 24), np.uint8)
+    cv2.rectangle(ring, (2, 2), (17, 15), 1, 2)
+    ring[8:10, 8:11] = 1  # inside the ring's hole
+    ring[0, 21], ring[1, 22], ring[19, 23] = 1, 1, 1  # diagonal pair at the top, one at a corner
+    rng = np.random.default_rng(3)
+    masks = [ring] + [(rng.random((37, 53)) < p).astype(np.uint8) for p in (0.1, 0.4, 0.6)]
+    for mask in masks:
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        n2, labels2, boxes = _boxed_components(mask)
+        assert n2 == n
+        assert (labels2 == labels).all()
+        assert (boxes[1:] == stats[1:, :4]).all()
+    assert _boxed_components(np.zeros((5, 5), np.uint8))[0] == 1
 
 
 def test_bad_options_are_rejected() -> None:
