@@ -132,45 +132,71 @@ class Summary:
 
 
 #: Outside the field of view: no channel above this share of the glass's brightness (the black
-#: surround of a round field stop; the densest nuclei keep ~0.4 in their brightest channel).
+#: surround of a round field stop; the densest nuclei keep ~0.4 in their brightest channel:
+#: 0.47 the darkest of BCCD's and PBC's).
 OUTSIDE_FIELD = 0.15
+#: Black: no channel above this share of the glass's; no stain comes near it, but a camera's
+#: marks (a scale bar, text) and dirt on its sensor do.
+BLACK = 0.06
+#: The camera's text: near-black strokes narrower than this share of the frame's width (5 px at
+#: 640; a nucleus is a blob, its lobes twice as thick even at 0.35x BCCD's magnification).
+MARK_WIDTH = 1 / 128
 
 
-def outside_field(image: np.ndarray) -> np.ndarray | None:
-    """The part of a frame outside the microscope's field of view (uint8 mask of ``image``'s
-    height and width, a little wider than the black itself, to take in the dim rim), or None
-    when the frame has none. ``image``: BGR or one channel, uint8, any (reduced) size.
+def outside_field(image: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray | None:
+    """What of a frame is not the specimen's picture (uint8 mask, a little wider than the black
+    itself, to take in the dim rim and the marks' anti-aliased edges), or None when the frame
+    has none. ``image``: BGR or one channel, uint8, at full resolution (a burned-in stroke two
+    pixels wide is no longer near black in a reduced copy). ``size``: (width, height) of the
+    working copy the mask is wanted for; every working pixel that holds any of it is outside.
 
-    An eyepiece camera, or a sensor larger than the optics' image circle, sees a round field
-    in a black surround. Black reads as the densest stain of all (a giant nucleus) and its rim
-    as a sharp edge that never moves (a stage shift of zero), so the segmenter and the
-    stage-motion estimate set the surround apart: the near-black pixels joined to the frame's
-    border. A frame whose border holds no near-black pixel (every frame of a camera that sees
-    the field to its edges) costs only that look at its border.
+    Black is no stain: it reads as the densest stain of all (a giant nucleus) and never moves
+    with the stage (a stage shift of zero), so the segmenter and the stage-motion estimate set
+    it apart and read it as glass. Near black (``OUTSIDE_FIELD``) is that where it is joined to
+    the frame's border (the surround of a round field seen by an eyepiece camera, or by a
+    sensor larger than the image circle; black bars), where it holds black (``BLACK``: a scale
+    bar, a label, dirt on the sensor) and where it is a thin stroke (the camera's text, a time
+    stamp); a dense nucleus, however dark, is none of these. A frame with no near-black pixel
+    (a camera that sees the field to its edges and marks nothing) costs one look.
     """
-    edges = [image[0], image[-1], image[:, 0], image[:, -1]]
-    border = np.concatenate(edges)
-    if border.ndim == 2:
-        border = border.max(axis=1)
-    if border.min() >= OUTSIDE_FIELD * 255:
-        return None  # no pixel of the border is near black, however bright the glass
+    one = image.ndim == 2
+
+    def below(share: float) -> np.ndarray:  # every channel below share x the glass's level
+        top = int(np.ceil(share * glass)) - 1
+        return cv2.inRange(image, 0, top) if one else cv2.inRange(image, (0, 0, 0), (top,) * 3)
+
+    glass = 255.0
+    if not cv2.countNonZero(below(OUTSIDE_FIELD)):
+        return None  # no near-black pixel, however bright the glass
     sample = image[::4, ::4]
-    glass = float(np.percentile(sample.max(axis=2) if image.ndim == 3 else sample, 97))
-    level = OUTSIDE_FIELD * glass
-    if glass <= 0 or not (border < level).any():
+    if not one:  # each pixel's brightest channel
+        sample = np.maximum(np.maximum(sample[..., 0], sample[..., 1]), sample[..., 2])
+    cdf = np.cumsum(np.bincount(sample.ravel(), minlength=256))
+    glass = float(np.searchsorted(cdf, 0.97 * cdf[-1]))
+    if glass * OUTSIDE_FIELD < 1:
         return None
-    top = int(np.ceil(level)) - 1  # every channel below the level
-    dark = cv2.inRange(image, (0,) * image.shape[2] if image.ndim == 3 else 0,
-                       (top,) * image.shape[2] if image.ndim == 3 else top)
-    n, lab = cv2.connectedComponents(dark, connectivity=8)
-    joined = np.zeros(n, np.uint8)
-    joined[np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])] = 1
-    joined[0] = 0
-    if not joined.any():
+    dark = below(OUTSIDE_FIELD)
+    # joined to the border, or holding black: floods from a black frame drawn around the
+    # picture and from a pixel of every black piece
+    framed = cv2.copyMakeBorder(dark, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=255)
+    cv2.floodFill(framed, None, (0, 0), 128, flags=8)
+    pieces, _ = cv2.findContours(below(BLACK), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    for piece in pieces:
+        x, y = (int(v) + 1 for v in piece[0, 0])
+        if framed[y, x] == 255:
+            cv2.floodFill(framed, None, (x, y), 128, flags=8)
+    outside = cv2.compare(framed[1:-1, 1:-1], 128, cv2.CMP_EQ)
+    # thin strokes: what an opening wider than a stroke removes
+    k = max(3, int(round(MARK_WIDTH * image.shape[1]))) | 1
+    marks = cv2.subtract(dark, cv2.morphologyEx(dark, cv2.MORPH_OPEN, np.ones((k, k), np.uint8)))
+    outside = cv2.bitwise_or(outside, marks)
+    if not cv2.countNonZero(outside):
         return None
-    outside = joined[lab]
-    # the rim where the field fades to black (a few pixels) goes with it
-    rim = max(1, int(round(0.01 * max(image.shape[:2]))))
+    outside = cv2.threshold(outside, 0, 1, cv2.THRESH_BINARY)[1]
+    if size is not None and size != (image.shape[1], image.shape[0]):
+        outside = (cv2.resize(outside, size, interpolation=cv2.INTER_AREA) > 0).view(np.uint8)
+    # the rim where the field fades to black, and the marks' soft edges, go with it
+    rim = max(1, int(round(0.01 * max(outside.shape))))
     return cv2.dilate(outside, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * rim + 1,) * 2))
 
 

@@ -80,12 +80,10 @@ class StageMotion:
         # again only every few frames)
         self._outside_age = (self._outside_age + 1) % _OUTSIDE_EVERY
         if self._outside_age == 0 or self._outside_shape != src.shape[:2]:
-            self._outside, self._outside_shape = outside_field(src), src.shape[:2]
-        outside = self._outside
-        if outside is not None:
-            if outside.shape != green.shape:
-                outside = cv2.resize(outside, (2 * w, 2 * h), interpolation=cv2.INTER_NEAREST)
-            green = glass_filled(green, outside)  # (a copy: never the frame's shared one)
+            full = image.bgr if isinstance(image, Frame) else image
+            self._outside, self._outside_shape = outside_field(full, (2 * w, 2 * h)), src.shape[:2]
+        if self._outside is not None:
+            green = glass_filled(green, self._outside)  # (a copy: never the frame's shared one)
         return green
 
     def update(self, image: Frame | np.ndarray | None, predicted: np.ndarray,

@@ -725,11 +725,12 @@ class Segmenter:
         scale = min(1.0, width / w)
         small = _shrink(frame, width, max(8, int(round(h * scale)))) if scale < 1 else bgr
         sxy = (w / small.shape[1], h / small.shape[0])
+        size = (small.shape[1], small.shape[0])
         if (reading is not None and reading.outside is not None
                 and reading.outside.shape != small.shape[:2]):
-            reading = dataclasses.replace(reading, outside=outside_field(small))
-        # the field of view is the camera's: kept with the reading in a video
-        outside = reading.outside if reading is not None else outside_field(small)
+            reading = dataclasses.replace(reading, outside=outside_field(bgr, size))
+        # the field of view and the camera's marks: kept with the reading in a video
+        outside = reading.outside if reading is not None else outside_field(bgr, size)
         if outside is not None:
             small = glass_filled(small, outside)
         field = reading.field if reading is not None else self._illumination_field(small)
