@@ -2,8 +2,10 @@
 
 A cell crop is the detection box grown by ``margin`` (a fraction of the box's longer side on every
 side), made square around the box centre, cut from the frame with the part outside the frame
-filled by edge replication, and resized to the model's input size. Training cuts its crops with
-this same function, so the model sees at run time exactly what it saw in training.
+filled by edge replication and what the camera adds (a round field's black surround, burned-in
+black marks: :func:`detector.core.outside_field`) read as glass, as the segmenter reads it, and
+resized to the model's input size. Training cuts its crops with this same function, so the model
+sees at run time exactly what it saw in training.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from detector.core import glass_filled, outside_field
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,9 @@ def crop_cell(image: np.ndarray, box: np.ndarray, rule: CropRule) -> np.ndarray:
     if cx2 <= cx1 or cy2 <= cy1:
         raise ValueError(f"box {list(map(float, box))} lies outside the {fw}x{fh} image")
     patch = image[cy1:cy2, cx1:cx2]
+    outside = outside_field(patch)
+    if outside is not None:  # (no training crop has any: the model never saw black)
+        patch = glass_filled(patch, outside)
     top, left, bottom, right = cy1 - y1, cx1 - x1, y2 - cy2, x2 - cx2
     if top or left or bottom or right:
         patch = cv2.copyMakeBorder(patch, top, bottom, left, right, cv2.BORDER_REPLICATE)
