@@ -178,6 +178,14 @@ _SINGLE_MAX_OFFSET = 0.2
 #: Below this red-cell diameter in working pixels (low magnification) the frame is read again
 #: at a larger working width.
 _MIN_RBC_WORKING = 18.0
+#: The first reading of a frame is at least wide enough to give the smallest red cells it is
+#: made for (``SMALLEST_RBC`` full-res px, BCCD's at 0.35x) this many working pixels: fewer and
+#: their size reads several times too large (a 12-megapixel photo's red cells, ~100 px, are 4 px
+#: in a 160-px copy).
+_FIRST_READ_RBC = 8.0
+SMALLEST_RBC = 35.0
+#: A first reading this many times wider than the red cells need is read again narrower.
+_NARROWER = 1.3
 
 
 @dataclass(frozen=True)
@@ -587,17 +595,33 @@ class Segmenter:
                 width = _width_for(kept.diameter, width, w)
             planes = self._planes(frame, width, kept.diameter, reading=kept.reading)
         else:
-            planes = self._planes(frame, width)
+            first = self._first_width(frame, width, in_sequence)
+            planes = self._planes(frame, first)
             if planes is not None and self.last_rbc_measured:
-                wider = _width_for(self.last_rbc_diameter, width, w)
-                if wider != width:
-                    planes = self._planes(frame, wider)
+                # read again at the width the red cells need: wider at low magnification,
+                # narrower when a wide first reading was more than they need
+                need = _width_for(self.last_rbc_diameter, width, w)
+                if need > first or need * _NARROWER < first:
+                    planes = self._planes(frame, need)
             if planes is not None:
                 self._kept = _Kept((w, frame.height), self.last_rbc_diameter,
                                    self.last_rbc_measured, planes.reading)
         if planes is None:
             return _no_cells()
         return self._cells(planes)
+
+    def _first_width(self, frame: Frame, width: int, in_sequence: bool) -> int:
+        """The working width a frame that measures its red cells is first read at: wide enough
+        for the smallest red cells (``SMALLEST_RBC``) to be measured, which for a frame up to
+        640 px wide is the usual ``width``; in a video whose red cells were measured, no wider
+        than they needed then (a camera's frames keep their magnification)."""
+        w = frame.width
+        first = max(width, min(w, int(np.ceil(w * _FIRST_READ_RBC / SMALLEST_RBC))))
+        kept = self._kept
+        if (in_sequence and kept is not None and kept.measured
+                and kept.frame_size == (w, frame.height)):
+            first = max(width, min(first, _width_for(kept.diameter, width, w)))
+        return first
 
     def _kept_for(self, frame: Frame, in_sequence: bool) -> _Kept | None:
         """The red-cell size and reading kept from an earlier frame of this video, or None when

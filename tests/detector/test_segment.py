@@ -392,6 +392,32 @@ def test_black_text_the_camera_burns_in_is_not_stain() -> None:
     assert not mask[380, 200] and not mask[200, 450]  # the nuclei
 
 
+def test_a_phone_photo_through_the_eyepiece(bccd_dir) -> None:
+    """A 12-megapixel photo (4032x3024) of the whole eyepiece field: 36 BCCD photos side by
+    side (red cells ~100 px, as a phone sees them through a 100x objective) in a round field.
+    Read first at 160 px, red cells 4 px across read 2-4x too large and missed most cells (0 of
+    these 21); the first reading is now wide enough for red cells of 35 px."""
+    from training.detection_eval import match_centres
+    from training.voc import read_voc
+
+    photo = np.full((3024, 4032, 3), 200, np.uint8)
+    boxes = []
+    for k, rec in enumerate(read_voc(bccd_dir)[3::8][:36]):
+        oy, ox = 72 + (k // 6) * 480, 96 + (k % 6) * 640
+        photo[oy:oy + 480, ox:ox + 640] = cv2.imread(str(rec.image))
+        boxes += [b + np.float32([ox, oy, ox, oy]) for b in np.float32(rec.wbc).reshape(-1, 4)]
+    field = cv2.circle(np.zeros((3024, 4032), np.uint8), (2016, 1512), 1512, 255, -1)
+    photo[field == 0] = 12  # the black around the field
+    wbc = np.array(boxes)
+    centre = (wbc[:, :2] + wbc[:, 2:]) / 2
+    wbc = wbc[np.hypot(centre[:, 0] - 2015.5, centre[:, 1] - 1511.5) < 1452]  # inside
+    seg = Segmenter()
+    det = seg.find(photo)
+    pairs, _, _ = match_centres(det.xyxy, wbc)
+    assert len(wbc) == 21 and len(pairs) >= 20
+    assert seg.last_rbc_measured and 70 < seg.last_rbc_diameter < 160
+
+
 def test_real_photos_through_an_eyepiece_camera(bccd_dir) -> None:
     """Every 10th BCCD photo in a round field as wide as the frame is high (the robustness
     suite's ``field_stop``): its cells found as on the plain photos (before the surround was set
