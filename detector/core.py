@@ -156,15 +156,11 @@ def outside_field(image: np.ndarray, size: tuple[int, int] | None = None) -> np.
     the frame's border (the surround of a round field seen by an eyepiece camera, or by a
     sensor larger than the image circle; black bars), where it holds black (``BLACK``: a scale
     bar, a label, dirt on the sensor) and where it is a thin stroke (the camera's text, a time
-    stamp); a dense nucleus, however dark, is none of these. A frame with no near-black pixel
-    (a camera that sees the field to its edges and marks nothing) costs one look.
+    stamp). No stain is near black: the darkest nuclei keep about half the glass's light in
+    their brightest channel. A frame with no near-black pixel (a camera that sees the field to
+    its edges and marks nothing) costs one look.
     """
     one = image.ndim == 2
-
-    def below(share: float) -> np.ndarray:  # every channel below share x the glass's level
-        top = int(np.ceil(share * glass)) - 1
-        return cv2.inRange(image, 0, top) if one else cv2.inRange(image, (0, 0, 0), (top,) * 3)
-
     grey = image if one else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
     if int(grey.min()) > OUTSIDE_FIELD * 255:
         return None  # no near-black pixel, however bright the glass (4x cheaper a look)
@@ -175,6 +171,11 @@ def outside_field(image: np.ndarray, size: tuple[int, int] | None = None) -> np.
     glass = float(np.searchsorted(cdf, 0.97 * cdf[-1]))
     if glass * OUTSIDE_FIELD < 1:
         return None
+
+    def below(share: float) -> np.ndarray:  # every channel below share x the glass's level
+        top = int(np.ceil(share * glass)) - 1
+        return cv2.inRange(image, 0, top) if one else cv2.inRange(image, (0, 0, 0), (top,) * 3)
+
     dark = below(OUTSIDE_FIELD)
     if not cv2.countNonZero(dark):
         return None

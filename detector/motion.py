@@ -68,9 +68,10 @@ class StageMotion:
         aliasing made the dead reckoning drift 3x more on the simulator). Read from the frame's
         shared half-size copy when that is large enough (for 640x480 the same pixels: averaging
         commutes with taking a channel; other sizes differ by rounding, under half a grey level
-        on average). Outside a round field of view (an eyepiece camera) it is set to the glass's
-        level: the black surround's rim stays put while the stage moves, and would pull the
-        correlation towards no shift at all."""
+        on average). Outside a round field of view (an eyepiece camera), and where the camera burns
+        in black marks, it is set to the glass's level: the black surround's rim and the marks
+        stay put while the stage moves, and would pull the correlation towards no shift at
+        all."""
         w, h = self.options.shift_size
         src = image.reduced(2 * w, 2 * h) if isinstance(image, Frame) else image
         green = cv2.extractChannel(src, 1) if src.ndim == 3 else src

@@ -7,6 +7,10 @@ keeps a 640x480 frame well under the real-time budget on one core.
 How a frame is read (all steps adapt to the frame, none uses a colour threshold tuned to one
 image set):
 
+- **What is not the specimen.** Near-black joined to the border (a round field's surround seen
+  by an eyepiece camera, black bars) and the camera's black marks (a time stamp, text, a scale
+  bar: :func:`detector.core.outside_field`) are filled with glass before anything is measured,
+  stains and red cells are read inside the field only, and a cell touching them is cut.
 0. **Illumination field.** The lamp's field (vignetting, an off-centre or tilted lamp) is the
    upper envelope of the glass brightness: the brightest pixel of each block fitted by a
    quadratic surface, refitted on the blocks at or above it (blocks covered by cells do not pull
@@ -52,7 +56,10 @@ zoomed in on one white cell), or the estimate is implausible (outside 0.3-3x), t
 the same field, not a crop). So other magnifications and cameras work without retuning. At low
 magnification (red cells under 18 working pixels, ~0.7x BCCD's at 640x480) the frame is read
 again at a working width that gives red cells ~24 pixels, so nuclei and platelets stay apart
-(slower: ~0.8-2.1 ms for such frames at 0.5x-0.35x on a development machine). In a video the
+(slower: ~0.8-2.1 ms for such frames at 0.5x-0.35x on a development machine). A frame much
+wider than 640 px is first read finely enough for red cells of 35 px to be measured (in a
+12-megapixel photo of the whole eyepiece field red cells of ~100 px are 4 px at 160 px wide,
+and their size read 2-4x too large). In a video the
 size is measured every ``rbc_every`` frames and kept in between (it changes only with the
 objective), which saves the measurement and, at low magnification, the first reading of the
 frame; the stain directions (red-cell and nuclear, which change only with the slide) and the
@@ -179,11 +186,11 @@ _SINGLE_MAX_OFFSET = 0.2
 #: at a larger working width.
 _MIN_RBC_WORKING = 18.0
 #: The first reading of a frame is at least wide enough to give the smallest red cells it is
-#: made for (``SMALLEST_RBC`` full-res px, BCCD's at 0.35x) this many working pixels: fewer and
+#: made for (``_SMALLEST_RBC`` full-res px, BCCD's at 0.35x) this many working pixels: fewer and
 #: their size reads several times too large (a 12-megapixel photo's red cells, ~100 px, are 4 px
 #: in a 160-px copy).
 _FIRST_READ_RBC = 8.0
-SMALLEST_RBC = 35.0
+_SMALLEST_RBC = 35.0
 #: A first reading this many times wider than the red cells need is read again narrower.
 _NARROWER = 1.3
 
@@ -612,11 +619,11 @@ class Segmenter:
 
     def _first_width(self, frame: Frame, width: int, in_sequence: bool) -> int:
         """The working width a frame that measures its red cells is first read at: wide enough
-        for the smallest red cells (``SMALLEST_RBC``) to be measured, which for a frame up to
+        for the smallest red cells (``_SMALLEST_RBC``) to be measured, which for a frame up to
         640 px wide is the usual ``width``; in a video whose red cells were measured, no wider
         than they needed then (a camera's frames keep their magnification)."""
         w = frame.width
-        first = max(width, min(w, int(np.ceil(w * _FIRST_READ_RBC / SMALLEST_RBC))))
+        first = max(width, min(w, int(np.ceil(w * _FIRST_READ_RBC / _SMALLEST_RBC))))
         kept = self._kept
         if (in_sequence and kept is not None and kept.measured
                 and kept.frame_size == (w, frame.height)):
