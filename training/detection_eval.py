@@ -185,6 +185,7 @@ PERTURBATIONS: tuple[str, ...] = (
     "vignette",
     "field_stop",
     "burned_text",
+    "burned_text_blue",
     "scale_0.35",
     "scale_0.5",
     "scale_0.6",
@@ -434,9 +435,9 @@ def perturb(
                            for x1, y1, x2, y2 in np.clip(boxes, 0, [w, h, w, h])])
         ignore = boxes[(inside > 0) & (inside < 0.5)]
         boxes = boxes[inside >= 0.5] if len(boxes) else boxes
-    elif kind == "burned_text":  # the camera's own marks: a black time stamp along the bottom
-        # edge, a black scale bar with its label, a white file name at the top
-        img = _burned_text(img)
+    elif kind in ("burned_text", "burned_text_blue"):  # the camera's own marks: a time stamp
+        # along the bottom edge, a scale bar with its label (black, or blue), a white file name
+        img = _burned_text(img, (255, 0, 0) if kind.endswith("_blue") else (0, 0, 0))
     elif name == "resize":  # the same view in fewer pixels (a lower-resolution camera, a
         # thumbnail) or more (a camera with a finer sensor: 3x gives 1920x1440)
         s = float(arg)
@@ -456,21 +457,21 @@ def perturb(
     return out, boxes, ignore
 
 
-def _burned_text(img: np.ndarray) -> np.ndarray:
+def _burned_text(img: np.ndarray, ink: tuple[int, int, int]) -> np.ndarray:
     """``img`` with the marks a microscope camera burns into its pictures, sized to the frame
-    (strokes 2 px wide at 480 px high): a black time stamp along the bottom edge, a black scale
-    bar with its label in the bottom right corner, a white file name along the top."""
+    (strokes 2 px wide at 480 px high): a time stamp along the bottom edge and a scale bar with
+    its label in the bottom right corner, in ``ink`` (BGR), a white file name along the top."""
     h, w = img.shape[:2]
     k = h / 480.0
     thick = max(1, int(round(2 * k)))
     font = cv2.FONT_HERSHEY_SIMPLEX
     out = np.clip(img + 0.5, 0, 255).astype(np.uint8)
     cv2.putText(out, "2026-12-03 14:40:37  100x", (int(10 * k), h - int(12 * k)), font, 0.8 * k,
-                (0, 0, 0), thick, cv2.LINE_AA)
+                ink, thick, cv2.LINE_AA)
     cv2.rectangle(out, (w - int(130 * k), h - int(60 * k)), (w - int(30 * k), h - int(52 * k)),
-                  (0, 0, 0), -1)
-    cv2.putText(out, "10 um", (w - int(120 * k), h - int(66 * k)), font, 0.6 * k, (0, 0, 0),
-                thick, cv2.LINE_AA)
+                  ink, -1)
+    cv2.putText(out, "10 um", (w - int(120 * k), h - int(66 * k)), font, 0.6 * k, ink, thick,
+                cv2.LINE_AA)
     cv2.putText(out, "IMG_0421.JPG", (int(10 * k), int(30 * k)), font, 0.8 * k,
                 (255, 255, 255), thick, cv2.LINE_AA)
     return out.astype(np.float32)

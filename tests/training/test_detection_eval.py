@@ -208,8 +208,8 @@ def test_single_cell_robustness_per_kind_and_class(tmp_path: Path) -> None:
     # zooming out (a mirrored surround: copies of the cell around it) is not a single-cell case
     assert "scale_2" in SINGLE_CELL_PERTURBATIONS
     assert not any(re.search(r"(scale|mirror)_0\.", k) for k in SINGLE_CELL_PERTURBATIONS)
-    assert {"hue_+15", "burned_text"} <= set(SINGLE_CELL_PERTURBATIONS)
-    assert len(SINGLE_CELL_PERTURBATIONS) == 33
+    assert {"hue_+15", "burned_text", "burned_text_blue"} <= set(SINGLE_CELL_PERTURBATIONS)
+    assert len(SINGLE_CELL_PERTURBATIONS) == 34
 
 
 def test_single_cell_figures_with_a_classifier_veto(tmp_path: Path) -> None:
