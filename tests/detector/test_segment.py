@@ -398,20 +398,11 @@ def test_a_phone_photo_through_the_eyepiece(bccd_dir) -> None:
     side (red cells ~100 px, as a phone sees them through a 100x objective) in a round field.
     Read first at 160 px, red cells 4 px across read 2-4x too large and missed most cells (0 of
     these 21); the first reading is now wide enough for red cells of 35 px."""
-    from training.detection_eval import match_centres
+    from training.detection_eval import match_centres, phone_photo
     from training.voc import read_voc
 
-    photo = np.full((3024, 4032, 3), 200, np.uint8)
-    boxes = []
-    for k, rec in enumerate(read_voc(bccd_dir)[3::8][:36]):
-        oy, ox = 72 + (k // 6) * 480, 96 + (k % 6) * 640
-        photo[oy:oy + 480, ox:ox + 640] = cv2.imread(str(rec.image))
-        boxes += [b + np.float32([ox, oy, ox, oy]) for b in np.float32(rec.wbc).reshape(-1, 4)]
-    field = cv2.circle(np.zeros((3024, 4032), np.uint8), (2016, 1512), 1512, 255, -1)
-    photo[field == 0] = 12  # the black around the field
-    wbc = np.array(boxes)
-    centre = (wbc[:, :2] + wbc[:, 2:]) / 2
-    wbc = wbc[np.hypot(centre[:, 0] - 2015.5, centre[:, 1] - 1511.5) < 1452]  # inside
+    photo, wbc = phone_photo(read_voc(bccd_dir), 3)
+    assert photo.shape == (3024, 4032, 3) and (photo[0, 0] < 20).all()  # black around the field
     seg = Segmenter()
     det = seg.find(photo)
     pairs, _, _ = match_centres(det.xyxy, wbc)

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from detector.core import Detections
-from training.detection_eval import PERTURBATIONS, evaluate_detection, match_centres, perturb
+from training.detection_eval import (
+    PERTURBATIONS,
+    evaluate_detection,
+    evaluate_phone_photos,
+    match_centres,
+    perturb,
+    phone_photo,
+)
 from training.voc import read_voc
 
 from .test_voc import make_voc
@@ -55,6 +62,15 @@ class StubSegmenter:
 
     def find_still(self, image: np.ndarray) -> Detections:
         return self.find(image)  # a photo is read as a field
+
+
+def test_phone_photos_are_scored_on_the_cells_inside_the_field(bccd_dir) -> None:
+    recs = read_voc(bccd_dir)
+    photo, wbc = phone_photo(recs, 0)
+    assert photo.shape == (3024, 4032, 3) and len(wbc) == 23  # (of 38 in its 36 photos)
+    res = evaluate_phone_photos(recs, StubSegmenter(wbc[:20].tolist()), photos=1)
+    assert (res["found"], res["cells"]) == (20, 23) and res["recall"] == pytest.approx(20 / 23)
+    assert evaluate_phone_photos(recs, StubSegmenter([]), photos=1)["recall"] == 0.0
 
 
 def test_evaluate_detection_counts_and_failures(tmp_path: Path) -> None:
