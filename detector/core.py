@@ -168,19 +168,21 @@ def outside_field(image: np.ndarray, size: tuple[int, int] | None = None) -> np.
     nothing) costs one look.
     """
     one = image.ndim == 2
-    step = max(4, image.shape[1] // 240)  # a sample of at most ~240 x 180 pixels
-    sample = image[::step, ::step]
+    h, w = image.shape[:2]
+    step = max(4, w // 240)  # a sample of every 4th pixel each way, at most ~240 x 180 of them
+    sample = cv2.resize(image, (max(1, w // step), max(1, h // step)),
+                        interpolation=cv2.INTER_NEAREST)
     # marks in a pure colour: looked for in the whole frame only when the sample shows some
     # (text is hundreds of such pixels, a stain none), as that look costs 10-20x more
-    levels = [] if one else [_glass_level(sample[..., c]) for c in range(3)]
-    coloured = not one and _pure_colour([sample[..., c] for c in range(3)], levels) is not None
+    parts = [] if one else list(cv2.split(sample))
+    levels = [_glass_level(c) for c in parts]
+    coloured = not one and _pure_colour(parts, levels) is not None
     grey = image if one else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
     if int(grey.min()) > OUTSIDE_FIELD * 255 and not coloured:
         return None  # no near-black pixel, however bright the glass, and no pure colour
     colour = _pure_colour(list(cv2.split(image)), levels) if coloured else None
-    if not one:  # each pixel's brightest channel
-        sample = np.maximum(np.maximum(sample[..., 0], sample[..., 1]), sample[..., 2])
-    glass = _glass_level(sample)
+    brightest = sample if one else cv2.max(cv2.max(parts[0], parts[1]), parts[2])
+    glass = _glass_level(brightest)
     if glass * OUTSIDE_FIELD < 1:
         return None if colour is None else _widened(colour, size)
 
@@ -214,7 +216,7 @@ def outside_field(image: np.ndarray, size: tuple[int, int] | None = None) -> np.
 
 def _glass_level(values: np.ndarray) -> float:
     """The glass's level of one channel (or of the brightest): its 97th percentile."""
-    cdf = np.cumsum(np.bincount(values.ravel(), minlength=256))
+    cdf = np.cumsum(cv2.calcHist([values], [0], None, [256], [0, 256]).ravel())
     return float(np.searchsorted(cdf, 0.97 * cdf[-1]))
 
 
@@ -223,7 +225,6 @@ def _pure_colour(channels: list[np.ndarray], levels: list[float]) -> np.ndarray 
     least ``PURE_PIECE`` (uint8 mask, 255), or None when there are none."""
     lows, highs = [], []
     for c, level in zip(channels, levels, strict=True):
-        c = np.ascontiguousarray(c)
         lows.append(cv2.compare(c, OUTSIDE_FIELD * level, cv2.CMP_LE))
         highs.append(cv2.compare(c, PURE_HIGH * level, cv2.CMP_GE))
     some_low = cv2.bitwise_or(cv2.bitwise_or(lows[0], lows[1]), lows[2])
