@@ -129,9 +129,8 @@ def test_classify_boxes_cuts_with_the_card_rule(tiny_models: Path) -> None:  # n
     clf = CellClassifier(tiny_models / "uint8.tflite")
     assert clf.crop_rule == CropRule(margin=0.15, square=True, size=TINY_SIZE)
     frame = np.full((120, 200, 3), 128, dtype=np.uint8)
-    # stained reddish and bluish (pure red or blue would be a camera's mark, read as glass)
-    frame[20:60, 20:60] = (60, 60, 230)
-    frame[50:100, 120:170] = (230, 60, 60)
+    frame[20:60, 20:60] = RED_BGR
+    frame[50:100, 120:170] = BLUE_BGR
     boxes = np.array([[25, 25, 55, 55], [125, 55, 165, 95]], dtype=np.float32)
     scores = clf.classify_boxes(frame, boxes)
     assert [clf.label_of(r)[0] for r in scores] == ["eosinophil", "lymphocyte"]
