@@ -3,7 +3,7 @@
 A cell crop is the detection box grown by ``margin`` (a fraction of the box's longer side on every
 side), made square around the box centre, cut from the frame with the part outside the frame
 filled by edge replication and what the camera adds (a round field's black surround, burned-in
-marks: :func:`detector.core.outside_field`) read as glass, as the segmenter reads it, and
+black marks: :func:`detector.core.outside_field`) read as glass, as the segmenter reads it, and
 resized to the model's input size. Training cuts its crops with this same function, so the model
 sees at run time exactly what it saw in training.
 """

@@ -69,7 +69,7 @@ class StageMotion:
         shared half-size copy when that is large enough (for 640x480 the same pixels: averaging
         commutes with taking a channel; other sizes differ by rounding, under half a grey level
         on average). Outside a round field of view (an eyepiece camera), and where the camera burns
-        in marks, it is set to the glass's level: the black surround's rim and the marks
+        in black marks, it is set to the glass's level: the black surround's rim and the marks
         stay put while the stage moves, and would pull the correlation towards no shift at
         all."""
         w, h = self.options.shift_size

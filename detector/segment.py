@@ -8,10 +8,9 @@ How a frame is read (all steps adapt to the frame, none uses a colour threshold 
 image set):
 
 - **What is not the specimen.** Near-black joined to the border (a round field's surround seen
-  by an eyepiece camera, black bars) and the camera's marks (a time stamp, text, a scale bar,
-  black or in a pure colour: :func:`detector.core.outside_field`) are filled with glass before
-  anything is measured, stains and red cells are read inside the field only, and a cell
-  touching them is cut.
+  by an eyepiece camera, black bars) and the camera's black marks (a time stamp, text, a scale
+  bar: :func:`detector.core.outside_field`) are filled with glass before anything is measured,
+  stains and red cells are read inside the field only, and a cell touching them is cut.
 0. **Illumination field.** The lamp's field (vignetting, an off-centre or tilted lamp) is the
    upper envelope of the glass brightness: the brightest pixel of each block fitted by a
    quadratic surface, refitted on the blocks at or above it (blocks covered by cells do not pull

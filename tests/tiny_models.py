@@ -8,9 +8,8 @@ channel and scores three classes with fixed weights:
 * ``TINY_LABELS[2]`` ("neutrophil") has a constant logit 0, so a grey crop (red == blue) scores
   1/3 for each class -> below a 0.5 ``min_score`` -> "unidentified".
 
-A pure red crop gives logits (8, -8, 0) -> p(eosinophil) ~ 0.9997, the tests' stained red
-(``RED_BGR``) about (6.3, -6.3, 0) -> 0.998. Because the model sees RGB, a runtime that forgot to
-turn OpenCV's BGR into RGB names red crops "lymphocyte".
+A pure red crop gives logits (8, -8, 0) -> p(eosinophil) ~ 0.9997. Because the model sees RGB, a
+runtime that forgot to turn OpenCV's BGR into RGB names red crops "lymphocyte".
 
 Variants: ``int8`` (full-integer, int8 in/out), ``uint8`` (uint8 in/out), ``float32``, and
 ``logits`` (int8, no softmax; its card says ``"outputs": "logits"``). Plus two deliberately odd
@@ -42,10 +41,9 @@ TINY_SIZE = 32
 TINY_LABELS = ("eosinophil", "lymphocyte", "neutrophil")
 VARIANTS = ("int8", "uint8", "float32", "logits")
 
-#: BGR colours of synthetic crops and the label the tiny models give them (stained red and
-#: blue, not the pure colours of a camera's marks, which crops read as glass).
-RED_BGR = (40, 40, 240)
-BLUE_BGR = (240, 40, 40)
+#: BGR colours of synthetic crops and the label the tiny models give them.
+RED_BGR = (0, 0, 255)
+BLUE_BGR = (255, 0, 0)
 GREY_BGR = (128, 128, 128)
 
 def card_for(name: str, *, dtype: str, size: int = TINY_SIZE, channels: int = 3,

@@ -27,10 +27,9 @@ def test_a_plain_photo_is_cut_and_resized_as_it_is(bccd_dir) -> None:
 @pytest.mark.parametrize(("kind", "box"), [
     ("field_stop", (60, 200, 200, 330)),  # a cell at the round field's rim
     ("burned_text", (0, 300, 150, 480)),  # a cell over the time stamp
-    ("burned_text_blue", (0, 300, 150, 480)),
 ])
 def test_black_the_camera_adds_is_read_as_glass(bccd_dir, kind: str, box) -> None:
-    """The model never saw black or pure colours: in a crop they are filled with its glass, as
+    """The model never saw black in training: in a crop it is filled with the crop's glass, as
     the segmenter reads the frame."""
     from training.detection_eval import perturb
 
@@ -38,8 +37,7 @@ def test_black_the_camera_adds_is_read_as_glass(bccd_dir, kind: str, box) -> Non
     box = np.array(box, np.float32)
     x1, y1, x2, y2 = crop_window(box, RULE)
     raw = img[max(y1, 0):y2, max(x1, 0):x2]
-    ink = raw.min(axis=2) < 30  # black, or pure blue (no red or green light)
-    assert ink.mean() > 0.005  # in the window
+    assert (raw.max(axis=2) < 30).mean() > 0.005  # black in the window
     crop = crop_cell(img, box, RULE)
-    assert (crop.min(axis=2) < 30).mean() == 0  # none left in the crop
+    assert (crop.max(axis=2) < 30).mean() == 0  # none left in the crop
     assert (crop.max(axis=2) > 150).mean() > 0.1  # glass, not grey
