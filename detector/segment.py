@@ -186,11 +186,11 @@ _SINGLE_MAX_OFFSET = 0.2
 #: at a larger working width.
 _MIN_RBC_WORKING = 18.0
 #: The first reading of a frame is at least wide enough to give the smallest red cells it is
-#: made for (``_SMALLEST_RBC`` full-res px, BCCD's at 0.35x) this many working pixels: fewer and
-#: their size reads several times too large (a 12-megapixel photo's red cells, ~100 px, are 4 px
-#: in a 160-px copy).
+#: made for (``rbc_diameter`` at ``_LOWEST_MAGNIFICATION``: 35 px) this many working pixels:
+#: fewer and their size reads several times too large (a 12-megapixel photo's red cells, ~100
+#: px, are 4 px in a 160-px copy).
 _FIRST_READ_RBC = 8.0
-_SMALLEST_RBC = 35.0
+_LOWEST_MAGNIFICATION = 0.35
 #: A first reading this many times wider than the red cells need is read again narrower.
 _NARROWER = 1.3
 
@@ -619,11 +619,13 @@ class Segmenter:
 
     def _first_width(self, frame: Frame, width: int, in_sequence: bool) -> int:
         """The working width a frame that measures its red cells is first read at: wide enough
-        for the smallest red cells (``_SMALLEST_RBC``) to be measured, which for a frame up to
-        640 px wide is the usual ``width``; in a video whose red cells were measured, no wider
-        than they needed then (a camera's frames keep their magnification)."""
+        for the smallest red cells (the configured size at ``_LOWEST_MAGNIFICATION``) to be
+        measured, which for a frame up to 640 px wide is the usual ``width``; in a video whose
+        red cells were measured, no wider than they needed then (a camera's frames keep their
+        magnification)."""
         w = frame.width
-        first = max(width, min(w, int(np.ceil(w * _FIRST_READ_RBC / _SMALLEST_RBC))))
+        smallest = _LOWEST_MAGNIFICATION * self.options.rbc_diameter
+        first = max(width, min(w, int(np.ceil(w * _FIRST_READ_RBC / smallest))))
         kept = self._kept
         if (in_sequence and kept is not None and kept.measured
                 and kept.frame_size == (w, frame.height)):
